@@ -219,12 +219,17 @@ def blur_matrix(n_blur, side=28):
 def make_masks(n, rng, n_blur=6, side=28):
     """n boolean masks (n, side*side): uniform random bits, blurred n_blur times, > 0.5.
 
-    float64 keeps the blur exact (its weights are multiples of 4^-2n_blur) for n_blur <= 13.
+    The blurred values are multiples of 4^-(2 n_blur) in [0, 1], so float32 (24-bit
+    significand) holds every product and sum exactly up to n_blur = 6, float64 up to 13:
+    the threshold sees the exact blur either way.
     """
-    B = blur_matrix(n_blur, side)
-    bits = rng.integers(0, 2, size=(n, side, side), dtype=np.uint8).astype(np.float64)
-    blurred = B @ bits @ B.T
-    return (blurred > 0.5).reshape(n, side * side)
+    dtype = np.float32 if n_blur <= 6 else np.float64
+    B = blur_matrix(n_blur, side).astype(dtype)
+    bits = np.unpackbits(np.frombuffer(rng.bytes(-(-n * side * side // 8)), np.uint8))
+    bits = bits[:n * side * side].reshape(n * side, side).astype(dtype)
+    rows_blurred = (bits @ B.T).reshape(n, side, side)                 # M B^T
+    blurred = rows_blurred.transpose(0, 2, 1).reshape(n * side, side) @ B.T  # (B M B^T)^T
+    return (blurred.reshape(n, side, side).transpose(0, 2, 1) > 0.5).reshape(n, side * side)
 
 
 def make_hybrid_batch(a, b, rng, n_blur=6, out=None):
@@ -342,42 +347,46 @@ def network_activities(weights, biases, x, n_layers=None):
 # Adam, in place
 
 class Adam:
-    """Adam with bias correction (Kingma & Ba 2015) and optional L2 weight decay, updating
-    the parameter array in place with one scratch buffer and no other temporaries."""
+    """Adam with bias correction (Kingma & Ba 2015) and optional L2 weight decay, in place.
+
+    It keeps the undamped sums m_acc = sum_i beta1^(t-i) g_i and v_acc = sum_i
+    beta2^(t-i) g_i^2, that is m / (1 - beta1) and v / (1 - beta2) of the textbook, so that
+    a step is ten elementwise passes with one scratch buffer and no temporaries:
+        p -= lr * m_hat / (sqrt(v_hat) + eps)
+           = step_size * m_acc / (sqrt(v_acc) + eps / k),   k = sqrt((1-beta2)/(1-beta2^t)),
+    step_size = lr (1-beta1) / ((1-beta1^t) k).
+    """
 
     def __init__(self, param, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0):
         self.beta1, self.beta2, self.eps, self.weight_decay = beta1, beta2, eps, weight_decay
-        self.m = np.zeros_like(param)
-        self.v = np.zeros_like(param)
+        self.m_acc = np.zeros_like(param)
+        self.v_acc = np.zeros_like(param)
         self.scratch = np.empty_like(param)
         self.t = 0
 
     def step(self, param, grad, lr):
-        b1, b2, tmp = self.beta1, self.beta2, self.scratch
+        b1, b2 = self.beta1, self.beta2
         if self.weight_decay:
             grad += self.weight_decay * param
         self.t += 1
-        self.m *= b1
-        np.multiply(grad, 1 - b1, out=tmp)
-        self.m += tmp
-        self.v *= b2
+        k = np.sqrt((1 - b2) / (1 - b2 ** self.t))
+        step_size = lr * (1 - b1) / ((1 - b1 ** self.t) * k)
+        eps = self.eps / k
+
+        m, v, tmp = self.m_acc, self.v_acc, self.scratch
+        m *= b1
+        m += grad
+        v *= b2
         np.multiply(grad, grad, out=tmp)
-        tmp *= 1 - b2
-        self.v += tmp
-        # lr * m_hat / (sqrt(v_hat) + eps), with the bias corrections folded into two scalars
-        correction2 = np.sqrt(1 - b2 ** self.t)
-        step_size = lr * correction2 / (1 - b1 ** self.t)
-        np.sqrt(self.v, out=tmp)
-        tmp += self.eps * correction2
-        np.divide(self.m, tmp, out=tmp)
+        v += tmp
+        np.sqrt(v, out=tmp)
+        tmp += eps
+        np.divide(m, tmp, out=tmp)
         tmp *= step_size
         param -= tmp
 
-    def state(self):
-        return {"m": self.m, "v": self.v, "t": self.t}
-
-    def load_state(self, m, v, t):
-        self.m[...], self.v[...], self.t = m, v, int(t)
+    def load_state(self, m_acc, v_acc, t):
+        self.m_acc[...], self.v_acc[...], self.t = m_acc, v_acc, int(t)
 
 
 # -----------------------------------------------------------------------------
@@ -467,7 +476,7 @@ def train_ff(x_train, cfg, state, callback=None, log=print):
         sums = np.zeros((4, n_layers))  # loss, g_pos, g_neg, accuracy
         for i in range(n_batches):
             batch = slice(i * B, (i + 1) * B)
-            np.take(x_train, pos[batch], axis=0, out=x[:B])
+            x[:B] = x_train[pos[batch]]
             make_hybrid_batch(x_train[pa[batch]], x_train[pb[batch]], rng, cfg.n_blur, out=x[B:])
             # a greedy stage decays the rate over its own epochs
             lr = learning_rate(cfg, (epoch % cfg.n_epochs + i / n_batches) / cfg.n_epochs)
@@ -634,7 +643,7 @@ def save_checkpoint(run_dir, cfg, state):
     for l, (W, b) in enumerate(zip(state.weights, state.biases)):
         arrays.update({f"W{l}": W, f"b{l}": b, f"peer{l}": state.peer_means[l]})
         for name, adam in (("W", state.adam_w[l]), ("b", state.adam_b[l])):
-            arrays.update({f"adam_{name}{l}_m": adam.m, f"adam_{name}{l}_v": adam.v,
+            arrays.update({f"adam_{name}{l}_m": adam.m_acc, f"adam_{name}{l}_v": adam.v_acc,
                            f"adam_{name}{l}_t": adam.t})
     atomic_write(os.path.join(run_dir, "checkpoint.npz"), lambda f: np.savez(f, **arrays))
 

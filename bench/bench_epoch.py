@@ -1,0 +1,118 @@
+"""How close is an FF epoch to its matrix-product floor?
+
+Per layer and batch an FF step needs exactly two products over the stacked batch of
+B positives and B hybrids: the forward product (2B x in)(in x out) and the weight-gradient
+product (in x 2B)(2B x out). This script times those products alone (the floor), then full
+epochs of the real training loop at the same shapes, and the parts of one step.
+
+    python3 bench/bench_epoch.py                                   # the SPEC shapes
+    python3 bench/bench_epoch.py --layer-sizes 784,2000,2000,2000,2000
+"""
+
+import argparse
+import os
+import resource
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import ff_hybrid_mnist as ff  # noqa: E402
+
+
+def best_of(fn, repeats):
+    """Smallest wall-clock of `repeats` calls of fn, in seconds."""
+    best = np.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--layer-sizes", type=ff._layer_sizes, default=ff.FFConfig().layer_sizes)
+    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--n-train", type=int, default=60000)
+    p.add_argument("--epochs", type=int, default=2, help="timed epochs after the warm-up")
+    p.add_argument("--repeats", type=int, default=5, help="repeats of each floor/part timing")
+    p.add_argument("--part-steps", type=int, default=50, help="steps per part timing")
+    args = p.parse_args()
+
+    x_train = ff.load_mnist()[0][:args.n_train]
+    cfg = ff.FFConfig(layer_sizes=args.layer_sizes, batch_size=args.batch_size)
+    B, sizes = args.batch_size, args.layer_sizes
+    n_batches = len(x_train) // B
+    rng = np.random.default_rng(0)
+    shapes = list(zip(sizes[:-1], sizes[1:]))
+    xs = [ff.l2_normalize(rng.random((2 * B, n_in), dtype=np.float32)) for n_in, _ in shapes]
+    Ws = [rng.standard_normal((n_in, n_out), dtype=np.float32) for n_in, n_out in shapes]
+    hs = [np.empty((2 * B, n_out), np.float32) for _, n_out in shapes]
+    dWs = [np.empty_like(W) for W in Ws]
+
+    def products(n_steps):
+        for _ in range(n_steps):
+            for x, W, h, dW in zip(xs, Ws, hs, dWs):
+                np.matmul(x, W, out=h)
+                np.matmul(x.T, h, out=dW)
+
+    steps = args.part_steps
+    floor = best_of(lambda: products(steps), args.repeats) / steps * n_batches
+
+    # the parts of one step, each timed alone over `steps` steps
+    bs = [np.zeros(n_out, np.float32) for _, n_out in shapes]
+    work = [ff.LayerWork.allocate(2 * B, n_in, n_out) for n_in, n_out in shapes]
+    adams = [ff.Adam(W) for W in Ws]
+    idx = rng.permutation(len(x_train))
+    batch = np.empty((2 * B, sizes[0]), np.float32)
+
+    def masks():
+        for i in range(steps):
+            sl = idx[i * B:(i + 1) * B]
+            batch[:B] = x_train[sl]
+            ff.make_hybrid_batch(x_train[sl[::-1]], x_train[sl], rng, cfg.n_blur, out=batch[B:])
+
+    def layer_maths():
+        for _ in range(steps):
+            for l, (x, W) in enumerate(zip(xs, Ws)):
+                ff.layer_loss_and_grads(x, W, bs[l], B, cfg.threshold, work=work[l])
+
+    def adam():
+        for _ in range(steps):
+            for W, dW, opt in zip(Ws, dWs, adams):
+                opt.step(W, dW, 1e-9)
+
+    parts = {"mask + hybrids": best_of(masks, args.repeats) / steps,
+             "layer maths incl. products": best_of(layer_maths, args.repeats) / steps,
+             "adam": best_of(adam, args.repeats) / steps}
+    product_step = floor / n_batches
+    parts["layer elementwise"] = parts.pop("layer maths incl. products") - product_step
+    parts = {"products": product_step, **parts}
+
+    # the real loop: one warm-up epoch on a slice, then full epochs
+    state = ff.FFState.fresh(cfg, np.random.default_rng(0))
+    quiet = lambda *a, **k: None
+    ff.train_ff(x_train[:20 * B], ff.FFConfig(**{**cfg.__dict__, "n_epochs": 1}), state, log=quiet)
+    state = ff.FFState.fresh(cfg, np.random.default_rng(0))
+    timed = ff.FFConfig(**{**cfg.__dict__, "n_epochs": args.epochs})
+    ff.train_ff(x_train, timed, state, log=quiet)
+    epoch = min(state.history["seconds"])
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    print(f"layers {'-'.join(map(str, sizes))}  batch {B}+{B}  n_train {len(x_train)}  "
+          f"numpy {np.__version__}")
+    print(f"floor (2 products/layer/batch, best of {args.repeats}): {floor:7.2f} s/epoch")
+    print(f"training loop (best of {args.epochs} epochs):          {epoch:7.2f} s/epoch")
+    print(f"ratio epoch/floor: {epoch / floor:.3f}")
+    print(f"samples/s (positives + hybrids): {2 * n_batches * B / epoch:,.0f}")
+    print(f"peak resident memory: {peak:.0f} MiB")
+    total = sum(parts.values())
+    print("one step, parts timed alone:")
+    for name, sec in parts.items():
+        print(f"  {name:18s} {1e3 * sec:7.2f} ms  {100 * sec / total:5.1f}%")
+
+
+if __name__ == "__main__":
+    main()
