@@ -617,6 +617,13 @@ def environment():
     return env
 
 
+def peak_rss_mib():
+    """Peak resident memory of this process so far, in MiB (Linux reports KiB, macOS bytes)."""
+    import resource
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 ** 2 if sys.platform == "darwin" else 1024)
+
+
 def atomic_write(path, write):
     """write(file) into a temporary file beside path, then rename: never a half-written file."""
     folder = os.path.dirname(os.path.abspath(path))
@@ -849,7 +856,7 @@ def run(args, log=print, callback=None):
     last = lambda key: state.history[key][-1] if state.history[key] else None
     metrics.update(real_vs_hybrid_accuracy=last("accuracy"), ff_loss=last("loss"),
                    ff_seconds=ff_seconds, ff_epochs=state.epochs_done,
-                   total_seconds=time.perf_counter() - t0)
+                   total_seconds=time.perf_counter() - t0, peak_rss_mib=peak_rss_mib())
     save_run(run_dir, cfg, state, head, args.top_k, softmax_history, vars(args), metrics)
     if "test_error" in metrics:
         log(f"test error {100 * metrics['test_error']:.2f}%  train error "
