@@ -782,7 +782,7 @@ def build_parser():
                                       "the repository's data/mnist, the cache, a download)")
     p.add_argument("--out", help="run folder (default runs/<timestamp>)")
     p.add_argument("--resume", metavar="DIR",
-                   help="continue the run in DIR up to --n-epochs (its settings are kept)")
+                   help="continue the run in DIR up to --n-epochs; every other setting is the run's own")
     return p
 
 
@@ -808,23 +808,26 @@ def run(args, log=print, callback=None):
     if not args.resume and any(os.path.exists(os.path.join(run_dir, f))
                                for f in ("model.npz", "checkpoint.npz")):
         raise DataError(f"{run_dir} already holds a run; use --resume {run_dir} or another --out")
-    x_train, y_train, x_test, y_test = load_mnist(args.data_dir)
-    x_train, y_train = x_train[:args.n_train], y_train[:args.n_train]
     if args.resume:
-        cfg, state = load_checkpoint(args.resume)
+        # the run's own settings; only --n-epochs (and where the data is) come from this call
+        cfg, state = load_checkpoint(run_dir)
+        with open(os.path.join(run_dir, "args.json")) as f:
+            saved = json.load(f)
+        saved.update(n_epochs=args.n_epochs, resume=args.resume, data_dir=args.data_dir)
+        args = argparse.Namespace(**saved)
         cfg.n_epochs = args.n_epochs
-        log(f"resuming {args.resume} after epoch {state.epochs_done}")
-        saved_args = json.loads(open(os.path.join(run_dir, "args.json")).read())
-        x_train, y_train = x_train[:saved_args["n_train"]], y_train[:saved_args["n_train"]]
-        args.seed, args.n_train = saved_args["seed"], saved_args["n_train"]
+        log(f"resuming {run_dir} after epoch {state.epochs_done}")
     else:
-        cfg = FFConfig(layer_sizes=args.layer_sizes, n_epochs=args.n_epochs,
+        cfg = FFConfig(layer_sizes=tuple(args.layer_sizes), n_epochs=args.n_epochs,
                        batch_size=args.batch_size, lr=args.lr, threshold=args.threshold,
                        n_blur=args.n_blur, weight_decay=args.weight_decay,
                        goodness=args.goodness, peer_norm=args.peer_norm,
                        schedule=args.schedule, lr_decay=args.lr_decay,
                        refresh_inputs=args.refresh_inputs)
         state = FFState.fresh(cfg, np.random.default_rng(args.seed))
+    x_train, y_train, x_test, y_test = load_mnist(args.data_dir)
+    x_train, y_train = x_train[:args.n_train], y_train[:args.n_train]
+    if not args.resume:
         os.makedirs(run_dir, exist_ok=True)
         write_json(os.path.join(run_dir, "args.json"), vars(args))
     log(f"run folder {run_dir}; {len(x_train)} training digits; layers "

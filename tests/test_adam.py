@@ -1,0 +1,48 @@
+"""Adam against the textbook update, written out independently here."""
+import numpy as np
+
+import ff_hybrid_mnist as ff
+
+
+def textbook_adam(p, grads, lr, b1=0.9, b2=0.999, eps=1e-8, wd=0.0):
+    m = np.zeros_like(p)
+    v = np.zeros_like(p)
+    for t, g in enumerate(grads, start=1):
+        g = g + wd * p
+        m = b1 * m + (1 - b1) * g
+        v = b2 * v + (1 - b2) * g * g
+        m_hat = m / (1 - b1 ** t)
+        v_hat = v / (1 - b2 ** t)
+        p = p - lr * m_hat / (np.sqrt(v_hat) + eps)
+    return p
+
+
+def run_module_adam(p, grads, lr, wd=0.0):
+    p = p.copy()
+    opt = ff.Adam(p, weight_decay=wd)
+    for g in grads:
+        opt.step(p, g.copy(), lr)
+    return p
+
+
+def test_adam_one_and_three_steps():
+    rng = np.random.default_rng(0)
+    p0 = rng.standard_normal((6, 5))
+    grads = [rng.standard_normal((6, 5)) * 10 ** rng.uniform(-9, 1, (6, 5)) for _ in range(3)]
+    for n in (1, 3):
+        for wd in (0.0, 0.01):
+            want = textbook_adam(p0, grads[:n], 0.03, wd=wd)
+            got = run_module_adam(p0, grads[:n], 0.03, wd=wd)
+            np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-15)
+    # a first step moves every parameter by about lr against the sign of its gradient
+    step = p0 - run_module_adam(p0, grads[:1], 0.03)
+    big = np.abs(grads[0]) > 1e-4
+    np.testing.assert_allclose(step[big], 0.03 * np.sign(grads[0][big]), rtol=1e-3)
+
+
+def test_adam_updates_in_place():
+    p = np.ones((3, 3), np.float32)
+    opt = ff.Adam(p)
+    view = p
+    opt.step(p, np.ones((3, 3), np.float32), 0.1)
+    assert view is p and np.allclose(p, 0.9)

@@ -1,0 +1,120 @@
+"""The training CLI end to end on a tiny subset of the embedded real MNIST: artefacts, reload,
+bad flags, determinism, resume, divergence."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+import ff_hybrid_mnist as ff
+
+TINY = ["--layer-sizes", "784,40,30,20", "--n-train", "600", "--batch-size", "50",
+        "--softmax-epochs", "3", "--top-k", "2"]
+
+
+def run_tiny(out, *extra):
+    assert ff.main(TINY + ["--n-epochs", "2", "--out", str(out), *extra]) == 0
+    return ff.load_run(str(out))
+
+
+def test_end_to_end_artefacts_and_reload(tmp_path, capsys):
+    run = run_tiny(tmp_path / "run")
+    printed = capsys.readouterr().out
+    assert "epoch   2/2" in printed and "eta" in printed and "test error" in printed
+    for name in ("model.npz", "history.json", "metrics.json", "checkpoint.npz"):
+        assert (tmp_path / "run" / name).is_file()
+    assert not [n for n in os.listdir(tmp_path / "run") if n.startswith(".tmp")]
+    assert run.cfg.layer_sizes == (784, 40, 30, 20) and len(run.weights) == 3
+    assert len(run.ff_history["loss"]) == 2 and len(run.softmax_history["test_error"]) == 3
+    assert {"python", "numpy", "cpu"} <= set(run.environment)
+    assert len(run.metrics["real_vs_hybrid_accuracy"]) == 3
+    # the stored test error is reproduced from the saved weights alone
+    _, _, x_test, y_test = ff.load_mnist()
+    F = ff.extract_features(run.weights, run.biases, x_test, run.top_k)
+    assert ff.error_rate(F, y_test, *run.head) == run.metrics["test_error"]
+    assert run.metrics["test_error"] < 0.9  # better than chance after a few epochs
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--layer-sizes", "785,10"], "784"),
+    (["--layer-sizes", "784,0,10"], "at least 1"),
+    (["--layer-sizes", "784,a"], "integers"),
+    (["--batch-size", "0"], ">= 1"),
+    (["--n-epochs", "-1"], ">= 0"),
+    (["--n-train", "60001"], "60000"),
+    (["--threshold", "0"], "> 0"),
+    (["--lr", "-0.1"], "> 0"),
+    (["--lr", "nan"], "> 0"),
+    (["--top-k", "5"], "exceeds"),
+    (["--goodness", "max"], "invalid choice"),
+])
+def test_bad_flags_exit_2(flags, words, capsys):
+    with pytest.raises(SystemExit) as e:
+        ff.parse_args(flags)
+    assert e.value.code == 2
+    assert words in capsys.readouterr().err
+
+
+def strip_timing(metrics):
+    return {k: v for k, v in metrics.items() if "seconds" not in k and k != "peak_rss_mib"}
+
+
+def test_same_seed_same_numbers(tmp_path):
+    a, b = run_tiny(tmp_path / "a"), run_tiny(tmp_path / "b")
+    c = run_tiny(tmp_path / "c", "--seed", "1")
+    assert strip_timing(a.metrics) == strip_timing(b.metrics)
+    for Wa, Wb in zip(a.weights, b.weights):
+        np.testing.assert_array_equal(Wa, Wb)
+    assert not np.array_equal(a.weights[0], c.weights[0])
+
+
+def test_resume_ends_with_the_same_numbers(tmp_path):
+    flags = TINY + ["--n-epochs", "3", "--lr-decay", "linear-half", "--peer-norm", "0.1"]
+    assert ff.main(flags + ["--out", str(tmp_path / "full")]) == 0
+
+    class Interrupted(Exception):
+        pass
+
+    def stop_after_first_epoch(epoch, state):
+        if epoch == 0:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        ff.run(ff.parse_args(flags + ["--out", str(tmp_path / "cut")]),
+               callback=stop_after_first_epoch, log=lambda *a, **k: None)
+    assert ff.load_checkpoint(str(tmp_path / "cut"))[1].epochs_done == 1
+    assert ff.main(["--resume", str(tmp_path / "cut"), "--n-epochs", "3"]) == 0
+    full, resumed = ff.load_run(str(tmp_path / "full")), ff.load_run(str(tmp_path / "cut"))
+    for W1, W2 in zip(full.weights, resumed.weights):
+        np.testing.assert_array_equal(W1, W2)
+    assert resumed.ff_history["loss"] == full.ff_history["loss"]
+    assert strip_timing(resumed.metrics) == strip_timing(full.metrics)
+
+
+def test_refuses_to_overwrite_a_run(tmp_path, capsys):
+    run_tiny(tmp_path / "run")
+    assert ff.main(TINY + ["--n-epochs", "1", "--out", str(tmp_path / "run")]) == 1
+    assert "--resume" in capsys.readouterr().err
+
+
+def test_divergence_stops_with_epoch_and_layer(tmp_path, monkeypatch, capsys):
+    real = ff.layer_loss_and_grads
+
+    def poisoned(x, W, *args, **kw):
+        out = real(x, W, *args, **kw)
+        return (np.nan,) + out[1:] if W.shape == (40, 30) else out
+
+    monkeypatch.setattr(ff, "layer_loss_and_grads", poisoned)
+    assert ff.main(TINY + ["--n-epochs", "2", "--out", str(tmp_path / "run")]) == 1
+    err = capsys.readouterr().err
+    assert "epoch 1" in err and "layer 2" in err
+    assert not (tmp_path / "run" / "metrics.json").exists()
+
+
+def test_greedy_schedule_trains_one_layer_at_a_time(tmp_path):
+    run = run_tiny(tmp_path / "g", "--schedule", "greedy")
+    loss = run.ff_history["loss"]
+    assert len(loss) == 6
+    assert loss[0][1] is None and loss[1][2] is None and loss[2][2] is None
+    assert loss[4][0] is not None and all(v is not None for v in loss[5])
+    assert run.metrics["ff_epochs"] == 6
