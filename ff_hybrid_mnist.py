@@ -384,6 +384,15 @@ class Adam:
         np.divide(m, tmp, out=tmp)
         tmp *= step_size
         param -= tmp
+        if self.t % 16 == 0:
+            # A moment that stops receiving gradient (an input unit silent for a while)
+            # decays geometrically into float32 subnormals, and arithmetic on subnormals is
+            # ~100x slower on x86: without this, late epochs ran twice as slow. A moment
+            # below 1e-30 moves a weight by less than ~1e-24 per step, so zeroing it is
+            # invisible at float32 resolution (the textbook update is kept otherwise).
+            for moment in (m, v):
+                np.abs(moment, out=tmp)
+                np.putmask(moment, tmp < 1e-30, 0)
 
     def load_state(self, m_acc, v_acc, t):
         self.m_acc[...], self.v_acc[...], self.t = m_acc, v_acc, int(t)

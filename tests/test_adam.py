@@ -46,3 +46,23 @@ def test_adam_updates_in_place():
     view = p
     opt.step(p, np.ones((3, 3), np.float32), 0.1)
     assert view is p and np.allclose(p, 0.9)
+
+
+def test_twenty_steps_match_textbook():
+    rng = np.random.default_rng(1)
+    p0 = rng.standard_normal(40)
+    grads = [rng.standard_normal(40) for _ in range(20)]
+    np.testing.assert_allclose(run_module_adam(p0, grads, 0.01), textbook_adam(p0, grads, 0.01),
+                               rtol=1e-12)
+
+
+def test_decayed_moments_are_flushed_before_they_turn_subnormal():
+    p = np.ones(4, np.float32)
+    opt = ff.Adam(p)
+    opt.step(p, np.full(4, 1e-20, np.float32), 0.01)
+    zero = np.zeros(4, np.float32)
+    tiny = np.finfo(np.float32).tiny
+    for _ in range(900):  # 0.9**900 * 1e-20 would be far below the smallest normal float32
+        opt.step(p, zero, 0.01)
+        assert not ((opt.m_acc != 0) & (np.abs(opt.m_acc) < tiny)).any()
+    assert (opt.m_acc == 0).all()
