@@ -640,6 +640,9 @@ def atomic_write(path, write):
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; a result file is not
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -728,7 +731,7 @@ def load_run(run_dir):
 N_TRAIN_MAX = 60000
 
 
-def _number(kind, low, inclusive=True):
+def number_arg(kind, low, inclusive=True):
     def parse(text):
         try:
             value = kind(text)
@@ -740,7 +743,7 @@ def _number(kind, low, inclusive=True):
     return parse
 
 
-def _layer_sizes(text):
+def layer_sizes_arg(text):
     try:
         sizes = tuple(int(s) for s in text.split(","))
     except ValueError:
@@ -758,29 +761,29 @@ def build_parser():
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     d = FFConfig()
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--n-epochs", type=_number(int, 0), default=d.n_epochs,
+    p.add_argument("--n-epochs", type=number_arg(int, 0), default=d.n_epochs,
                    help="FF epochs (per layer with --schedule greedy)")
-    p.add_argument("--layer-sizes", type=_layer_sizes, default=d.layer_sizes,
+    p.add_argument("--layer-sizes", type=layer_sizes_arg, default=d.layer_sizes,
                    help="comma-separated, input first")
-    p.add_argument("--batch-size", type=_number(int, 1), default=d.batch_size,
+    p.add_argument("--batch-size", type=number_arg(int, 1), default=d.batch_size,
                    help="positives per batch (as many hybrids are added)")
-    p.add_argument("--lr", type=_number(float, 0, inclusive=False), default=d.lr)
-    p.add_argument("--threshold", type=_number(float, 0, inclusive=False), default=d.threshold,
+    p.add_argument("--lr", type=number_arg(float, 0, inclusive=False), default=d.lr)
+    p.add_argument("--threshold", type=number_arg(float, 0, inclusive=False), default=d.threshold,
                    help="goodness threshold theta (for --goodness mean)")
-    p.add_argument("--n-train", type=_number(int, 1), default=N_TRAIN_MAX,
+    p.add_argument("--n-train", type=number_arg(int, 1), default=N_TRAIN_MAX,
                    help="use the first N training digits")
-    p.add_argument("--softmax-epochs", type=_number(int, 0), default=50, help="0 skips the head")
-    p.add_argument("--softmax-lr", type=_number(float, 0, inclusive=False), default=0.05)
-    p.add_argument("--softmax-weight-decay", type=_number(float, 0), default=1e-4)
-    p.add_argument("--n-blur", type=_number(int, 0), default=d.n_blur,
+    p.add_argument("--softmax-epochs", type=number_arg(int, 0), default=50, help="0 skips the head")
+    p.add_argument("--softmax-lr", type=number_arg(float, 0, inclusive=False), default=0.05)
+    p.add_argument("--softmax-weight-decay", type=number_arg(float, 0), default=1e-4)
+    p.add_argument("--n-blur", type=number_arg(int, 0), default=d.n_blur,
                    help="blur passes of the hybrid mask")
-    p.add_argument("--top-k", type=_number(int, 1), default=3,
+    p.add_argument("--top-k", type=number_arg(int, 1), default=3,
                    help="layers whose activities feed the softmax")
-    p.add_argument("--weight-decay", type=_number(float, 0), default=d.weight_decay,
+    p.add_argument("--weight-decay", type=number_arg(float, 0), default=d.weight_decay,
                    help="L2 weight decay of the FF weights (in Adam's gradient)")
     p.add_argument("--goodness", choices=("mean", "sum"), default=d.goodness,
                    help="sum uses threshold * n_units, so both agree on every input")
-    p.add_argument("--peer-norm", type=_number(float, 0), default=d.peer_norm,
+    p.add_argument("--peer-norm", type=number_arg(float, 0), default=d.peer_norm,
                    help="peer-normalisation coefficient, 0 = off")
     p.add_argument("--schedule", choices=("parallel", "greedy"), default=d.schedule)
     p.add_argument("--lr-decay", choices=("none", "linear-half"), default=d.lr_decay)
@@ -795,8 +798,9 @@ def build_parser():
     return p
 
 
-def parse_args(argv=None):
-    parser = build_parser()
+def parse_args(argv=None, parser=None):
+    """Parsed and cross-checked training flags; `parser` may extend build_parser()'s."""
+    parser = parser or build_parser()
     args = parser.parse_args(argv)
     n_layers = len(args.layer_sizes) - 1
     if args.top_k > n_layers:
@@ -810,8 +814,16 @@ def parse_args(argv=None):
     return args
 
 
+def config_from_args(args):
+    return FFConfig(layer_sizes=tuple(args.layer_sizes), n_epochs=args.n_epochs,
+                    batch_size=args.batch_size, lr=args.lr, threshold=args.threshold,
+                    n_blur=args.n_blur, weight_decay=args.weight_decay, goodness=args.goodness,
+                    peer_norm=args.peer_norm, schedule=args.schedule, lr_decay=args.lr_decay,
+                    refresh_inputs=args.refresh_inputs)
+
+
 def run(args, log=print, callback=None):
-    """The whole experiment for parsed CLI args; returns the metrics dict."""
+    """The whole experiment for parsed CLI args; returns the metrics dict (with run_dir)."""
     run_dir = args.resume or args.out or os.path.join(
         "runs", datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
     if not args.resume and any(os.path.exists(os.path.join(run_dir, f))
@@ -827,12 +839,7 @@ def run(args, log=print, callback=None):
         cfg.n_epochs = args.n_epochs
         log(f"resuming {run_dir} after epoch {state.epochs_done}")
     else:
-        cfg = FFConfig(layer_sizes=tuple(args.layer_sizes), n_epochs=args.n_epochs,
-                       batch_size=args.batch_size, lr=args.lr, threshold=args.threshold,
-                       n_blur=args.n_blur, weight_decay=args.weight_decay,
-                       goodness=args.goodness, peer_norm=args.peer_norm,
-                       schedule=args.schedule, lr_decay=args.lr_decay,
-                       refresh_inputs=args.refresh_inputs)
+        cfg = config_from_args(args)
         state = FFState.fresh(cfg, np.random.default_rng(args.seed))
     x_train, y_train, x_test, y_test = load_mnist(args.data_dir)
     x_train, y_train = x_train[:args.n_train], y_train[:args.n_train]
@@ -868,7 +875,8 @@ def run(args, log=print, callback=None):
     last = lambda key: state.history[key][-1] if state.history[key] else None
     metrics.update(real_vs_hybrid_accuracy=last("accuracy"), ff_loss=last("loss"),
                    ff_seconds=ff_seconds, ff_epochs=state.epochs_done,
-                   total_seconds=time.perf_counter() - t0, peak_rss_mib=peak_rss_mib())
+                   total_seconds=time.perf_counter() - t0, peak_rss_mib=peak_rss_mib(),
+                   run_dir=run_dir)
     save_run(run_dir, cfg, state, head, args.top_k, softmax_history, vars(args), metrics)
     if "test_error" in metrics:
         log(f"test error {100 * metrics['test_error']:.2f}%  train error "

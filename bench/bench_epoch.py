@@ -33,7 +33,7 @@ def best_of(fn, repeats):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--layer-sizes", type=ff._layer_sizes, default=ff.FFConfig().layer_sizes)
+    p.add_argument("--layer-sizes", type=ff.layer_sizes_arg, default=ff.FFConfig().layer_sizes)
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--n-train", type=int, default=60000)
     p.add_argument("--epochs", type=int, default=2, help="timed epochs after the warm-up")

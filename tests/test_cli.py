@@ -56,7 +56,7 @@ def test_bad_flags_exit_2(flags, words, capsys):
 
 
 def strip_timing(metrics):
-    return {k: v for k, v in metrics.items() if "seconds" not in k and k != "peak_rss_mib"}
+    return {k: v for k, v in metrics.items() if "seconds" not in k and k not in ("peak_rss_mib", "run_dir")}
 
 
 def test_same_seed_same_numbers(tmp_path):

@@ -1,0 +1,143 @@
+"""An animated GIF of Forward-Forward training with hybrid negatives, one frame per snapshot.
+
+    python3 make_ff_hybrid_mnist_gif.py --n-epochs 20 --n-train 10000 --gif viz/ff_hybrid_mnist.gif
+
+Takes the training CLI's flags, trains with ff_hybrid_mnist.run (the run is saved beside the
+GIF, in <gif folder>/run, unless --out says otherwise) and after every --snapshot-every
+epochs, and after the last, draws a frame: a fixed real test digit and a fixed hybrid with
+their goodness, the goodness histograms of a fixed evaluation set per layer on fixed bins,
+and the per-layer FF loss so far with the current epoch marked.
+"""
+
+import argparse
+import os
+import sys
+
+import imageio.v3 as iio
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+import ff_hybrid_mnist as ff
+import visualize_ff_hybrid_mnist as viz
+
+
+def own_flags():
+    own = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    group = own.add_argument_group(
+        "animation", "--seed also seeds the evaluation set; the run is saved in "
+        "<gif folder>/run unless --out says otherwise")
+    group.add_argument("--snapshot-every", type=ff.number_arg(int, 1), default=1, metavar="K",
+                       help="draw a frame every K FF epochs (and after the last)")
+    group.add_argument("--fps", type=ff.number_arg(float, 0, inclusive=False), default=5.0,
+                       help="frames per second")
+    group.add_argument("--hold-final", type=ff.number_arg(int, 0), default=10,
+                       help="the last frame stays on screen this many frame times longer")
+    group.add_argument("--gif", default=os.path.join("viz", "ff_hybrid_mnist.gif"),
+                       help="path of the GIF")
+    group.add_argument("--n-eval", type=ff.number_arg(int, 2), default=500,
+                       help="real test digits and as many hybrids for the histograms")
+    return own
+
+
+def render_frame(cfg, state, epoch, real, hybrids, bins):
+    """One frame as an (height, width, 3) uint8 array; the network is state's, now."""
+    g_real = viz.layer_goodness(state.weights, state.biases, real, cfg.goodness)
+    g_hybrid = viz.layer_goodness(state.weights, state.biases, hybrids, cfg.goodness)
+    n_layers, total = len(state.weights), ff.total_epochs(cfg)
+    fig = Figure(figsize=(9, 6), dpi=80)
+    canvas = FigureCanvasAgg(fig)
+    grid = fig.add_gridspec(2, max(n_layers, 4))
+
+    # the first digit and hybrid of the evaluation set, with their goodness per layer
+    for col, (name, image, g) in enumerate((("real digit", real[0], g_real),
+                                            ("hybrid", hybrids[0], g_hybrid))):
+        ax = fig.add_subplot(grid[0, col])
+        ax.imshow(image.reshape(28, 28), cmap="gray", vmin=0, vmax=1)
+        ax.set_xticks([]), ax.set_yticks([])
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("goodness " + ", ".join(f"{gl[0]:.2f}" for gl in g), fontsize=8)
+
+    ax = fig.add_subplot(grid[0, 2:])
+    losses = state.history["loss"]
+    for l in range(n_layers):
+        points = [(e + 1, row[l]) for e, row in enumerate(losses) if row[l] is not None]
+        if points:
+            line, = ax.plot(*zip(*points), label=f"layer {l + 1}")
+            ax.plot(*points[-1], "o", color=line.get_color())
+    ax.axvline(epoch + 1, color="k", linewidth=0.8, linestyle=":")
+    ax.set_xlim(0.5, total + 0.5)
+    ax.set_ylim(bottom=0)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("FF epoch", fontsize=8)
+    ax.set_title("FF loss per layer", fontsize=10)
+    ax.legend(fontsize=7, loc="lower left")
+
+    for l in range(n_layers):
+        ax = fig.add_subplot(grid[1, l])
+        viz.draw_goodness_histogram(ax, g_real[l], g_hybrid[l],
+                                    cfg.layer_threshold(state.weights[l].shape[1]), bins[l])
+        ax.set_title(f"layer {l + 1}: {viz.separation(g_real[l], g_hybrid[l]):.1f} sigma",
+                     fontsize=10)
+        ax.xaxis.label.set_fontsize(7)
+        ax.tick_params(labelsize=7)
+        if l == 0:
+            ax.legend(fontsize=7)
+    fig.suptitle(f"Forward-Forward, hybrid negatives: epoch {epoch + 1}/{total}, "
+                 f"{sum(state.history['seconds']):.0f} s of training")
+    fig.tight_layout()
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
+def main(argv=None):
+    args, gif_args = viz.parse_args_with_training_flags(own_flags(), argv,
+                                                        __doc__.split("\n\n")[0])
+    if args.resume:
+        print("error: --resume is not supported: the GIF shows a run from its first epoch",
+              file=sys.stderr)
+        return 2
+    if not args.out:
+        args.out = os.path.join(os.path.dirname(gif_args.gif) or ".", "run")
+    cfg = ff.config_from_args(args)  # the configuration ff.run will train
+    total = ff.total_epochs(cfg)
+    try:
+        _, _, x_test, _ = ff.load_mnist(args.data_dir)
+    except ff.DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    # a stream of its own, apart from training's (seed) and the softmax head's ([seed, 1])
+    real, hybrids = viz.evaluation_set(x_test, gif_args.n_eval,
+                                       np.random.default_rng([args.seed, 2]), cfg.n_blur)
+    bins = [viz.goodness_bins(cfg.layer_threshold(n)) for n in cfg.layer_sizes[1:]]
+    frames = []
+
+    def snapshot(epoch, state):
+        if (epoch + 1) % gif_args.snapshot_every and epoch + 1 != total:
+            return
+        frames.append(render_frame(cfg, state, epoch, real, hybrids, bins))
+        print(f"frame {len(frames)}: epoch {epoch + 1}/{total}", flush=True)
+
+    try:
+        ff.run(args, callback=snapshot)
+    except (ff.DataError, ff.TrainingDiverged) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if not frames:
+        print("error: no frames (--n-epochs 0)", file=sys.stderr)
+        return 1
+    # Pillow merges identical consecutive frames into one longer frame anyway, so the hold is
+    # written as the last frame's duration rather than as copies
+    frame_ms = 1000 / gif_args.fps
+    durations = [frame_ms] * (len(frames) - 1) + [frame_ms * (1 + gif_args.hold_final)]
+    os.makedirs(os.path.dirname(gif_args.gif) or ".", exist_ok=True)
+    ff.atomic_write(gif_args.gif, lambda f: iio.imwrite(
+        f, np.stack(frames), extension=".gif", duration=durations, loop=0))
+    print(f"wrote {gif_args.gif}: {len(frames)} frames, "
+          f"{os.path.getsize(gif_args.gif) / 1e6:.1f} MB", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""The figure scripts on a tiny run: every file is written, decodes and shows something."""
+
+import json
+import os
+
+import imageio.v3 as iio
+import numpy as np
+import pytest
+
+import ff_hybrid_mnist as ff
+import make_ff_hybrid_mnist_gif as gif
+import visualize_ff_hybrid_mnist as viz
+
+TINY = ["--layer-sizes", "784,32,32,32", "--n-train", "500", "--batch-size", "50",
+        "--softmax-epochs", "2"]
+PNGS = ("hybrid_examples.png", "goodness_distributions.png", "classifier_curves.png",
+        "weights_layer1.png")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Train a tiny run through the visualiser (no --run), which then draws from it."""
+    root = tmp_path_factory.mktemp("figures")
+    run_dir, outdir = str(root / "run"), str(root / "viz")
+    assert viz.main(TINY + ["--n-epochs", "2", "--out", run_dir, "--outdir", outdir]) == 0
+    return run_dir, outdir
+
+
+def read_numbers(outdir):
+    with open(os.path.join(outdir, "figure_numbers.json")) as f:
+        return json.load(f)
+
+
+def test_visualiser_writes_four_pngs_that_show_something(trained):
+    _, outdir = trained
+    for name in PNGS:
+        image = iio.imread(os.path.join(outdir, name))
+        assert image.shape[0] >= 200 and image.shape[1] >= 200, name
+        assert image[..., :3].std() > 5, f"{name} is blank"
+    assert not [f for f in os.listdir(outdir) if f.startswith(".tmp-")]
+
+
+def test_figure_numbers_match_the_run(trained):
+    run_dir, outdir = trained
+    numbers = read_numbers(outdir)
+    run = ff.load_run(run_dir)
+    assert len(numbers["separation_sigma"]) == 3
+    assert all(np.isfinite(numbers["separation_sigma"]))
+    assert numbers["test_error"] == run.metrics["test_error"]
+
+
+def test_drawing_a_saved_run_again_gives_the_same_numbers(trained, tmp_path):
+    run_dir, outdir = trained
+    assert viz.main(["--run", run_dir, "--outdir", str(tmp_path)]) == 0
+    assert read_numbers(tmp_path) == read_numbers(outdir)
+    assert all(os.path.isfile(tmp_path / name) for name in PNGS)
+
+
+def test_run_with_training_flags_is_refused(trained, tmp_path):
+    run_dir, _ = trained
+    assert viz.main(["--run", run_dir, "--n-epochs", "5", "--outdir", str(tmp_path)]) == 2
+    assert not os.listdir(tmp_path)
+
+
+def test_separation_is_mean_gap_over_pooled_std():
+    real, hybrid = np.array([3.0, 5.0]), np.array([0.0, 0.0])  # stds 1 and 0: pooled sqrt(1/2)
+    assert viz.separation(real, hybrid) == pytest.approx(4.0 / np.sqrt(0.5))
+
+
+def test_gif_has_a_frame_per_snapshot_and_holds_the_last(tmp_path):
+    path = tmp_path / "anim" / "training.gif"
+    argv = TINY + ["--n-epochs", "3", "--snapshot-every", "2", "--hold-final", "3",
+                   "--fps", "5", "--n-eval", "100", "--gif", str(path)]
+    assert gif.main(argv) == 0
+    frames = iio.imread(path, index=None)
+    # snapshots after epoch 2 (every 2) and epoch 3 (the last)
+    assert frames.shape == (2, 480, 720, 3)
+    assert frames[-1].std() > 5 and not np.array_equal(frames[0], frames[1])
+    durations = [iio.immeta(path, index=i)["duration"] for i in range(len(frames))]
+    assert durations == [200, 200 * (1 + 3)]  # 1/fps, then the final frame held 3 more
+    assert iio.immeta(path)["loop"] == 0
+    assert os.path.isfile(tmp_path / "anim" / "run" / "model.npz")  # run saved beside the GIF
+
+
+def test_top_units_by_norm_picks_the_largest_columns_largest_first():
+    rng = np.random.default_rng(0)
+    n_units = 40
+    column_norms = rng.permutation(np.arange(1.0, n_units + 1))
+    W = np.zeros((784, n_units))
+    # each column's weight sits on a row other than its own index, so row norms would
+    # name different units; a second small entry keeps the norms from being the values
+    W[3 * np.arange(n_units) + 5, np.arange(n_units)] = column_norms * 0.6
+    W[3 * np.arange(n_units) + 6, np.arange(n_units)] = -column_norms * 0.8
+    expected = np.argsort(column_norms)[::-1][:16]
+    assert list(viz.top_units_by_norm(W)) == list(expected)
+    assert viz.top_units_by_norm(W, k=1)[0] == int(np.argmax(column_norms))
