@@ -554,16 +554,20 @@ def softmax_loss_and_grads(F, y, W, b, weight_decay=0.0):
 
     dL/dlogits = (softmax - onehot) / n; returns loss, dW, db, logits.
     """
-    logits = F @ W + b
+    logits = F @ W
+    logits += b
     shifted = logits - logits.max(axis=1, keepdims=True)
     p = np.exp(shifted)
-    p_sum = p.sum(axis=1, keepdims=True)
+    p_sum = p.sum(axis=1)
     rows = np.arange(len(y))
-    loss = (np.log(p_sum[:, 0]) - shifted[rows, y]).mean() + 0.5 * weight_decay * np.sum(W * W)
-    p /= p_sum
+    loss = (np.log(p_sum).mean() - shifted[rows, y].mean()
+            + 0.5 * weight_decay * np.vdot(W, W))
+    p /= p_sum[:, None]
     p[rows, y] -= 1
-    p /= len(y)
-    return loss, F.T @ p + weight_decay * W, p.sum(axis=0), logits
+    p *= 1.0 / len(y)
+    dW = F.T @ p
+    dW += weight_decay * W
+    return loss, dW, p.sum(axis=0), logits
 
 
 def error_rate(F, y, W, b, chunk=10000):
