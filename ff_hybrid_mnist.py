@@ -564,7 +564,7 @@ def softmax_loss_and_grads(F, y, W, b, weight_decay=0.0):
             + 0.5 * weight_decay * np.vdot(W, W))
     p /= p_sum[:, None]
     p[rows, y] -= 1
-    p *= 1.0 / len(y)
+    p /= len(y)
     dW = F.T @ p
     dW += weight_decay * W
     return loss, dW, p.sum(axis=0), logits
