@@ -421,7 +421,7 @@ class FFConfig:
 
 
 class TrainingDiverged(RuntimeError):
-    pass
+    """A loss that is NaN or infinite; the CLI prints it as one line and exits 1."""
 
 
 @dataclass
@@ -517,7 +517,9 @@ def train_ff(x_train, cfg, state, callback=None, log=print):
         means = sums / n_batches
         seconds = time.perf_counter() - t0
         for key, row in zip(("loss", "g_pos", "g_neg", "accuracy"), means):
-            hist[key].append([float(v) if l < top else None for l, v in enumerate(row)])
+            # None: a layer not trained this epoch (greedy), so JSON holds no NaN
+            hist[key].append([float(v) if l < top and np.isfinite(v) else None
+                              for l, v in enumerate(row)])
         hist["seconds"].append(seconds)
         hist["lr"].append(lr)
         state.epochs_done = epoch + 1

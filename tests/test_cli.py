@@ -116,5 +116,7 @@ def test_greedy_schedule_trains_one_layer_at_a_time(tmp_path):
     loss = run.ff_history["loss"]
     assert len(loss) == 6
     assert loss[0][1] is None and loss[1][2] is None and loss[2][2] is None
-    assert loss[4][0] is not None and all(v is not None for v in loss[5])
+    # stage 3: only layer 3 learns; the frozen layers below still report their accuracy
+    assert loss[5][:2] == [None, None] and loss[5][2] is not None
+    assert all(a is not None for a in run.ff_history["accuracy"][5])
     assert run.metrics["ff_epochs"] == 6
