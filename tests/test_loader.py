@@ -169,7 +169,7 @@ def test_embedded_copy_found_from_another_directory(tmp_path):
     code = ("import ff_hybrid_mnist as ff; ff.MNIST_MIRRORS[:] = ['http://127.0.0.1:9/'];"
             "x, y, xt, yt = ff.load_mnist(); print(x.shape, xt.shape, y[:5].tolist())")
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env,
-                         capture_output=True, text=True, timeout=60)
+                         capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "(60000, 784) (10000, 784) [5, 0, 4, 1, 9]" in out.stdout
     assert not (tmp_path / "xdg").exists()
@@ -179,7 +179,7 @@ def test_cli_data_error_is_one_line_exit_1(tmp_path):
     env = dict(os.environ, PYTHONPATH=ROOT)
     out = subprocess.run([sys.executable, os.path.join(ROOT, "ff_hybrid_mnist.py"),
                           "--data-dir", str(tmp_path), "--out", str(tmp_path / "run")],
-                         env=env, capture_output=True, text=True, timeout=60)
+                         env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 1
     assert out.stderr.startswith("error: ") and out.stderr.count("\n") == 1, out.stderr
     assert "Traceback" not in out.stderr
