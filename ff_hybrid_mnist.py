@@ -53,6 +53,9 @@ HOW_TO_SUPPLY = ("put the four MNIST *-ubyte.gz files in a folder and pass it wi
                  "--data-dir DIR or the MNIST_DIR environment variable")
 
 
+GZIP_MAGIC = b"\x1f\x8b"
+
+
 class DataError(Exception):
     """A data problem the user can fix; the CLI prints it as one line and exits 1."""
 
@@ -76,7 +79,7 @@ def read_idx_bytes(path):
     try:
         with open(path, "rb") as f:
             raw = f.read()
-        if raw[:2] == b"\x1f\x8b":
+        if raw[:2] == GZIP_MAGIC:
             return gzip.decompress(raw)
         if path.endswith(".gz"):
             raise DataError(f"{path}: not a gzip archive")
@@ -152,7 +155,7 @@ def download_mnist(cache_dir, files, mirrors, log=sys.stderr):
 
 def _is_gzip(path):
     with open(path, "rb") as f:
-        return f.read(2) == b"\x1f\x8b"
+        return f.read(2) == GZIP_MAGIC
 
 
 def load_mnist(data_dir=None, files=MNIST_FILES, mirrors=MNIST_MIRRORS, cache_dir=None,
