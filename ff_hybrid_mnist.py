@@ -20,12 +20,14 @@ import datetime
 import gzip
 import hashlib
 import json
+import math
 import os
 import platform
 import sys
 import tempfile
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -358,47 +360,86 @@ class Adam:
         p -= lr * m_hat / (sqrt(v_hat) + eps)
            = step_size * m_acc / (sqrt(v_acc) + eps / k),   k = sqrt((1-beta2)/(1-beta2^t)),
     step_size = lr (1-beta1) / ((1-beta1^t) k).
+
+    The passes run over chunks of ADAM_CHUNK elements, so that a chunk of p, g, m, v and the
+    scratch stays in cache through all ten instead of each pass streaming the whole layer
+    from memory; large parameters are split between ADAM_THREADS threads (numpy releases the
+    GIL). Every element sees the same operations either way, so the result is bit for bit
+    that of one pass over the whole array.
     """
 
     def __init__(self, param, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0):
         self.beta1, self.beta2, self.eps, self.weight_decay = beta1, beta2, eps, weight_decay
         self.m_acc = np.zeros_like(param)
         self.v_acc = np.zeros_like(param)
-        self.scratch = np.empty_like(param)
         self.t = 0
+        size = min(param.size, ADAM_CHUNK)
+        self.scratch = [np.empty(size, param.dtype) for _ in range(ADAM_THREADS)]
 
     def step(self, param, grad, lr):
         b1, b2 = self.beta1, self.beta2
-        if self.weight_decay:
-            grad += self.weight_decay * param
         self.t += 1
-        k = np.sqrt((1 - b2) / (1 - b2 ** self.t))
-        step_size = lr * (1 - b1) / ((1 - b1 ** self.t) * k)
-        eps = self.eps / k
+        # Python floats: a numpy float64 scalar would make every pass over float32 arrays
+        # compute in float64 and cast back, at several times the cost
+        k = math.sqrt((1 - b2) / (1 - b2 ** self.t))
+        step_size = float(lr) * (1 - b1) / ((1 - b1 ** self.t) * k)
+        flush = self.t % 16 == 0
+        if not (param.flags.c_contiguous and grad.flags.c_contiguous):
+            raise ValueError("Adam updates contiguous arrays only")  # reshape would copy
+        flat = [a.reshape(-1) for a in (param, grad, self.m_acc, self.v_acc)]
+        n = flat[0].size
+        bounds = [(s, min(s + ADAM_CHUNK, n)) for s in range(0, n, ADAM_CHUNK)]
+        args = (flat, b1, b2, step_size, self.eps / k, flush)
+        if len(bounds) < 2 * ADAM_THREADS:
+            self._chunks(bounds, self.scratch[0], *args)
+        else:
+            share = -(-len(bounds) // ADAM_THREADS)
+            jobs = [_adam_pool().submit(self._chunks, bounds[i * share:(i + 1) * share],
+                                        self.scratch[i], *args) for i in range(ADAM_THREADS)]
+            for job in jobs:
+                job.result()
 
-        m, v, tmp = self.m_acc, self.v_acc, self.scratch
-        m *= b1
-        m += grad
-        v *= b2
-        np.multiply(grad, grad, out=tmp)
-        v += tmp
-        np.sqrt(v, out=tmp)
-        tmp += eps
-        np.divide(m, tmp, out=tmp)
-        tmp *= step_size
-        param -= tmp
-        if self.t % 16 == 0:
-            # A moment that stops receiving gradient (an input unit silent for a while)
-            # decays geometrically into float32 subnormals, and arithmetic on subnormals is
-            # ~100x slower on x86: without this, late epochs ran twice as slow. A moment
-            # below 1e-30 moves a weight by less than ~1e-24 per step, so zeroing it is
-            # invisible at float32 resolution (the textbook update is kept otherwise).
-            for moment in (m, v):
-                np.abs(moment, out=tmp)
-                np.putmask(moment, tmp < 1e-30, 0)
+    def _chunks(self, bounds, scratch, flat, b1, b2, step_size, eps, flush):
+        for lo, hi in bounds:
+            p, g, m, v = (a[lo:hi] for a in flat)
+            tmp = scratch[:hi - lo]
+            if self.weight_decay:
+                np.multiply(p, self.weight_decay, out=tmp)
+                g += tmp
+            m *= b1
+            m += g
+            v *= b2
+            np.multiply(g, g, out=tmp)
+            v += tmp
+            np.sqrt(v, out=tmp)
+            tmp += eps
+            np.divide(m, tmp, out=tmp)
+            tmp *= step_size
+            p -= tmp
+            if flush:
+                # A moment that stops receiving gradient (an input unit silent for a while)
+                # decays geometrically into float32 subnormals, and arithmetic on subnormals
+                # is ~100x slower on x86: without this, late epochs ran twice as slow. A
+                # moment below 1e-30 moves a weight by less than ~1e-24 per step, so zeroing
+                # it is invisible at float32 resolution (the textbook update is kept otherwise).
+                for moment in (m, v):
+                    np.abs(moment, out=tmp)
+                    np.putmask(moment, tmp < 1e-30, 0)
 
     def load_state(self, m_acc, v_acc, t):
         self.m_acc[...], self.v_acc[...], self.t = m_acc, v_acc, int(t)
+
+
+ADAM_CHUNK = 1 << 18    # elements: 1 MiB of float32 per array (bench/bench_adam.py)
+ADAM_THREADS = 2
+_ADAM_POOL = []
+
+
+def _adam_pool():
+    """The worker threads of Adam's chunked passes, started on first use."""
+    if not _ADAM_POOL:
+        _ADAM_POOL.append(ThreadPoolExecutor(ADAM_THREADS, thread_name_prefix="adam"))
+    return _ADAM_POOL[0]
 
 
 # -----------------------------------------------------------------------------

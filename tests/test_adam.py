@@ -1,5 +1,6 @@
 """Adam against the textbook update, written out independently here."""
 import numpy as np
+import pytest
 
 import ff_hybrid_mnist as ff
 
@@ -66,3 +67,34 @@ def test_decayed_moments_are_flushed_before_they_turn_subnormal():
         opt.step(p, zero, 0.01)
         assert not ((opt.m_acc != 0) & (np.abs(opt.m_acc) < tiny)).any()
     assert (opt.m_acc == 0).all()
+
+
+def test_chunked_threaded_steps_equal_one_pass(monkeypatch):
+    """Chunks and threads change only the order of the work, never a bit of the result."""
+    rng = np.random.default_rng(2)
+    p0 = rng.standard_normal((37, 11)).astype(np.float32)
+    grads = [rng.standard_normal((37, 11)).astype(np.float32) for _ in range(20)]
+
+    def run(chunk, threads):
+        monkeypatch.setattr(ff, "ADAM_CHUNK", chunk)
+        monkeypatch.setattr(ff, "ADAM_THREADS", threads)
+        monkeypatch.setattr(ff, "_ADAM_POOL", [])
+        p = p0.copy()
+        opt = ff.Adam(p, weight_decay=0.01)
+        for g in grads:
+            opt.step(p, g.copy(), 0.01)
+        return p, opt
+
+    whole, whole_opt = run(10 ** 6, 1)
+    for chunk, threads in ((7, 1), (7, 2), (50, 3)):
+        p, opt = run(chunk, threads)
+        assert np.array_equal(p, whole) and np.array_equal(opt.v_acc, whole_opt.v_acc)
+    want = textbook_adam(p0.astype(np.float64), grads, 0.01, wd=0.01)
+    np.testing.assert_allclose(whole, want, rtol=1e-4, atol=1e-6)
+
+
+def test_non_contiguous_parameter_is_refused():
+    p = np.ones((4, 4), np.float32)
+    opt = ff.Adam(p[:, :2])
+    with pytest.raises(ValueError, match="contiguous"):
+        opt.step(p[:, :2], np.ones((4, 2), np.float32), 0.1)
