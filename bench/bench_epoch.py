@@ -91,6 +91,18 @@ def main():
     parts["layer elementwise"] = parts.pop("layer maths incl. products") - product_step
     parts = {"products": product_step, **parts}
 
+    # Adam cannot beat memory: per weight it reads p, g, m, v and writes p, m, v (28 bytes of
+    # float32) every step. Stream bandwidth is timed as an in-place add over a 256 MB array
+    # split between Adam's threads, the cheapest read-plus-write pass numpy has.
+    big = np.ones(1 << 26, np.float32)  # touched, so no page faults are timed
+    halves = np.array_split(big, ff.ADAM_THREADS)
+    pool = ff._adam_pool()
+    bandwidth = 2 * big.nbytes / best_of(
+        lambda: list(pool.map(lambda a: np.add(a, 1.0, out=a), halves)), args.repeats)
+    del big, halves
+    n_weights = sum(n_in * n_out for n_in, n_out in shapes)
+    adam_bound = 28 * n_weights / bandwidth * n_batches
+
     # the real loop: one warm-up epoch on a slice, then full epochs
     state = ff.FFState.fresh(cfg, np.random.default_rng(0))
     quiet = lambda *a, **k: None
@@ -106,6 +118,9 @@ def main():
     print(f"floor (2 products/layer/batch, best of {args.repeats}): {floor:7.2f} s/epoch")
     print(f"training loop (best of {args.epochs} epochs):          {epoch:7.2f} s/epoch")
     print(f"ratio epoch/floor: {epoch / floor:.3f}")
+    print(f"memory bandwidth (in-place add, {ff.ADAM_THREADS} threads): {bandwidth / 1e9:.1f} GB/s; "
+          f"Adam's 28 bytes/weight/step alone take >= {adam_bound:.2f} s/epoch, so no loop "
+          f"with Adam beats ratio {(floor + adam_bound) / floor:.3f} here")
     print(f"samples/s (positives + hybrids): {2 * n_batches * B / epoch:,.0f}")
     print(f"peak resident memory: {peak:.0f} MiB")
     total = sum(parts.values())
