@@ -1,0 +1,105 @@
+"""Run many training configurations side by side and collect their results in one file.
+
+Each line of the configuration file is a label and the training CLI's arguments; blank
+lines and lines starting with '#' are skipped. Every run gets its own folder and log, a
+fixed number of BLAS threads, and its metrics are appended to the results file (JSON
+lines) as soon as it ends, so an interrupted sweep keeps what finished.
+
+    python3 experiments/sweep.py experiments/sweep_small.txt --jobs 8 --threads 2 \
+        --out-dir runs/sweep-small --results runs/sweep-small.jsonl
+
+With --refit-top-k K, each finished run's head is also refitted on its top K layers
+(same head settings as the run), and that test error is stored as refit_test_error.
+"""
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+
+def read_configs(path):
+    configs = []
+    for n, line in enumerate(open(path), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        label, *args = shlex.split(line)
+        if "--out" in args or "--resume" in args:
+            raise ValueError(f"{path}:{n}: the sweep sets --out itself")
+        configs.append((label, args))
+    labels = [c[0] for c in configs]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"{path}: labels repeat")
+    return configs
+
+
+def run_one(label, args, ns, lock, deadline):
+    if time.time() > deadline:
+        return
+    run_dir = os.path.join(ns.out_dir, label)
+    env = dict(os.environ, OPENBLAS_NUM_THREADS=str(ns.threads), OMP_NUM_THREADS=str(ns.threads),
+               MKL_NUM_THREADS=str(ns.threads), PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, os.path.join(ROOT, "ff_hybrid_mnist.py"), *args, "--out", run_dir]
+    t0 = time.time()
+    with open(run_dir + ".log", "w") as log:
+        rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    record = {"label": label, "args": args, "rc": rc, "wall_seconds": time.time() - t0}
+    if rc == 0:
+        record["metrics"] = json.load(open(os.path.join(run_dir, "metrics.json")))
+        if ns.refit_top_k:
+            run_args = json.load(open(os.path.join(run_dir, "args.json")))
+            out = subprocess.run(
+                [sys.executable, os.path.join(HERE, "refit_head.py"), "--run", run_dir,
+                 "--top-k", str(ns.refit_top_k), "--seed", str(run_args["seed"]),
+                 "--softmax-epochs", str(run_args["softmax_epochs"]),
+                 "--softmax-lr", str(run_args["softmax_lr"]),
+                 "--softmax-weight-decay", str(run_args["softmax_weight_decay"])],
+                capture_output=True, text=True, env=env)
+            if out.returncode == 0:
+                refit = json.loads(out.stdout.strip().splitlines()[-1])
+                record["refit_top_k"] = ns.refit_top_k
+                record["refit_test_error"] = refit["test_error"]
+    with lock:
+        with open(ns.results, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        err = record.get("metrics", {}).get("test_error")
+        print(f"{label:24s} rc {rc}  {record['wall_seconds']:7.1f} s  test error "
+              f"{'-' if err is None else f'{100 * err:.2f}%'}"
+              + (f"  top-{ns.refit_top_k} {100 * record['refit_test_error']:.2f}%"
+                 if "refit_test_error" in record else ""), flush=True)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("configs")
+    p.add_argument("--jobs", type=int, default=1, help="runs at once")
+    p.add_argument("--threads", type=int, default=2, help="BLAS threads per run")
+    p.add_argument("--out-dir", required=True)
+    p.add_argument("--results", required=True, help="JSON-lines file, appended to")
+    p.add_argument("--refit-top-k", type=int, default=0)
+    p.add_argument("--start-within", type=float, default=float("inf"),
+                   help="start no run after this many seconds")
+    ns = p.parse_args(argv)
+    if ns.jobs < 1 or ns.threads < 1:
+        p.error("--jobs and --threads must be >= 1")
+    configs = read_configs(ns.configs)
+    os.makedirs(ns.out_dir, exist_ok=True)
+    print(f"{len(configs)} runs, {ns.jobs} at once, {ns.threads} BLAS threads each", flush=True)
+    lock = threading.Lock()
+    deadline = time.time() + ns.start_within
+    with ThreadPoolExecutor(ns.jobs) as pool:
+        for f in [pool.submit(run_one, label, args, ns, lock, deadline) for label, args in configs]:
+            f.result()
+
+
+if __name__ == "__main__":
+    main()
