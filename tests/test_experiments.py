@@ -1,0 +1,44 @@
+"""The experiment scripts: the sweep runner records what each run measured, and refuses
+configuration files it would misread."""
+import json
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "experiments"))
+import plot_threshold_sweep  # noqa: E402
+import sweep  # noqa: E402
+
+TINY = "--layer-sizes 784,30,20 --n-epochs 1 --n-train 300 --batch-size 50 --softmax-epochs 2 --top-k 1"
+
+
+def test_sweep_records_each_run_and_its_refit(tmp_path):
+    cfg = tmp_path / "cfg.txt"
+    cfg.write_text(f"# two tiny runs\n\na {TINY}\nb {TINY} --threshold 8\n")
+    results = tmp_path / "r.jsonl"
+    sweep.main([str(cfg), "--jobs", "2", "--threads", "1", "--refit-top-k", "2",
+                "--out-dir", str(tmp_path / "runs"), "--results", str(results)])
+    records = {r["label"]: r for r in map(json.loads, results.read_text().splitlines())}
+    assert set(records) == {"a", "b"}
+    for label, r in records.items():
+        assert r["rc"] == 0 and r["refit_top_k"] == 2
+        saved = json.load(open(tmp_path / "runs" / label / "metrics.json"))
+        assert r["metrics"]["test_error"] == saved["test_error"]
+        assert 0 <= r["refit_test_error"] <= 1
+    assert json.load(open(tmp_path / "runs" / "b" / "args.json"))["threshold"] == 8
+    table = plot_threshold_sweep.markdown_table(list(records.values()))
+    assert "`--layer-sizes 784,30,20" in table and "--threshold 8" in table
+
+
+@pytest.mark.parametrize("text", ["a --out x\n", "a --lr 0.1\na --lr 0.2\n", "a --resume x\n"])
+def test_sweep_refuses_out_resume_and_repeated_labels(tmp_path, text):
+    cfg = tmp_path / "cfg.txt"
+    cfg.write_text(text)
+    with pytest.raises(ValueError):
+        sweep.read_configs(str(cfg))
+
+
+def test_pairs_keeps_flag_values_together():
+    assert plot_threshold_sweep.pairs(["--n-blur", "2", "--refresh-inputs", "--lr", "0.1"]) == [
+        ("--n-blur", "2"), ("--refresh-inputs", None), ("--lr", "0.1")]
