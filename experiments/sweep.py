@@ -44,6 +44,8 @@ def read_configs(path):
 
 def run_one(label, args, ns, lock, deadline):
     if time.time() > deadline:
+        with lock:
+            print(f"{label:24s} not started: past --start-within", flush=True)
         return
     run_dir = os.path.join(ns.out_dir, label)
     env = dict(os.environ, OPENBLAS_NUM_THREADS=str(ns.threads), OMP_NUM_THREADS=str(ns.threads),
@@ -64,6 +66,7 @@ def run_one(label, args, ns, lock, deadline):
                  "--softmax-lr", str(run_args["softmax_lr"]),
                  "--softmax-weight-decay", str(run_args["softmax_weight_decay"])],
                 capture_output=True, text=True, env=env)
+            record["refit_rc"] = out.returncode
             if out.returncode == 0:
                 refit = json.loads(out.stdout.strip().splitlines()[-1])
                 record["refit_top_k"] = ns.refit_top_k

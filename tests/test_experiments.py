@@ -22,7 +22,7 @@ def test_sweep_records_each_run_and_its_refit(tmp_path):
     records = {r["label"]: r for r in map(json.loads, results.read_text().splitlines())}
     assert set(records) == {"a", "b"}
     for label, r in records.items():
-        assert r["rc"] == 0 and r["refit_top_k"] == 2
+        assert r["rc"] == 0 and r["refit_rc"] == 0 and r["refit_top_k"] == 2
         saved = json.load(open(tmp_path / "runs" / label / "metrics.json"))
         assert r["metrics"]["test_error"] == saved["test_error"]
         assert 0 <= r["refit_test_error"] <= 1
