@@ -830,7 +830,8 @@ def build_parser():
     p.add_argument("--top-k", type=number_arg(int, 1), default=3,
                    help="layers whose activities feed the softmax")
     p.add_argument("--weight-decay", type=number_arg(float, 0), default=d.weight_decay,
-                   help="L2 weight decay of the FF weights (in Adam's gradient)")
+                   help="L2 weight decay of the FF weights (in Adam's gradient; 1e-4 already "
+                        "silenced every unit at lr 0.03, see README)")
     p.add_argument("--goodness", choices=("mean", "sum"), default=d.goodness,
                    help="sum uses threshold * n_units, so both agree on every input")
     p.add_argument("--peer-norm", type=number_arg(float, 0), default=d.peer_norm,
