@@ -205,6 +205,18 @@ def load_mnist(data_dir=None, files=MNIST_FILES, mirrors=MNIST_MIRRORS, cache_di
             images(arrays["test_images"]), arrays["test_labels"].astype(np.int64))
 
 
+def split_validation(x_train, y_train, val_size, n_train=None):
+    """(x_fit, y_fit, x_val, y_val): the last val_size training digits are the validation
+    split, the same ones for every seed; FF and the head fit on the first n_train of the
+    rest (all of it when n_train is None)."""
+    n_pool = len(x_train) - val_size
+    n_fit = n_pool if n_train is None else n_train
+    if val_size < 0 or n_fit > n_pool:
+        raise ValueError(f"{n_fit} training + {val_size} validation digits exceed the "
+                         f"{len(x_train)} of the training set")
+    return (x_train[:n_fit], y_train[:n_fit], x_train[n_pool:], y_train[n_pool:])
+
+
 # -----------------------------------------------------------------------------
 # Hybrid negatives: m*a + (1-m)*b with a smooth random binary mask m
 
@@ -623,13 +635,17 @@ def error_rate(F, y, W, b, chunk=10000):
 
 
 def train_softmax(F_train, y_train, F_test, y_test, rng, n_epochs=50, lr=0.05,
-                  weight_decay=1e-4, batch_size=256, n_classes=10, log=print):
+                  weight_decay=1e-4, batch_size=256, n_classes=10, log=print,
+                  F_val=None, y_val=None):
     """Minibatch SGD on the linear softmax. The per-epoch train error is the running error
     of the minibatches during the epoch (an extra full pass per epoch would cost as much
-    as the training itself); test error is exact, after each epoch."""
+    as the training itself); validation (if given) and test error are exact, after each
+    epoch. Settings are chosen on the validation error, never on the test error."""
     W = np.zeros((F_train.shape[1], n_classes), np.float32)
     b = np.zeros(n_classes, np.float32)
     hist = {"train_error": [], "test_error": [], "loss": [], "seconds": []}
+    if F_val is not None:
+        hist["val_error"] = []
     n = len(y_train)
     for epoch in range(n_epochs):
         t0 = time.perf_counter()
@@ -645,11 +661,15 @@ def train_softmax(F_train, y_train, F_test, y_test, rng, n_epochs=50, lr=0.05,
             loss_sum += float(loss) * len(idx)
         hist["train_error"].append(wrong / n)
         hist["loss"].append(loss_sum / n)
+        if F_val is not None:
+            hist["val_error"].append(error_rate(F_val, y_val, W, b))
         hist["test_error"].append(error_rate(F_test, y_test, W, b))
         hist["seconds"].append(time.perf_counter() - t0)
         if (epoch + 1) % 5 == 0 or epoch + 1 == n_epochs:
+            val = (f"val error {100 * hist['val_error'][-1]:.2f}%  "
+                   if F_val is not None else "")
             log(f"softmax epoch {epoch + 1:3d}/{n_epochs}  loss {hist['loss'][-1]:.4f}  "
-                f"train error {100 * hist['train_error'][-1]:.2f}%  "
+                f"train error {100 * hist['train_error'][-1]:.2f}%  {val}"
                 f"test error {100 * hist['test_error'][-1]:.2f}%", flush=True)
     return W, b, hist
 
@@ -820,8 +840,13 @@ def build_parser():
     p.add_argument("--lr", type=number_arg(float, 0, inclusive=False), default=d.lr)
     p.add_argument("--threshold", type=number_arg(float, 0, inclusive=False), default=d.threshold,
                    help="goodness threshold theta (for --goodness mean)")
-    p.add_argument("--n-train", type=number_arg(int, 1), default=N_TRAIN_MAX,
-                   help="use the first N training digits")
+    p.add_argument("--n-train", type=number_arg(int, 1), default=None,
+                   help="use the first N training digits (default: all those not held out "
+                        "by --val-size)")
+    p.add_argument("--val-size", type=number_arg(int, 0), default=0,
+                   help="hold out the last N of the 60000 training digits as a validation "
+                        "split, from FF training and the head; its error is reported beside "
+                        "the test error")
     p.add_argument("--softmax-epochs", type=number_arg(int, 0), default=50, help="0 skips the head")
     p.add_argument("--softmax-lr", type=number_arg(float, 0, inclusive=False), default=0.05)
     p.add_argument("--softmax-weight-decay", type=number_arg(float, 0), default=1e-4)
@@ -856,8 +881,14 @@ def parse_args(argv=None, parser=None):
     n_layers = len(args.layer_sizes) - 1
     if args.top_k > n_layers:
         parser.error(f"--top-k {args.top_k} exceeds the {n_layers} layers of --layer-sizes")
-    if args.n_train > N_TRAIN_MAX:
-        parser.error(f"--n-train {args.n_train} exceeds the {N_TRAIN_MAX} training digits")
+    if args.val_size >= N_TRAIN_MAX:
+        parser.error(f"--val-size {args.val_size} leaves none of the {N_TRAIN_MAX} "
+                     "training digits to train on")
+    if args.n_train is None:
+        args.n_train = N_TRAIN_MAX - args.val_size
+    if args.n_train + args.val_size > N_TRAIN_MAX:
+        parser.error(f"--n-train {args.n_train} and --val-size {args.val_size} together "
+                     f"exceed the {N_TRAIN_MAX} training digits")
     if args.batch_size > args.n_train:
         parser.error(f"--batch-size {args.batch_size} exceeds --n-train {args.n_train}")
     if args.resume and args.out and os.path.abspath(args.out) != os.path.abspath(args.resume):
@@ -885,6 +916,7 @@ def run(args, log=print, callback=None):
         cfg, state = load_checkpoint(run_dir)
         with open(os.path.join(run_dir, "args.json")) as f:
             saved = json.load(f)
+        saved.setdefault("val_size", 0)  # runs saved before the validation split
         saved.update(n_epochs=args.n_epochs, resume=args.resume, data_dir=args.data_dir)
         args = argparse.Namespace(**saved)
         cfg.n_epochs = args.n_epochs
@@ -893,7 +925,8 @@ def run(args, log=print, callback=None):
         cfg = config_from_args(args)
         state = FFState.fresh(cfg, np.random.default_rng(args.seed))
     x_train, y_train, x_test, y_test = load_mnist(args.data_dir)
-    x_train, y_train = x_train[:args.n_train], y_train[:args.n_train]
+    x_train, y_train, x_val, y_val = split_validation(x_train, y_train, args.val_size,
+                                                      args.n_train)
     if not args.resume:
         os.makedirs(run_dir, exist_ok=True)
         write_json(os.path.join(run_dir, "args.json"), vars(args))
@@ -913,16 +946,21 @@ def run(args, log=print, callback=None):
         t1 = time.perf_counter()
         F_train = extract_features(state.weights, state.biases, x_train, args.top_k)
         F_test = extract_features(state.weights, state.biases, x_test, args.top_k)
+        F_val = (extract_features(state.weights, state.biases, x_val, args.top_k)
+                 if len(x_val) else None)
         feature_seconds = time.perf_counter() - t1
         W, b, softmax_history = train_softmax(
             F_train, y_train, F_test, y_test, np.random.default_rng([args.seed, 1]),
-            args.softmax_epochs, args.softmax_lr, args.softmax_weight_decay, log=log)
+            args.softmax_epochs, args.softmax_lr, args.softmax_weight_decay, log=log,
+            F_val=F_val, y_val=y_val if len(x_val) else None)
         head = (W, b)
+        if F_val is not None:
+            metrics["val_error"] = error_rate(F_val, y_val, W, b)
         metrics.update(test_error=error_rate(F_test, y_test, W, b),
                        train_error=error_rate(F_train, y_train, W, b),
                        softmax_seconds=time.perf_counter() - t1,
                        feature_seconds=feature_seconds)
-        del F_train, F_test
+        del F_train, F_test, F_val
     last = lambda key: state.history[key][-1] if state.history[key] else None
     metrics.update(real_vs_hybrid_accuracy=last("accuracy"), ff_loss=last("loss"),
                    ff_seconds=ff_seconds, ff_epochs=state.epochs_done,
@@ -930,7 +968,9 @@ def run(args, log=print, callback=None):
                    run_dir=run_dir)
     save_run(run_dir, cfg, state, head, args.top_k, softmax_history, vars(args), metrics)
     if "test_error" in metrics:
-        log(f"test error {100 * metrics['test_error']:.2f}%  train error "
+        val = (f"val error {100 * metrics['val_error']:.2f}%  "
+               if "val_error" in metrics else "")
+        log(f"{val}test error {100 * metrics['test_error']:.2f}%  train error "
             f"{100 * metrics['train_error']:.2f}%  FF {ff_seconds:.0f} s  "
             f"softmax {metrics['softmax_seconds']:.1f} s  -> {run_dir}")
     return metrics

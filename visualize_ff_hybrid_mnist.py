@@ -234,9 +234,9 @@ def main(argv=None):
     args, fig_args = parse_args_with_training_flags(own, argv, __doc__.split("\n\n")[0])
     try:
         if fig_args.run:
-            defaults = ff.build_parser()
+            defaults = vars(ff.parse_args([]))
             ignored = [k for k, v in vars(args).items()
-                       if k not in ("seed", "data_dir") and v != defaults.get_default(k)]
+                       if k not in ("seed", "data_dir") and v != defaults.get(k)]
             if ignored:
                 print("error: --run draws a saved run; drop the training flags "
                       + ", ".join("--" + k.replace("_", "-") for k in ignored), file=sys.stderr)

@@ -1,7 +1,8 @@
 """Refit the linear softmax head of a saved run with other settings, FF network unchanged.
 
 Separates how much of the test error is the head's (too few epochs, too small a step)
-from how much is the features'.
+from how much is the features'. The run's own validation split is used (or --val-size);
+choose head settings on val_error, not on test_error.
 
     python3 experiments/refit_head.py --run runs/spec-seed0 --softmax-epochs 50 --softmax-lr 0.5
 """
@@ -19,29 +20,39 @@ import ff_hybrid_mnist as ff  # noqa: E402
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--run", required=True)
-    p.add_argument("--softmax-epochs", type=int, default=50)
-    p.add_argument("--softmax-lr", type=float, default=0.05)
-    p.add_argument("--softmax-weight-decay", type=float, default=1e-4)
-    p.add_argument("--top-k", type=int, help="default: the run's own")
+    p.add_argument("--softmax-epochs", type=ff.number_arg(int, 1), default=50)
+    p.add_argument("--softmax-lr", type=ff.number_arg(float, 0, inclusive=False), default=0.05)
+    p.add_argument("--softmax-weight-decay", type=ff.number_arg(float, 0), default=1e-4)
+    p.add_argument("--top-k", type=ff.number_arg(int, 1), help="default: the run's own")
+    p.add_argument("--val-size", type=ff.number_arg(int, 0),
+                   help="default: the run's own (0 for runs saved before the split existed)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     run = ff.load_run(args.run)
     top_k = args.top_k or run.top_k
+    if top_k > len(run.weights):
+        p.error(f"--top-k {top_k} exceeds the run's {len(run.weights)} layers")
+    val_size = run.args.get("val_size", 0) if args.val_size is None else args.val_size
     x_train, y_train, x_test, y_test = ff.load_mnist()
-    n = run.args["n_train"]
+    x_fit, y_fit, x_val, y_val = ff.split_validation(x_train, y_train, val_size,
+                                                     run.args["n_train"])
     t0 = time.perf_counter()
-    F_train = ff.extract_features(run.weights, run.biases, x_train[:n], top_k)
+    F_fit = ff.extract_features(run.weights, run.biases, x_fit, top_k)
     F_test = ff.extract_features(run.weights, run.biases, x_test, top_k)
-    W, b, hist = ff.train_softmax(F_train, y_train[:n], F_test, y_test,
+    F_val = ff.extract_features(run.weights, run.biases, x_val, top_k) if val_size else None
+    W, b, hist = ff.train_softmax(F_fit, y_fit, F_test, y_test,
                                   np.random.default_rng([args.seed, 1]), args.softmax_epochs,
-                                  args.softmax_lr, args.softmax_weight_decay)
+                                  args.softmax_lr, args.softmax_weight_decay,
+                                  F_val=F_val, y_val=y_val if val_size else None)
     result = {"run": args.run, "top_k": top_k, "softmax_epochs": args.softmax_epochs,
               "softmax_lr": args.softmax_lr, "softmax_weight_decay": args.softmax_weight_decay,
+              "val_size": val_size,
+              "val_error": ff.error_rate(F_val, y_val, W, b) if val_size else None,
               "test_error": ff.error_rate(F_test, y_test, W, b),
-              "train_error": ff.error_rate(F_train, y_train[:n], W, b),
-              "best_epoch_test_error": min(hist["test_error"]),
+              "train_error": ff.error_rate(F_fit, y_fit, W, b),
               "seconds": time.perf_counter() - t0}
     print(json.dumps(result))
 

@@ -27,7 +27,9 @@ ROOT = os.path.dirname(HERE)
 
 
 def read_configs(path):
-    configs = []
+    """[(label, args)]; a line `base ARGS...` sets flags that every later line starts from
+    (a later flag overrides, as argparse keeps the last occurrence)."""
+    configs, base = [], []
     for n, line in enumerate(open(path), 1):
         line = line.strip()
         if not line or line.startswith("#"):
@@ -35,15 +37,38 @@ def read_configs(path):
         label, *args = shlex.split(line)
         if "--out" in args or "--resume" in args:
             raise ValueError(f"{path}:{n}: the sweep sets --out itself")
-        configs.append((label, args))
+        if label == "base":
+            base = args
+            continue
+        configs.append((label, base + args))
     labels = [c[0] for c in configs]
     if len(set(labels)) != len(labels):
         raise ValueError(f"{path}: labels repeat")
     return configs
 
 
+def commit():
+    """The commit the runs come from, marked -dirty when the working tree has changes."""
+    try:
+        head = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", ROOT, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True).stdout.strip()
+        return head + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def write_record(record, ns, lock):
+    with lock:
+        with open(ns.results, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
 def run_one(label, args, ns, lock, deadline):
     if time.time() > deadline:
+        write_record({"label": label, "args": args, "rc": None, "status": "not started",
+                      "commit": ns.commit}, ns, lock)
         with lock:
             print(f"{label:24s} not started: past --start-within", flush=True)
         return
@@ -54,9 +79,13 @@ def run_one(label, args, ns, lock, deadline):
     t0 = time.time()
     with open(run_dir + ".log", "w") as log:
         rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-    record = {"label": label, "args": args, "rc": rc, "wall_seconds": time.time() - t0}
+    record = {"label": label, "args": args, "rc": rc, "wall_seconds": time.time() - t0,
+              "status": "finished" if rc == 0 else "failed", "commit": ns.commit,
+              "threads": ns.threads}
     if rc == 0:
         record["metrics"] = json.load(open(os.path.join(run_dir, "metrics.json")))
+        record["environment"] = json.load(open(os.path.join(run_dir, "history.json")))[
+            "environment"]
         if ns.refit_top_k:
             run_args = json.load(open(os.path.join(run_dir, "args.json")))
             out = subprocess.run(
@@ -71,12 +100,14 @@ def run_one(label, args, ns, lock, deadline):
                 refit = json.loads(out.stdout.strip().splitlines()[-1])
                 record["refit_top_k"] = ns.refit_top_k
                 record["refit_test_error"] = refit["test_error"]
+                record["refit_val_error"] = refit["val_error"]
+    write_record(record, ns, lock)
     with lock:
-        with open(ns.results, "a") as f:
-            f.write(json.dumps(record) + "\n")
         err = record.get("metrics", {}).get("test_error")
-        print(f"{label:24s} rc {rc}  {record['wall_seconds']:7.1f} s  test error "
-              f"{'-' if err is None else f'{100 * err:.2f}%'}"
+        val = record.get("metrics", {}).get("val_error")
+        print(f"{label:24s} rc {rc}  {record['wall_seconds']:7.1f} s  "
+              + (f"val error {100 * val:.2f}%  " if val is not None else "")
+              + f"test error {'-' if err is None else f'{100 * err:.2f}%'}"
               + (f"  top-{ns.refit_top_k} {100 * record['refit_test_error']:.2f}%"
                  if "refit_test_error" in record else ""), flush=True)
 
@@ -95,6 +126,7 @@ def main(argv=None):
     if ns.jobs < 1 or ns.threads < 1:
         p.error("--jobs and --threads must be >= 1")
     configs = read_configs(ns.configs)
+    ns.commit = commit()
     os.makedirs(ns.out_dir, exist_ok=True)
     print(f"{len(configs)} runs, {ns.jobs} at once, {ns.threads} BLAS threads each", flush=True)
     lock = threading.Lock()
