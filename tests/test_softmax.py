@@ -31,8 +31,10 @@ def test_softmax_learns_separable_classes():
     F = (centers[y] + rng.standard_normal((600, 20))).astype(np.float32)
     W, b, hist = ff.train_softmax(F[:500], y[:500], F[500:], y[500:], rng, n_epochs=10,
                                   lr=0.1, weight_decay=0.0, n_classes=3, log=lambda *a, **k: None)
-    assert hist["test_error"][-1] < 0.05 < hist["test_error"][0] + 1
-    assert hist["loss"][-1] < hist["loss"][0]
+    # the head starts at W = 0 (every class tied, argmax 0): about 2/3 wrong on 3 classes
+    untrained = ff.error_rate(F[500:], y[500:], np.zeros((20, 3), np.float32), np.zeros(3))
+    assert untrained > 0.5 and hist["test_error"][-1] < 0.05
+    assert hist["loss"][-1] < 0.5 * hist["loss"][0]
     assert ff.error_rate(F[500:], y[500:], W, b) == hist["test_error"][-1]
 
 
@@ -41,7 +43,12 @@ def test_features_are_normalised_top_layers():
     weights, biases = ff.init_network((784, 30, 20, 10), rng)
     x = rng.random((7, 784)).astype(np.float32)
     F = ff.extract_features(weights, biases, x, top_k=2, chunk=3)
-    hs = ff.network_activities(weights, biases, x)
     assert F.shape == (7, 30) and F.dtype == np.float32
-    np.testing.assert_allclose(F[:, :20], ff.l2_normalize(hs[1]), rtol=1e-4, atol=1e-6)
-    np.testing.assert_allclose(np.linalg.norm(F[:, 20:], axis=1), 1, rtol=1e-5)
+    # each block against a plain float64 forward pass: normalise, ReLU(x W + b), normalise
+    a = x.astype(np.float64)
+    blocks = []
+    for W, b in zip(weights, biases):
+        a = np.maximum((a / np.linalg.norm(a, axis=1, keepdims=True)) @ W + b, 0)
+        blocks.append(a / np.linalg.norm(a, axis=1, keepdims=True))
+    np.testing.assert_allclose(F[:, :20], blocks[1], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(F[:, 20:], blocks[2], rtol=1e-4, atol=1e-6)

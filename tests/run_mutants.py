@@ -1,0 +1,82 @@
+"""Break the training loop on purpose, on a scratch copy, and check that the tests notice.
+
+Each mutant is one textual change to ff_hybrid_mnist.py that a broken implementation could
+plausibly contain. For each, the repository is copied to a temporary folder, the change is
+applied, and the given tests are run there; a mutant that passes every test is reported
+as SURVIVED (the tests cannot see that bug). Not collected by pytest (no test_ prefix).
+
+    python3 tests/run_mutants.py                     # all mutants, tests/test_training.py
+    python3 tests/run_mutants.py --tests tests       # against the whole suite
+    python3 tests/run_mutants.py --tests "tests/test_training.py -k tiny"  # one test
+"""
+import argparse
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+MUTANTS = {  # name -> (text in ff_hybrid_mnist.py, its replacement, and so on)
+    "no FF weight update": (
+        "                    state.adam_w[l].step(W, dW, lr)\n"
+        "                    state.adam_b[l].step(b, db, lr)\n",
+        "                    pass\n"),
+    "positives and negatives swapped": (
+        "            x[:B] = x_train[pos[batch]]\n", "            x[B:] = x_train[pos[batch]]\n",
+        "cfg.n_blur, out=x[B:])", "cfg.n_blur, out=x[:B])"),
+    "hybrids built from b = a": (
+        "make_hybrid_batch(x_train[pa[batch]], x_train[pb[batch]]",
+        "make_hybrid_batch(x_train[pa[batch]], x_train[pa[batch]]"),
+    "no L2 normalisation between layers": (
+        "                    l2_normalize(h, out=inputs[l + 1])\n",
+        "                    np.copyto(inputs[l + 1], h)\n"),
+    "no L2 normalisation before layer 1": (
+        "            l2_normalize(x, out=inputs[0])\n",
+        "            np.copyto(inputs[0], x)\n"),
+    "sum-goodness threshold not scaled by n_units": (
+        'return self.threshold * (n_units if self.goodness == "sum" else 1)',
+        "return self.threshold"),
+    "--lr-decay ignored": (
+        '    if cfg.lr_decay == "linear-half":\n', "    if False:\n"),
+}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tests", default="tests/test_training.py")
+    p.add_argument("--only", help="run the mutants whose name contains this text")
+    args = p.parse_args(argv)
+    source = open(os.path.join(ROOT, "ff_hybrid_mnist.py")).read()
+    survived = []
+    for name, edits in MUTANTS.items():
+        if args.only and args.only not in name:
+            continue
+        mutated = source
+        for old, new in zip(edits[::2], edits[1::2]):
+            if mutated.count(old) != 1:
+                sys.exit(f"mutant {name!r}: {old.strip()!r} is not found once in "
+                         "ff_hybrid_mnist.py; update run_mutants.py")
+            mutated = mutated.replace(old, new)
+        with tempfile.TemporaryDirectory() as scratch:
+            copy = os.path.join(scratch, "repo")
+            shutil.copytree(ROOT, copy, ignore=shutil.ignore_patterns(
+                ".git", "runs", "__pycache__", ".pytest_cache", "viz"))
+            with open(os.path.join(copy, "ff_hybrid_mnist.py"), "w") as f:
+                f.write(mutated)
+            out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p",
+                                  "no:cacheprovider", *shlex.split(args.tests)], cwd=copy,
+                                 capture_output=True, text=True)
+        failed = [l.split(" - ")[0].replace("FAILED ", "") for l in out.stdout.splitlines()
+                  if l.startswith("FAILED")]
+        if out.returncode == 0:
+            survived.append(name)
+        print(f"{name:46s} {'SURVIVED' if out.returncode == 0 else 'caught by ' + ', '.join(failed)}",
+              flush=True)
+    return 1 if survived else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
