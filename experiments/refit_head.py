@@ -46,7 +46,8 @@ def main(argv=None):
     W, b, hist = ff.train_softmax(F_fit, y_fit, F_test, y_test,
                                   np.random.default_rng([args.seed, 1]), args.softmax_epochs,
                                   args.softmax_lr, args.softmax_weight_decay,
-                                  F_val=F_val, y_val=y_val if val_size else None)
+                                  F_val=F_val, y_val=y_val if val_size else None,
+                                  log=lambda *a, **k: print(*a, file=sys.stderr, **k))
     result = {"run": args.run, "top_k": top_k, "softmax_epochs": args.softmax_epochs,
               "softmax_lr": args.softmax_lr, "softmax_weight_decay": args.softmax_weight_decay,
               "val_size": val_size,
