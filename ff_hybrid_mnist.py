@@ -259,6 +259,26 @@ def make_hybrid_batch(a, b, rng, n_blur=6, out=None):
 
 
 # -----------------------------------------------------------------------------
+# Label negatives (the paper's section 3.3): the label written into the image
+
+N_CLASSES = 10
+LABEL_ON = 1.0        # a label pixel that is on: the brightest ink of the digits
+LABEL_NEUTRAL = 0.1   # every label pixel of the neutral label, for the softmax read-out
+
+
+def embed_labels(x, labels, out=None):
+    """x with its first 10 pixels (always blank in MNIST) replaced by the one-hot label;
+    labels=None writes the neutral label. Every label gives the input the same norm."""
+    out = np.array(x, copy=True) if out is None else out
+    if out is not x:
+        np.copyto(out, x)
+    out[:, :N_CLASSES] = LABEL_NEUTRAL if labels is None else 0.0
+    if labels is not None:
+        out[np.arange(len(out)), labels] = LABEL_ON
+    return out
+
+
+# -----------------------------------------------------------------------------
 # Layer maths: forward, goodness, FF loss and its hand-derived gradient
 
 def l2_normalize(x, out=None, eps=1e-8):
@@ -471,6 +491,7 @@ class FFConfig:
     schedule: str = "parallel"    # "greedy": layer 1 for n_epochs, then layer 2, ...
     lr_decay: str = "none"        # "linear-half": constant, then linear to 0 over the 2nd half
     refresh_inputs: bool = False  # recompute a layer's output after its update before the next
+    negatives: str = "hybrid"     # "label": the digit with a wrong label (section 3.3)
 
     def layer_threshold(self, n_units):
         return self.threshold * (n_units if self.goodness == "sum" else 1)
@@ -514,7 +535,35 @@ def total_epochs(cfg):
     return cfg.n_epochs * (n_layers if cfg.schedule == "greedy" else 1)
 
 
-def train_ff(x_train, cfg, state, callback=None, log=print):
+def hybrid_batches(x_train, y_train, cfg, rng, x):
+    """One epoch of batches: x[:B] real digits, x[B:] hybrids of two other random digits
+    (two independent shuffles, a fresh mask per pair). Yields after filling x."""
+    n, B = len(x_train), cfg.batch_size
+    pos, pa, pb = rng.permutation(n), rng.permutation(n), rng.permutation(n)
+    for i in range(n // B):
+        batch = slice(i * B, (i + 1) * B)
+        x[:B] = x_train[pos[batch]]
+        make_hybrid_batch(x_train[pa[batch]], x_train[pb[batch]], rng, cfg.n_blur, out=x[B:])
+        yield
+
+
+def label_batches(x_train, y_train, cfg, rng, x):
+    """One epoch of batches: x[:B] digits with their own label, x[B:] the same digits
+    with a wrong label drawn uniformly from the other nine. Yields after filling x."""
+    n, B = len(x_train), cfg.batch_size
+    pos = rng.permutation(n)
+    for i in range(n // B):
+        rows = pos[i * B:(i + 1) * B]
+        wrong = (y_train[rows] + rng.integers(1, N_CLASSES, B)) % N_CLASSES
+        embed_labels(x_train[rows], y_train[rows], out=x[:B])
+        embed_labels(x_train[rows], wrong, out=x[B:])
+        yield
+
+
+BATCHES = {"hybrid": hybrid_batches, "label": label_batches}
+
+
+def train_ff(x_train, cfg, state, callback=None, log=print, y_train=None):
     """Train state in place up to total_epochs(cfg), one progress line per epoch.
 
     Within a step every layer sees the L2-normalised activities that the layer below had
@@ -537,12 +586,8 @@ def train_ff(x_train, cfg, state, callback=None, log=print):
         trained = (range(n_layers) if cfg.schedule == "parallel"
                    else [epoch // cfg.n_epochs])
         top = max(trained) + 1
-        pos, pa, pb = rng.permutation(n), rng.permutation(n), rng.permutation(n)
         sums = np.zeros((4, n_layers))  # loss, g_pos, g_neg, accuracy
-        for i in range(n_batches):
-            batch = slice(i * B, (i + 1) * B)
-            x[:B] = x_train[pos[batch]]
-            make_hybrid_batch(x_train[pa[batch]], x_train[pb[batch]], rng, cfg.n_blur, out=x[B:])
+        for i, _ in enumerate(BATCHES[cfg.negatives](x_train, y_train, cfg, rng, x)):
             # a greedy stage decays the rate over its own epochs
             lr = learning_rate(cfg, (epoch % cfg.n_epochs + i / n_batches) / cfg.n_epochs)
             l2_normalize(x, out=inputs[0])
@@ -583,7 +628,7 @@ def train_ff(x_train, cfg, state, callback=None, log=print):
         eta = elapsed / (epoch + 1 - start_epoch) * (epochs - epoch - 1)
         log(f"epoch {epoch + 1:3d}/{epochs}  loss "
             + " ".join("  -  " if v is None else f"{v:.3f}" for v in hist["loss"][-1])
-            + "  real-vs-hybrid acc "
+            + ("  real-vs-hybrid acc " if cfg.negatives == "hybrid" else "  pos-vs-neg acc ")
             + " ".join("  -  " if v is None else f"{100 * v:.1f}" for v in hist["accuracy"][-1])
             + f"  {seconds:.1f} s  elapsed {elapsed:.0f} s  eta {eta:.0f} s", flush=True)
         if callback is not None:
@@ -605,6 +650,27 @@ def extract_features(weights, biases, x, top_k=3, chunk=2000):
             l2_normalize(h, out=rows[:, col:col + h.shape[1]])
             col += h.shape[1]
     return features
+
+
+def goodness_per_label(weights, biases, x, goodness_kind="mean", first_layer=2, chunk=2000):
+    """(n, 10) float64: each digit run once with each label, its goodness summed over the
+    layers from first_layer (1-based) up. The paper leaves out layer 1 (first_layer=2)."""
+    scores = np.zeros((len(x), N_CLASSES))
+    buf = np.empty((min(chunk, len(x)), x.shape[1]), np.float32)
+    for start in range(0, len(x), chunk):
+        rows = x[start:start + chunk]
+        for label in range(N_CLASSES):
+            labelled = embed_labels(rows, np.full(len(rows), label), out=buf[:len(rows)])
+            hs = network_activities(weights, biases, labelled)
+            scores[start:start + len(rows), label] = sum(
+                goodness(h, goodness_kind) for h in hs[first_layer - 1:])
+    return scores
+
+
+def goodness_error_rate(weights, biases, x, y, goodness_kind="mean", first_layer=2):
+    """Error of predicting the label with the highest accumulated goodness."""
+    scores = goodness_per_label(weights, biases, x, goodness_kind, first_layer)
+    return float(np.mean(np.argmax(scores, axis=1) != y))
 
 
 def softmax_loss_and_grads(F, y, W, b, weight_decay=0.0):
@@ -863,6 +929,11 @@ def build_parser():
                    help="peer-normalisation coefficient, 0 = off")
     p.add_argument("--schedule", choices=("parallel", "greedy"), default=d.schedule)
     p.add_argument("--lr-decay", choices=("none", "linear-half"), default=d.lr_decay)
+    p.add_argument("--negatives", choices=("hybrid", "label"), default=d.negatives,
+                   help="hybrid: hybrid images (section 3.2); label: the digit with a wrong "
+                        "label in its first 10 pixels (section 3.3, supervised)")
+    p.add_argument("--goodness-layer1", action="store_true",
+                   help="with --negatives label: the goodness read-out also sums layer 1")
     p.add_argument("--refresh-inputs", action="store_true",
                    help="feed each layer the output of the updated layer below (a second "
                         "forward pass per layer)")
@@ -879,6 +950,9 @@ def parse_args(argv=None, parser=None):
     parser = parser or build_parser()
     args = parser.parse_args(argv)
     n_layers = len(args.layer_sizes) - 1
+    if args.negatives == "label" and n_layers < 2 and not args.goodness_layer1:
+        parser.error("--negatives label reads goodness from layer 2 up: give at least two "
+                     "layers, or --goodness-layer1")
     if args.top_k > n_layers:
         parser.error(f"--top-k {args.top_k} exceeds the {n_layers} layers of --layer-sizes")
     if args.val_size >= N_TRAIN_MAX:
@@ -901,7 +975,7 @@ def config_from_args(args):
                     batch_size=args.batch_size, lr=args.lr, threshold=args.threshold,
                     n_blur=args.n_blur, weight_decay=args.weight_decay, goodness=args.goodness,
                     peer_norm=args.peer_norm, schedule=args.schedule, lr_decay=args.lr_decay,
-                    refresh_inputs=args.refresh_inputs)
+                    refresh_inputs=args.refresh_inputs, negatives=args.negatives)
 
 
 def run(args, log=print, callback=None):
@@ -917,6 +991,8 @@ def run(args, log=print, callback=None):
         with open(os.path.join(run_dir, "args.json")) as f:
             saved = json.load(f)
         saved.setdefault("val_size", 0)  # runs saved before the validation split
+        saved.setdefault("negatives", "hybrid")
+        saved.setdefault("goodness_layer1", False)
         saved.update(n_epochs=args.n_epochs, resume=args.resume, data_dir=args.data_dir)
         args = argparse.Namespace(**saved)
         cfg.n_epochs = args.n_epochs
@@ -939,9 +1015,23 @@ def run(args, log=print, callback=None):
             callback(epoch, state)
 
     t0 = time.perf_counter()
-    train_ff(x_train, cfg, state, callback=after_epoch, log=log)
+    train_ff(x_train, cfg, state, callback=after_epoch, log=log, y_train=y_train)
     ff_seconds = sum(state.history["seconds"])
     head, softmax_history, metrics = None, None, {}
+    if cfg.negatives == "label":
+        # the paper's read-out: the label whose input gives the most goodness
+        t1 = time.perf_counter()
+        first = 1 if args.goodness_layer1 else 2
+        for name, xs, ys in (("val", x_val, y_val), ("test", x_test, y_test)):
+            if len(xs):
+                metrics[f"goodness_{name}_error"] = goodness_error_rate(
+                    state.weights, state.biases, xs, ys, cfg.goodness, first)
+        metrics["goodness_seconds"] = time.perf_counter() - t1
+        log("goodness read-out: " + "  ".join(
+            f"{name} error {100 * metrics[f'goodness_{name}_error']:.2f}%"
+            for name in ("val", "test") if f"goodness_{name}_error" in metrics), flush=True)
+        # the softmax read-out sees each digit once, with the neutral label
+        x_train, x_val, x_test = (embed_labels(a, None) for a in (x_train, x_val, x_test))
     if args.softmax_epochs > 0:
         t1 = time.perf_counter()
         F_train = extract_features(state.weights, state.biases, x_train, args.top_k)

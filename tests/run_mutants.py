@@ -5,7 +5,7 @@ plausibly contain. For each, the repository is copied to a temporary folder, the
 applied, and the given tests are run there; a mutant that passes every test is reported
 as SURVIVED (the tests cannot see that bug). Not collected by pytest (no test_ prefix).
 
-    python3 tests/run_mutants.py                     # all mutants, tests/test_training.py
+    python3 tests/run_mutants.py                     # all mutants, training and label tests
     python3 tests/run_mutants.py --tests tests       # against the whole suite
     python3 tests/run_mutants.py --tests "tests/test_training.py -k tiny"  # one test
 """
@@ -25,7 +25,7 @@ MUTANTS = {  # name -> (text in ff_hybrid_mnist.py, its replacement, and so on)
         "                    state.adam_b[l].step(b, db, lr)\n",
         "                    pass\n"),
     "positives and negatives swapped": (
-        "            x[:B] = x_train[pos[batch]]\n", "            x[B:] = x_train[pos[batch]]\n",
+        "        x[:B] = x_train[pos[batch]]\n", "        x[B:] = x_train[pos[batch]]\n",
         "cfg.n_blur, out=x[B:])", "cfg.n_blur, out=x[:B])"),
     "hybrids built from b = a": (
         "make_hybrid_batch(x_train[pa[batch]], x_train[pb[batch]]",
@@ -41,12 +41,19 @@ MUTANTS = {  # name -> (text in ff_hybrid_mnist.py, its replacement, and so on)
         "return self.threshold"),
     "--lr-decay ignored": (
         '    if cfg.lr_decay == "linear-half":\n', "    if False:\n"),
+    "label negatives: right and wrong labels swapped": (
+        "embed_labels(x_train[rows], y_train[rows], out=x[:B])",
+        "embed_labels(x_train[rows], y_train[rows], out=x[B:])",
+        "embed_labels(x_train[rows], wrong, out=x[B:])",
+        "embed_labels(x_train[rows], wrong, out=x[:B])"),
+    "label negatives: label pixels not written": (
+        "    if labels is not None:\n        out[np.arange(len(out)), labels] = LABEL_ON\n", ""),
 }
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--tests", default="tests/test_training.py")
+    p.add_argument("--tests", default="tests/test_training.py tests/test_labels.py")
     p.add_argument("--only", help="run the mutants whose name contains this text")
     args = p.parse_args(argv)
     source = open(os.path.join(ROOT, "ff_hybrid_mnist.py")).read()
