@@ -1,0 +1,73 @@
+"""Markdown tables of sweep records: one row per run, and the seed groups' mean +- spread.
+
+Runs whose labels differ only in a final `-sN` (seed N) form a group; a group's row gives
+the mean +- standard deviation (n - 1) of each error over its seeds. Errors of the goodness
+read-out (supervised runs) appear when a record has them. Validation error comes first:
+settings are chosen on it; test error is reported beside it.
+
+    python3 experiments/summarize.py experiments/results/spec-budget.jsonl
+"""
+import argparse
+import json
+import re
+import statistics
+
+
+def read(paths):
+    records = []
+    for path in paths:
+        for line in open(path):
+            records.append(json.loads(line))
+    return records
+
+
+COLUMNS = [  # (heading, key in metrics)
+    ("val error", "val_error"), ("test error", "test_error"),
+    ("goodness val error", "goodness_val_error"), ("goodness test error", "goodness_test_error"),
+]
+
+
+def pct(x):
+    return "-" if x is None else f"{100 * x:.2f}%"
+
+
+def table(records):
+    finished = [r for r in records if r.get("rc") == 0]
+    cols = [(h, k) for h, k in COLUMNS if any(k in r["metrics"] for r in finished)]
+    head = "| run | " + " | ".join(h for h, _ in cols) + " | FF s | commit |"
+    lines = [head, "|---" * (len(cols) + 3) + "|"]
+    for r in records:
+        if r.get("rc") != 0:
+            lines.append(f"| {r['label']} | {r.get('status', 'failed')} (rc {r.get('rc')}) |"
+                         + " |" * (len(cols) + 1))
+            continue
+        m = r["metrics"]
+        lines.append(f"| {r['label']} | " + " | ".join(pct(m.get(k)) for _, k in cols)
+                     + f" | {m['ff_seconds']:.0f} | {r.get('commit') or '-'} |")
+    groups = {}
+    for r in finished:
+        match = re.fullmatch(r"(.*)-s(\d+)", r["label"])
+        if match:
+            groups.setdefault(match.group(1), []).append(r)
+    for name, rs in groups.items():
+        if len(rs) < 2:
+            continue
+        cells = []
+        for _, k in cols:
+            xs = [100 * r["metrics"][k] for r in rs if r["metrics"].get(k) is not None]
+            cells.append("-" if len(xs) < 2 else
+                         f"**{statistics.mean(xs):.2f} +- {statistics.stdev(xs):.2f}%**")
+        seeds = "/".join(re.fullmatch(r".*-s(\d+)", r["label"]).group(1) for r in rs)
+        lines.append(f"| {name}, seeds {seeds} | " + " | ".join(cells) + " | | |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("results", nargs="+", help="JSON-lines files written by sweep.py")
+    args = p.parse_args(argv)
+    print(table(read(args.results)))
+
+
+if __name__ == "__main__":
+    main()
