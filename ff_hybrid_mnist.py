@@ -166,10 +166,12 @@ def load_mnist(data_dir=None, files=MNIST_FILES, mirrors=MNIST_MIRRORS, cache_di
 
     Search order: data_dir (--data-dir), $MNIST_DIR, the repository's data/mnist/, the user
     cache, then a verified download into the cache. A folder named explicitly must hold the
-    files; a damaged file in the cache is removed so the next run downloads it again.
+    files and is never changed, even when it is the cache; a damaged file that the search
+    found in the cache is removed so the next run downloads it again.
     """
     cache_dir = cache_dir or default_cache_dir()
     names = [name for name, _ in files.values()]
+    from_cache = False  # only files the suite put in its own cache may be deleted
     explicit = [(d, src) for d, src in ((data_dir, "--data-dir"),
                                         (os.environ.get("MNIST_DIR"), "MNIST_DIR")) if d]
     if explicit:
@@ -185,13 +187,14 @@ def load_mnist(data_dir=None, files=MNIST_FILES, mirrors=MNIST_MIRRORS, cache_di
         if folder is None:
             download_mnist(cache_dir, files, mirrors)
             folder = cache_dir
+        from_cache = folder == cache_dir
     arrays = {}
     for role, (name, sha256) in files.items():
         path = find_idx_file(folder, name)
         try:
             arrays[role] = load_idx(path, sha256, is_images=role.endswith("images"))
         except DataError as e:
-            if os.path.abspath(folder) == os.path.abspath(cache_dir):
+            if from_cache:
                 os.remove(path)
                 raise DataError(f"{e}; removed it from the cache, re-run to download it again")
             raise DataError(f"{e}; replace it with a good copy ({HOW_TO_SUPPLY})")
