@@ -90,9 +90,13 @@ def render_frame(cfg, state, epoch, real, hybrids, bins):
     return np.asarray(canvas.buffer_rgba())[..., :3].copy()
 
 
+def build_parser():
+    return ff.build_parser(resume=False, description=__doc__.split("\n\n")[0],
+                           parents=[own_flags()])
+
+
 def main(argv=None):
-    parser = ff.build_parser(resume=False, description=__doc__.split("\n\n")[0],
-                             parents=[own_flags()])
+    parser = build_parser()
 
     def body():
         args = parser.parse_args(argv)

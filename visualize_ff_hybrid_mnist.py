@@ -184,8 +184,12 @@ def draw(run, x_test, y_test, rng, n_eval, outdir):
     return numbers
 
 
+def build_parser():
+    return ff.build_parser(description=__doc__.split("\n\n")[0], parents=[own_flags()])
+
+
 def main(argv=None):
-    parser = ff.build_parser(description=__doc__.split("\n\n")[0], parents=[own_flags()])
+    parser = build_parser()
 
     def body():
         args = parser.parse_args(argv)

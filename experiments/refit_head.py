@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import ff_hybrid_mnist as ff  # noqa: E402
 
 
-def main(argv=None):
+def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     d = ff.config_default
@@ -37,6 +37,11 @@ def main(argv=None):
                    help="seeds the head's batches (as [seed, 1])")
     p.add_argument("--dry-run", action="store_true",
                    help="check the flags and the run, print the settings, exit")
+    return p
+
+
+def main(argv=None):
+    p = build_parser()
     args = p.parse_args(argv)
     try:
         run = ff.load_run(args.run)
