@@ -517,6 +517,8 @@ class FFConfig:
                               ("lr_decay", LR_DECAYS)):
             if getattr(self, name) not in choices:
                 refuse(name, f"is not one of {', '.join(choices)}")
+        if isinstance(self.val_size, (int, np.integer)) and self.val_size >= N_TRAIN_MAX:
+            refuse("val_size", f"leaves none of the {N_TRAIN_MAX} training digits to train on")
         if self.n_train is None and isinstance(self.val_size, (int, np.integer)):
             self.n_train = N_TRAIN_MAX - self.val_size  # a negative val_size is refused below
         for name, low, strict in (
