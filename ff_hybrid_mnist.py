@@ -8,8 +8,9 @@ After this unsupervised training the network is frozen and a linear softmax
 on the L2-normalised activities of the top layers is fitted to the labels.
 
 The file reads in the order the data flows:
-MNIST -> hybrid negatives -> layer maths -> Adam -> FF training loop ->
-softmax head -> run artefacts -> CLI.
+MNIST -> hybrid negatives -> layer maths -> Adam -> FF training loop (FFConfig: everything
+a run depends on) -> softmax head -> evaluation helpers (for the figures) -> run artefacts
+-> CLI.
 
     python3 ff_hybrid_mnist.py                      # the SPEC run, seed 0
     python3 ff_hybrid_mnist.py --n-epochs 2 --n-train 5000 --softmax-epochs 5
@@ -1311,6 +1312,8 @@ def exit_status(body):
         error, status = e, 2
     except RunInterrupted as e:
         error, status = e, 130
+    except KeyboardInterrupt:  # outside training (loading, drawing): nothing to continue
+        error, status = "interrupted", 130
     except (DataError, TrainingDiverged, OSError) as e:
         error, status = e, 1
     print(f"error: {error}", file=sys.stderr)
