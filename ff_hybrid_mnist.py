@@ -8,14 +8,16 @@ After this unsupervised training the network is frozen and a linear softmax
 on the L2-normalised activities of the top layers is fitted to the labels.
 
 The file reads in the order the data flows:
-MNIST -> hybrid negatives -> layer maths -> Adam -> FF training loop ->
-softmax head -> run artefacts -> CLI.
+MNIST -> hybrid negatives -> layer maths -> Adam -> FF training loop (FFConfig: everything
+a run depends on) -> softmax head -> evaluation helpers (for the figures) -> run artefacts
+-> CLI.
 
     python3 ff_hybrid_mnist.py                      # the SPEC run, seed 0
     python3 ff_hybrid_mnist.py --n-epochs 2 --n-train 5000 --softmax-epochs 5
 """
 
 import argparse
+import dataclasses
 import datetime
 import gzip
 import hashlib
@@ -27,6 +29,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
@@ -59,7 +62,12 @@ GZIP_MAGIC = b"\x1f\x8b"
 
 
 class DataError(Exception):
-    """A data problem the user can fix; the CLI prints it as one line and exits 1."""
+    """A data or file problem the user can fix; the CLI prints it as one line and exits 1."""
+
+
+class SettingsError(Exception):
+    """Flags that cannot work together (an output path that cannot be written, a flag that
+    conflicts with the run being resumed); the CLI prints it as one line and exits 2."""
 
 
 def default_cache_dir():
@@ -166,10 +174,12 @@ def load_mnist(data_dir=None, files=MNIST_FILES, mirrors=MNIST_MIRRORS, cache_di
 
     Search order: data_dir (--data-dir), $MNIST_DIR, the repository's data/mnist/, the user
     cache, then a verified download into the cache. A folder named explicitly must hold the
-    files; a damaged file in the cache is removed so the next run downloads it again.
+    files and is never changed, even when it is the cache; a damaged file that the search
+    found in the cache is removed so the next run downloads it again.
     """
     cache_dir = cache_dir or default_cache_dir()
     names = [name for name, _ in files.values()]
+    from_cache = False  # only files the suite put in its own cache may be deleted
     explicit = [(d, src) for d, src in ((data_dir, "--data-dir"),
                                         (os.environ.get("MNIST_DIR"), "MNIST_DIR")) if d]
     if explicit:
@@ -185,13 +195,14 @@ def load_mnist(data_dir=None, files=MNIST_FILES, mirrors=MNIST_MIRRORS, cache_di
         if folder is None:
             download_mnist(cache_dir, files, mirrors)
             folder = cache_dir
+        from_cache = folder == cache_dir
     arrays = {}
     for role, (name, sha256) in files.items():
         path = find_idx_file(folder, name)
         try:
             arrays[role] = load_idx(path, sha256, is_images=role.endswith("images"))
         except DataError as e:
-            if os.path.abspath(folder) == os.path.abspath(cache_dir):
+            if from_cache:
                 os.remove(path)
                 raise DataError(f"{e}; removed it from the cache, re-run to download it again")
             raise DataError(f"{e}; replace it with a good copy ({HOW_TO_SUPPLY})")
@@ -203,6 +214,9 @@ def load_mnist(data_dir=None, files=MNIST_FILES, mirrors=MNIST_MIRRORS, cache_di
         return (a.reshape(len(a), -1).astype(np.float32) / np.float32(255.0))
     return (images(arrays["train_images"]), arrays["train_labels"].astype(np.int64),
             images(arrays["test_images"]), arrays["test_labels"].astype(np.int64))
+
+
+N_TRAIN_MAX = 60000  # digits in the MNIST training set
 
 
 def split_validation(x_train, y_train, val_size, n_train=None):
@@ -477,8 +491,16 @@ def _adam_pool():
 # -----------------------------------------------------------------------------
 # FF training: every layer, every batch, B positives and B fresh hybrids
 
+GOODNESS_KINDS = ("mean", "sum")
+SCHEDULES = ("parallel", "greedy")
+LR_DECAYS = ("none", "linear-half")
+NEGATIVES = ("hybrid", "label")
+
+
 @dataclass
 class FFConfig:
+    """Everything a run depends on, checked on construction (ValueError, one line). The
+    CLI's defaults are these; a run stores its configuration once and --resume reads it."""
     layer_sizes: tuple = (784, 1000, 1000, 1000, 1000)
     n_epochs: int = 30
     batch_size: int = 100
@@ -492,13 +514,74 @@ class FFConfig:
     lr_decay: str = "none"        # "linear-half": constant, then linear to 0 over the 2nd half
     refresh_inputs: bool = False  # recompute a layer's output after its update before the next
     negatives: str = "hybrid"     # "label": the digit with a wrong label (section 3.3)
+    goodness_layer1: bool = False  # label runs: the goodness read-out also sums layer 1
+    # the softmax head on the frozen network
+    top_k: int = 3
+    softmax_epochs: int = 50      # 0: no head
+    softmax_lr: float = 0.05
+    softmax_weight_decay: float = 1e-4
+    # data and randomness
+    seed: int = 0
+    n_train: int = None           # None: every training digit not held out by val_size
+    val_size: int = 0
+
+    def __post_init__(self):
+        def refuse(name, why):
+            value = getattr(self, name)
+            shown = ",".join(map(str, value)) if isinstance(value, tuple) else value
+            raise ValueError(f"--{name.replace('_', '-')} {shown} {why}")
+        self.layer_sizes = tuple(self.layer_sizes)
+        if (len(self.layer_sizes) < 2 or self.layer_sizes[0] != 784
+                or not all(isinstance(n, (int, np.integer)) for n in self.layer_sizes)):
+            refuse("layer_sizes", "must start with 784 (the input) and have at least one "
+                   "layer, e.g. 784,1000,1000,1000,1000")
+        if min(self.layer_sizes) < 1:
+            refuse("layer_sizes", "every layer needs at least 1 unit")
+        for name, choices in (("goodness", GOODNESS_KINDS), ("schedule", SCHEDULES),
+                              ("lr_decay", LR_DECAYS), ("negatives", NEGATIVES)):
+            if getattr(self, name) not in choices:
+                refuse(name, f"is not one of {', '.join(choices)}")
+        if isinstance(self.val_size, (int, np.integer)) and self.val_size >= N_TRAIN_MAX:
+            refuse("val_size", f"leaves none of the {N_TRAIN_MAX} training digits to train on")
+        if self.n_train is None and isinstance(self.val_size, (int, np.integer)):
+            self.n_train = N_TRAIN_MAX - self.val_size  # a negative val_size is refused below
+        for name, low, strict in (
+                ("n_epochs", 0, False), ("batch_size", 1, False), ("lr", 0, True),
+                ("threshold", 0, True), ("n_blur", 0, False), ("weight_decay", 0, False),
+                ("peer_norm", 0, False), ("top_k", 1, False), ("softmax_epochs", 0, False),
+                ("softmax_lr", 0, True), ("softmax_weight_decay", 0, False), ("seed", 0, False),
+                ("val_size", 0, False), ("n_train", 1, False)):
+            value, kind = getattr(self, name), self.__dataclass_fields__[name].type
+            if kind is int and (isinstance(value, bool)
+                                or not isinstance(value, (int, np.integer))):
+                refuse(name, "must be an integer")
+            if (isinstance(value, bool) or not isinstance(value, (int, float, np.number))
+                    or not np.isfinite(value) or value < low or (strict and value == low)):
+                refuse(name, f"must be {'>' if strict else '>='} {low}")
+        n_layers = len(self.layer_sizes) - 1
+        if self.top_k > n_layers:
+            refuse("top_k", f"exceeds the {n_layers} layers of --layer-sizes")
+        if self.n_train + self.val_size > N_TRAIN_MAX:
+            refuse("n_train", f"and --val-size {self.val_size} together exceed the "
+                   f"{N_TRAIN_MAX} training digits")
+        if self.batch_size > self.n_train:
+            refuse("batch_size", f"exceeds --n-train {self.n_train}")
+        if self.negatives == "label" and n_layers < 2 and not self.goodness_layer1:
+            refuse("negatives", "reads goodness from layer 2 up: give at least two layers, "
+                   "or --goodness-layer1")
 
     def layer_threshold(self, n_units):
         return self.threshold * (n_units if self.goodness == "sum" else 1)
 
 
+def config_default(name):
+    """The default of one FFConfig field: the one place the CLI and the scripts take it from."""
+    return FFConfig.__dataclass_fields__[name].default
+
+
 class TrainingDiverged(RuntimeError):
-    """A loss that is NaN or infinite; the CLI prints it as one line and exits 1."""
+    """Training that cannot succeed: a NaN or infinite loss, or a layer whose units all went
+    silent; the CLI prints it as one line and exits 1."""
 
 
 @dataclass
@@ -587,6 +670,7 @@ def train_ff(x_train, cfg, state, callback=None, log=print, y_train=None):
                    else [epoch // cfg.n_epochs])
         top = max(trained) + 1
         sums = np.zeros((4, n_layers))  # loss, g_pos, g_neg, accuracy
+        active = np.zeros(n_layers, bool)  # any unit of the layer > 0 in any batch
         for i, _ in enumerate(BATCHES[cfg.negatives](x_train, y_train, cfg, rng, x)):
             # a greedy stage decays the rate over its own epochs
             lr = learning_rate(cfg, (epoch % cfg.n_epochs + i / n_batches) / cfg.n_epochs)
@@ -612,6 +696,7 @@ def train_ff(x_train, cfg, state, callback=None, log=print, y_train=None):
                         h = layer_forward(inputs[l], W, b, out=work[l].h)
                 if l + 1 < top:
                     l2_normalize(h, out=inputs[l + 1])
+                active[l] |= g.max() > 0
                 gp, gn = g[:B].mean(), g[B:].mean()
                 acc = ((g[:B] > thresholds[l]).mean() + (g[B:] < thresholds[l]).mean()) / 2
                 sums[:, l] += (loss, gp, gn, acc)
@@ -631,6 +716,16 @@ def train_ff(x_train, cfg, state, callback=None, log=print, y_train=None):
             + ("  real-vs-hybrid acc " if cfg.negatives == "hybrid" else "  pos-vs-neg acc ")
             + " ".join("  -  " if v is None else f"{100 * v:.1f}" for v in hist["accuracy"][-1])
             + f"  {seconds:.1f} s  elapsed {elapsed:.0f} s  eta {eta:.0f} s", flush=True)
+        for l in trained:
+            # A silent layer has no gradient (ReLU), so it stays silent for good. (A test of
+            # "accuracy at chance and loss not falling" was measured to stop tiny runs that
+            # were still learning, so only this certain case stops a run.)
+            if not active[l]:
+                cause = (f"--lr {cfg.lr} too high" + (f" or --weight-decay {cfg.weight_decay}"
+                                                      if cfg.weight_decay else ""))
+                raise TrainingDiverged(
+                    f"layer {l + 1} went silent in epoch {epoch + 1}: every unit was 0 on every "
+                    f"batch, so it cannot learn again; likely cause {cause}")
         if callback is not None:
             callback(epoch, state)
     return state
@@ -638,7 +733,7 @@ def train_ff(x_train, cfg, state, callback=None, log=print, y_train=None):
 # -----------------------------------------------------------------------------
 # Softmax head on the frozen network
 
-def extract_features(weights, biases, x, top_k=3, chunk=2000):
+def extract_features(weights, biases, x, top_k, chunk=2000):
     """concat(L2norm(h_l)) over the top_k layers, float32, computed chunk by chunk."""
     sizes = [W.shape[1] for W in weights[-top_k:]]
     features = np.empty((len(x), sum(sizes)), np.float32)
@@ -700,13 +795,13 @@ def error_rate(F, y, W, b, chunk=10000):
     return wrong / len(y)
 
 
-def train_softmax(F_train, y_train, F_test, y_test, rng, n_epochs=50, lr=0.05,
-                  weight_decay=1e-4, batch_size=256, n_classes=10, log=print,
-                  F_val=None, y_val=None):
+def train_softmax(F_train, y_train, F_test, y_test, rng, n_epochs, lr, weight_decay,
+                  batch_size=256, n_classes=10, log=print, F_val=None, y_val=None):
     """Minibatch SGD on the linear softmax. The per-epoch train error is the running error
     of the minibatches during the epoch (an extra full pass per epoch would cost as much
     as the training itself); validation (if given) and test error are exact, after each
-    epoch. Settings are chosen on the validation error, never on the test error."""
+    epoch. Settings are chosen on the validation error, never on the test error.
+    A loss that is NaN or infinite raises TrainingDiverged."""
     W = np.zeros((F_train.shape[1], n_classes), np.float32)
     b = np.zeros(n_classes, np.float32)
     hist = {"train_error": [], "test_error": [], "loss": [], "seconds": []}
@@ -720,7 +815,14 @@ def train_softmax(F_train, y_train, F_test, y_test, rng, n_epochs=50, lr=0.05,
         for start in range(0, n, batch_size):
             idx = perm[start:start + batch_size]
             yb = y_train[idx]
-            loss, dW, db, logits = softmax_loss_and_grads(F_train[idx], yb, W, b, weight_decay)
+            # a diverging head overflows on its way to inf; the check below reports it
+            with np.errstate(over="ignore", invalid="ignore"):
+                loss, dW, db, logits = softmax_loss_and_grads(F_train[idx], yb, W, b,
+                                                              weight_decay)
+            if not np.isfinite(loss):
+                raise TrainingDiverged(
+                    f"the softmax head's loss is {loss} in head epoch {epoch + 1}; lower "
+                    f"--softmax-lr (now {lr:g}) or --softmax-weight-decay (now {weight_decay:g})")
             W -= lr * dW
             b -= lr * db
             wrong += int(np.sum(np.argmax(logits, axis=1) != yb))
@@ -738,6 +840,48 @@ def train_softmax(F_train, y_train, F_test, y_test, rng, n_epochs=50, lr=0.05,
                 f"train error {100 * hist['train_error'][-1]:.2f}%  {val}"
                 f"test error {100 * hist['test_error'][-1]:.2f}%", flush=True)
     return W, b, hist
+
+
+# -----------------------------------------------------------------------------
+# Evaluation helpers shared by the figure scripts: fixed digits, goodness, separation
+
+def evaluation_set(x_test, n, rng, n_blur):
+    """n real test digits and n hybrids of test digits, the pairs drawn as in training."""
+    real = x_test[rng.choice(len(x_test), n, replace=n > len(x_test))]
+    a, b = x_test[rng.choice(len(x_test), n)], x_test[rng.choice(len(x_test), n)]
+    hybrids, _ = make_hybrid_batch(a, b, rng, n_blur)
+    return real, hybrids
+
+
+def layer_goodness(weights, biases, x, kind):
+    """Goodness of every layer for raw input rows x: a list of (n,) arrays."""
+    return [goodness(h, kind) for h in network_activities(weights, biases, x)]
+
+
+def separation(g_real, g_hybrid):
+    """Difference of the means over the pooled standard deviation (equal group sizes)."""
+    g_real, g_hybrid = np.asarray(g_real, np.float64), np.asarray(g_hybrid, np.float64)
+    pooled = np.sqrt((g_real.var() + g_hybrid.var()) / 2)
+    return (g_real.mean() - g_hybrid.mean()) / pooled
+
+
+def goodness_bins(threshold, n_bins=50):
+    """Log-spaced bins two decades either side of the threshold. Goodness spans orders of
+    magnitude and shifts during training; fixed bins keep GIF frames comparable."""
+    return np.geomspace(threshold / 100, threshold * 100, n_bins + 1)
+
+
+REAL_COLOUR, HYBRID_COLOUR = "tab:blue", "tab:orange"
+
+
+def draw_goodness_histogram(ax, g_real, g_hybrid, threshold, bins):
+    """Real and hybrid goodness on a matplotlib axis, log scale, threshold marked."""
+    # values beyond the bins (a dead layer gives g = 0) are counted in the end bins
+    for g, colour, label in ((g_real, REAL_COLOUR, "real"), (g_hybrid, HYBRID_COLOUR, "hybrid")):
+        ax.hist(np.clip(g, bins[0], bins[-1]), bins=bins, color=colour, alpha=0.55, label=label)
+    ax.axvline(threshold, color="k", linestyle="--", linewidth=1, label="threshold")
+    ax.set_xscale("log")
+    ax.set_xlabel("goodness (log; ends hold the outliers)")
 
 
 # -----------------------------------------------------------------------------
@@ -785,10 +929,52 @@ def atomic_write(path, write):
             os.remove(tmp)
 
 
+def finite_or_none(obj):
+    """obj as plain JSON values, every NaN or infinity replaced by None (strict JSON)."""
+    if isinstance(obj, dict):
+        return {k: finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, np.ndarray)):
+        return [finite_or_none(v) for v in obj]
+    if isinstance(obj, (bool, np.bool_)):
+        return bool(obj)
+    if isinstance(obj, (int, np.integer)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if math.isfinite(obj) else None
+    return obj
+
+
 def write_json(path, obj):
-    def plain(o):  # numpy scalars and arrays as JSON numbers and lists
-        return o.tolist() if isinstance(o, (np.generic, np.ndarray)) else str(o)
-    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1, default=plain).encode()))
+    text = json.dumps(finite_or_none(obj), indent=1, allow_nan=False, default=str)
+    atomic_write(path, lambda f: f.write(text.encode()))
+
+
+READ_ERRORS = (OSError, ValueError, KeyError, EOFError, TypeError, zipfile.BadZipFile)
+
+
+def damaged(path, e):
+    detail = (str(e).splitlines() or [""])[0]
+    return DataError(f"{path} is damaged or not written by this suite "
+                     f"({e.__class__.__name__}: {detail})")
+
+
+def run_config(run_dir, raw):
+    """The FFConfig stored in a run's checkpoint or model. Runs saved before the head and
+    data settings were part of it keep those in their args.json."""
+    names = FFConfig.__dataclass_fields__
+    missing = set(names) - set(raw)
+    if missing:
+        path = os.path.join(run_dir, "args.json")
+        try:
+            with open(path) as f:
+                args = json.load(f)
+        except FileNotFoundError:
+            raise DataError(f"{path} is missing, and this run (saved before the configuration "
+                            f"held them) keeps its {', '.join(sorted(missing))} there") from None
+        except (OSError, ValueError) as e:
+            raise damaged(path, e) from None
+        raw = {**{k: args[k] for k in missing if k in args}, **raw}
+    return FFConfig(**{k: v for k, v in raw.items() if k in names})
 
 
 def save_checkpoint(run_dir, cfg, state):
@@ -803,68 +989,115 @@ def save_checkpoint(run_dir, cfg, state):
     atomic_write(os.path.join(run_dir, "checkpoint.npz"), lambda f: np.savez(f, **arrays))
 
 
-def load_checkpoint(run_dir):
-    """(cfg, state) saved after the last finished epoch of the run in run_dir."""
+def checkpoint_path(run_dir):
     path = os.path.join(run_dir, "checkpoint.npz")
     if not os.path.isfile(path):
         raise DataError(f"{path} not found: nothing to resume")
-    with np.load(path) as z:
-        raw = json.loads(str(z["config"]))
-        cfg = FFConfig(**{**raw, "layer_sizes": tuple(raw["layer_sizes"])})
-        rng = np.random.default_rng()
-        rng.bit_generator.state = json.loads(str(z["rng_state"]))
-        state = FFState.fresh(cfg, np.random.default_rng(0))
-        state.rng, state.epochs_done = rng, int(z["epochs_done"])
-        state.history = json.loads(str(z["history"]))
-        for l in range(len(state.weights)):
-            state.weights[l][...], state.biases[l][...] = z[f"W{l}"], z[f"b{l}"]
-            state.peer_means[l][...] = z[f"peer{l}"]
-            for name, adam in (("W", state.adam_w[l]), ("b", state.adam_b[l])):
-                adam.load_state(z[f"adam_{name}{l}_m"], z[f"adam_{name}{l}_v"],
-                                z[f"adam_{name}{l}_t"])
+    return path
+
+
+def read_checkpoint_config(run_dir):
+    """(cfg, epochs_done) of the checkpoint in run_dir, without loading the network."""
+    path = checkpoint_path(run_dir)
+    try:
+        with np.load(path) as z:
+            return run_config(run_dir, json.loads(str(z["config"]))), int(z["epochs_done"])
+    except READ_ERRORS as e:
+        raise damaged(path, e) from None
+
+
+def load_checkpoint(run_dir):
+    """(cfg, state) saved after the last finished epoch of the run in run_dir."""
+    path = checkpoint_path(run_dir)
+    try:
+        with np.load(path) as z:
+            cfg = run_config(run_dir, json.loads(str(z["config"])))
+            rng = np.random.default_rng()
+            rng.bit_generator.state = json.loads(str(z["rng_state"]))
+            state = FFState.fresh(cfg, np.random.default_rng(0))
+            state.rng, state.epochs_done = rng, int(z["epochs_done"])
+            state.history = json.loads(str(z["history"]))
+            for l in range(len(state.weights)):
+                state.weights[l][...], state.biases[l][...] = z[f"W{l}"], z[f"b{l}"]
+                state.peer_means[l][...] = z[f"peer{l}"]
+                for name, adam in (("W", state.adam_w[l]), ("b", state.adam_b[l])):
+                    adam.load_state(z[f"adam_{name}{l}_m"], z[f"adam_{name}{l}_v"],
+                                    z[f"adam_{name}{l}_t"])
+    except READ_ERRORS as e:
+        raise damaged(path, e) from None
     return cfg, state
 
 
-def save_run(run_dir, cfg, state, head, top_k, softmax_history, args, metrics):
-    arrays = {"layer_sizes": np.array(cfg.layer_sizes), "top_k": top_k,
-              "config": json.dumps(asdict(cfg))}
+RUN_FILES = ("model.npz", "history.json", "metrics.json")
+
+
+def save_run(run_dir, cfg, state, head, softmax_history, metrics):
+    """model.npz, history.json and metrics.json; if one cannot be written, those this call
+    wrote are removed again, so a folder never holds half a run (the checkpoint stays)."""
+    arrays = {"layer_sizes": np.array(cfg.layer_sizes), "config": json.dumps(asdict(cfg))}
     for l, (W, b) in enumerate(zip(state.weights, state.biases)):
         arrays.update({f"W{l}": W, f"b{l}": b})
     if head is not None:
         arrays.update({"softmax_W": head[0], "softmax_b": head[1]})
-    atomic_write(os.path.join(run_dir, "model.npz"), lambda f: np.savez(f, **arrays))
-    write_json(os.path.join(run_dir, "history.json"),
-               {"ff": state.history, "softmax": softmax_history, "args": args,
-                "config": asdict(cfg), "environment": environment()})
-    write_json(os.path.join(run_dir, "metrics.json"), metrics)
+    history = {"ff": state.history, "softmax": softmax_history, "config": asdict(cfg),
+               "environment": environment()}
+    writers = (lambda path: atomic_write(path, lambda f: np.savez(f, **arrays)),
+               lambda path: write_json(path, history), lambda path: write_json(path, metrics))
+    written = []
+    try:
+        for name, write in zip(RUN_FILES, writers):
+            write(os.path.join(run_dir, name))
+            written.append(os.path.join(run_dir, name))
+    except BaseException:
+        for path in written:
+            try:
+                os.remove(path)
+            except OSError:
+                pass
+        raise
 
 
 def load_run(run_dir):
     """A saved run: .cfg, .weights, .biases, .head ((W, b) or None), .top_k, .ff_history,
-    .softmax_history, .args, .metrics, .environment."""
+    .softmax_history, .metrics, .environment, .run_dir. A missing or damaged file raises
+    DataError."""
     from types import SimpleNamespace
-    with np.load(os.path.join(run_dir, "model.npz")) as z:
-        raw = json.loads(str(z["config"]))
-        cfg = FFConfig(**{**raw, "layer_sizes": tuple(raw["layer_sizes"])})
-        n_layers = len(cfg.layer_sizes) - 1
-        weights = [z[f"W{l}"] for l in range(n_layers)]
-        biases = [z[f"b{l}"] for l in range(n_layers)]
-        head = (z["softmax_W"], z["softmax_b"]) if "softmax_W" in z else None
-        top_k = int(z["top_k"])
-    with open(os.path.join(run_dir, "history.json")) as f:
-        history = json.load(f)
-    with open(os.path.join(run_dir, "metrics.json")) as f:
-        metrics = json.load(f)
-    return SimpleNamespace(cfg=cfg, weights=weights, biases=biases, head=head, top_k=top_k,
-                           ff_history=history["ff"], softmax_history=history["softmax"],
-                           args=history["args"], environment=history["environment"],
-                           metrics=metrics, run_dir=run_dir)
+    paths = [os.path.join(run_dir, name) for name in RUN_FILES]
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise DataError(f"{missing[0]} not found: {run_dir} holds no finished run")
+    try:
+        with np.load(paths[0]) as z:
+            cfg = run_config(run_dir, json.loads(str(z["config"])))
+            n_layers = len(cfg.layer_sizes) - 1
+            weights = [z[f"W{l}"] for l in range(n_layers)]
+            biases = [z[f"b{l}"] for l in range(n_layers)]
+            head = (z["softmax_W"], z["softmax_b"]) if "softmax_W" in z else None
+    except READ_ERRORS as e:
+        raise damaged(paths[0], e) from None
+    documents = []
+    for path in paths[1:]:
+        try:
+            with open(path) as f:
+                documents.append(json.load(f))
+        except (OSError, ValueError) as e:
+            raise damaged(path, e) from None
+    history, metrics = documents
+    try:
+        return SimpleNamespace(cfg=cfg, weights=weights, biases=biases, head=head,
+                               top_k=cfg.top_k, ff_history=history["ff"],
+                               softmax_history=history["softmax"],
+                               environment=history["environment"], metrics=metrics,
+                               run_dir=run_dir)
+    except (KeyError, TypeError) as e:
+        raise damaged(paths[1], e) from None
 
 
 # -----------------------------------------------------------------------------
-# CLI
+# CLI: flags -> a checked FFConfig and run folder -> run() -> one line per error
 
-N_TRAIN_MAX = 60000
+class RunInterrupted(Exception):
+    """Ctrl-C during a run; the CLI prints how to continue as one line and exits 130."""
 
 
 def number_arg(kind, low, inclusive=True):
@@ -881,199 +1114,311 @@ def number_arg(kind, low, inclusive=True):
 
 def layer_sizes_arg(text):
     try:
-        sizes = tuple(int(s) for s in text.split(","))
+        return tuple(int(s) for s in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers")
-    if len(sizes) < 2 or sizes[0] != 784:
-        raise argparse.ArgumentTypeError(f"{text} must start with 784 (the input) and have at "
-                                         "least one layer, e.g. 784,1000,1000,1000,1000")
-    if min(sizes) < 1:
-        raise argparse.ArgumentTypeError(f"{text}: every layer needs at least 1 unit")
-    return sizes
 
 
-def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+def build_parser(resume=True, description=None, parents=()):
+    """The training flags, defaults from FFConfig; a figure script adds its own as parents
+    and leaves out --resume when it cannot continue a run."""
+    p = argparse.ArgumentParser(description=description or __doc__.split("\n\n")[0],
+                                parents=list(parents),
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    d = FFConfig()
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--n-epochs", type=number_arg(int, 0), default=d.n_epochs,
+    d = config_default
+    p.add_argument("--seed", type=int, default=d("seed"),
+                   help="seeds the network, the batches and the hybrids (and the head's "
+                        "batches, as [seed, 1])")
+    p.add_argument("--n-epochs", type=int, default=d("n_epochs"),
                    help="FF epochs (per layer with --schedule greedy)")
-    p.add_argument("--layer-sizes", type=layer_sizes_arg, default=d.layer_sizes,
+    p.add_argument("--layer-sizes", type=layer_sizes_arg,
+                   default=",".join(map(str, d("layer_sizes"))),  # argparse applies the type
                    help="comma-separated, input first")
-    p.add_argument("--batch-size", type=number_arg(int, 1), default=d.batch_size,
+    p.add_argument("--batch-size", type=int, default=d("batch_size"),
                    help="positives per batch (as many hybrids are added)")
-    p.add_argument("--lr", type=number_arg(float, 0, inclusive=False), default=d.lr)
-    p.add_argument("--threshold", type=number_arg(float, 0, inclusive=False), default=d.threshold,
+    p.add_argument("--lr", type=float, default=d("lr"), help="Adam step size of the FF layers")
+    p.add_argument("--threshold", type=float, default=d("threshold"),
                    help="goodness threshold theta (for --goodness mean)")
-    p.add_argument("--n-train", type=number_arg(int, 1), default=None,
-                   help="use the first N training digits (default: all those not held out "
+    p.add_argument("--n-train", type=int, default=d("n_train"),
+                   help="use the first N training digits (None: all those not held out "
                         "by --val-size)")
-    p.add_argument("--val-size", type=number_arg(int, 0), default=0,
+    p.add_argument("--val-size", type=int, default=d("val_size"),
                    help="hold out the last N of the 60000 training digits as a validation "
                         "split, from FF training and the head; its error is reported beside "
                         "the test error")
-    p.add_argument("--softmax-epochs", type=number_arg(int, 0), default=50, help="0 skips the head")
-    p.add_argument("--softmax-lr", type=number_arg(float, 0, inclusive=False), default=0.05)
-    p.add_argument("--softmax-weight-decay", type=number_arg(float, 0), default=1e-4)
-    p.add_argument("--n-blur", type=number_arg(int, 0), default=d.n_blur,
+    p.add_argument("--softmax-epochs", type=int, default=d("softmax_epochs"),
+                   help="epochs of the softmax head; 0 skips the head")
+    p.add_argument("--softmax-lr", type=float, default=d("softmax_lr"),
+                   help="SGD step size of the softmax head")
+    p.add_argument("--softmax-weight-decay", type=float, default=d("softmax_weight_decay"),
+                   help="L2 penalty (wd/2)|W|^2 of the softmax head")
+    p.add_argument("--n-blur", type=int, default=d("n_blur"),
                    help="blur passes of the hybrid mask")
-    p.add_argument("--top-k", type=number_arg(int, 1), default=3,
+    p.add_argument("--top-k", type=int, default=d("top_k"),
                    help="layers whose activities feed the softmax")
-    p.add_argument("--weight-decay", type=number_arg(float, 0), default=d.weight_decay,
+    p.add_argument("--weight-decay", type=float, default=d("weight_decay"),
                    help="L2 weight decay of the FF weights (in Adam's gradient; 1e-4 already "
                         "silenced every unit at lr 0.03, see README)")
-    p.add_argument("--goodness", choices=("mean", "sum"), default=d.goodness,
+    p.add_argument("--goodness", choices=GOODNESS_KINDS, default=d("goodness"),
                    help="sum uses threshold * n_units, so both agree on every input")
-    p.add_argument("--peer-norm", type=number_arg(float, 0), default=d.peer_norm,
+    p.add_argument("--peer-norm", type=float, default=d("peer_norm"),
                    help="peer-normalisation coefficient, 0 = off")
-    p.add_argument("--schedule", choices=("parallel", "greedy"), default=d.schedule)
-    p.add_argument("--lr-decay", choices=("none", "linear-half"), default=d.lr_decay)
-    p.add_argument("--negatives", choices=("hybrid", "label"), default=d.negatives,
+    p.add_argument("--schedule", choices=SCHEDULES, default=d("schedule"),
+                   help="parallel: every layer learns in every epoch; greedy: layer 1 for "
+                        "--n-epochs, then layer 2, ...")
+    p.add_argument("--lr-decay", choices=LR_DECAYS, default=d("lr_decay"),
+                   help="linear-half: constant, then linearly to 0 over the second half")
+    p.add_argument("--negatives", choices=NEGATIVES, default=d("negatives"),
                    help="hybrid: hybrid images (section 3.2); label: the digit with a wrong "
                         "label in its first 10 pixels (section 3.3, supervised)")
-    p.add_argument("--goodness-layer1", action="store_true",
+    p.add_argument("--goodness-layer1", action="store_true", default=d("goodness_layer1"),
                    help="with --negatives label: the goodness read-out also sums layer 1")
-    p.add_argument("--refresh-inputs", action="store_true",
+    p.add_argument("--refresh-inputs", action="store_true", default=d("refresh_inputs"),
                    help="feed each layer the output of the updated layer below (a second "
                         "forward pass per layer)")
     p.add_argument("--data-dir", help="folder with the four MNIST files (else $MNIST_DIR, "
                                       "the repository's data/mnist, the cache, a download)")
-    p.add_argument("--out", help="run folder (default runs/<timestamp>)")
-    p.add_argument("--resume", metavar="DIR",
-                   help="continue the run in DIR up to --n-epochs; every other setting is the run's own")
+    p.add_argument("--out", help="run folder (default runs/<timestamp>-<4 random hex digits>)")
+    if resume:
+        p.add_argument("--resume", metavar="DIR",
+                       help="continue the run in DIR, to its own --n-epochs unless "
+                            "--n-epochs is given; every other setting is the run's own")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check every flag and output path, print the configuration and exit "
+                        "without loading data or training")
     return p
 
 
-def parse_args(argv=None, parser=None):
-    """Parsed and cross-checked training flags; `parser` may extend build_parser()'s."""
-    parser = parser or build_parser()
-    args = parser.parse_args(argv)
-    n_layers = len(args.layer_sizes) - 1
-    if args.negatives == "label" and n_layers < 2 and not args.goodness_layer1:
-        parser.error("--negatives label reads goodness from layer 2 up: give at least two "
-                     "layers, or --goodness-layer1")
-    if args.top_k > n_layers:
-        parser.error(f"--top-k {args.top_k} exceeds the {n_layers} layers of --layer-sizes")
-    if args.val_size >= N_TRAIN_MAX:
-        parser.error(f"--val-size {args.val_size} leaves none of the {N_TRAIN_MAX} "
-                     "training digits to train on")
-    if args.n_train is None:
-        args.n_train = N_TRAIN_MAX - args.val_size
-    if args.n_train + args.val_size > N_TRAIN_MAX:
-        parser.error(f"--n-train {args.n_train} and --val-size {args.val_size} together "
-                     f"exceed the {N_TRAIN_MAX} training digits")
-    if args.batch_size > args.n_train:
-        parser.error(f"--batch-size {args.batch_size} exceeds --n-train {args.n_train}")
-    if args.resume and args.out and os.path.abspath(args.out) != os.path.abspath(args.resume):
-        parser.error("--resume writes into its own folder; leave out --out")
+def given_flags(parser, argv):
+    """The destinations of the flags written on the command line (not left at defaults)."""
+    saved = [(a, a.default) for a in parser._actions]
+    try:
+        for a, _ in saved:
+            a.default = argparse.SUPPRESS
+        return set(vars(parser.parse_known_args(argv)[0]))
+    finally:
+        for a, default in saved:
+            a.default = default
+
+
+def check_writable(path, flag, folder=True):
+    """Refuse, before anything is loaded or trained, an output path that cannot be written:
+    a file where a folder goes (or the reverse), a path below a file, a read-only folder."""
+    path = os.path.abspath(path)
+    if folder and os.path.exists(path) and not os.path.isdir(path):
+        raise SettingsError(f"{flag} {path} is a file, not a folder")
+    if not folder and os.path.isdir(path):
+        raise SettingsError(f"{flag} {path} is a folder; give the path of a file")
+    existing = path if folder else os.path.dirname(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise SettingsError(f"{flag} {path} lies below {existing}, which is a file")
+    try:  # a real write: permissions alone miss read-only file systems (and root)
+        fd, probe = tempfile.mkstemp(prefix=".tmp-probe-", dir=existing)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise SettingsError(f"{flag} {path}: cannot write in {existing} ({e.strerror or e})")
+
+
+def show(value):
+    return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+
+def settle_args(args, parser, argv=None, default_out=None):
+    """Adds args.config (a checked FFConfig) and args.run_dir, before anything is loaded.
+
+    A new run: the flags make the configuration; the folder is --out, else default_out(args)
+    (a figure script's), else runs/<timestamp>-<random>, which never collides. --resume:
+    the configuration is the run's own; a flag that contradicts it is refused, except
+    --n-epochs (default: the run's own) and --data-dir. A bad value exits 2 through
+    parser.error; an unusable path or a contradiction raises SettingsError."""
+    given = given_flags(parser, argv)
+    names = list(FFConfig.__dataclass_fields__)
+    if getattr(args, "resume", None):
+        if args.out and os.path.abspath(args.out) != os.path.abspath(args.resume):
+            parser.error("--resume writes into its own folder; leave out --out")
+        stored, done = read_checkpoint_config(args.resume)
+        for name in names:
+            if name != "n_epochs" and name in given and getattr(args, name) != getattr(stored, name):
+                raise SettingsError(
+                    f"--{name.replace('_', '-')} {show(getattr(args, name))} contradicts the "
+                    f"run in {args.resume}, which has {show(getattr(stored, name))}; --resume "
+                    "keeps the run's own settings (only --n-epochs and --data-dir may be given)")
+        try:
+            cfg = dataclasses.replace(stored, n_epochs=args.n_epochs if "n_epochs" in given
+                                      else stored.n_epochs)
+        except ValueError as e:
+            parser.error(str(e))
+        if total_epochs(cfg) < done:
+            per_epoch = total_epochs(dataclasses.replace(cfg, n_epochs=1))
+            raise SettingsError(
+                f"--n-epochs {cfg.n_epochs} is fewer than the {done} FF epochs the run in "
+                f"{args.resume} has done; give at least {-(-done // per_epoch)}, or leave "
+                f"--n-epochs out to continue to the run's own {stored.n_epochs}")
+        run_dir = args.resume
+        check_writable(run_dir, "--resume")
+    else:
+        try:
+            cfg = FFConfig(**{name: getattr(args, name) for name in names})
+        except ValueError as e:
+            parser.error(str(e))
+        run_dir = args.out or (default_out(args) if default_out else None)
+        if run_dir is None:
+            stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+            run_dir = os.path.join("runs", f"{stamp}-{os.urandom(2).hex()}")
+        check_writable(run_dir, "--out")
+        if (args.out or default_out) and any(os.path.exists(os.path.join(run_dir, f))
+                                             for f in ("model.npz", "checkpoint.npz")):
+            raise SettingsError(f"{run_dir} already holds a run; use --resume {run_dir} "
+                                "or another --out")
+    args.config, args.run_dir, args.given = cfg, run_dir, given
     return args
 
 
-def config_from_args(args):
-    return FFConfig(layer_sizes=tuple(args.layer_sizes), n_epochs=args.n_epochs,
-                    batch_size=args.batch_size, lr=args.lr, threshold=args.threshold,
-                    n_blur=args.n_blur, weight_decay=args.weight_decay, goodness=args.goodness,
-                    peer_norm=args.peer_norm, schedule=args.schedule, lr_decay=args.lr_decay,
-                    refresh_inputs=args.refresh_inputs, negatives=args.negatives)
+def parse_args(argv=None, parser=None):
+    """Parsed and settled training flags (see settle_args)."""
+    parser = parser or build_parser()
+    return settle_args(parser.parse_args(argv), parser, argv)
+
+
+def print_dry_run(args, **outputs):
+    """What a run would use, one JSON value per line, for --dry-run."""
+    for key, value in {"config": asdict(args.config), "run_dir": args.run_dir,
+                       "resume": getattr(args, "resume", None), "data_dir": args.data_dir,
+                       **outputs}.items():
+        print(f"{key}: {json.dumps(value)}")
+
+
+@dataclass
+class RunResult:
+    """What run() did: the metrics (also in metrics.json), the configuration, the folder."""
+    metrics: dict
+    config: FFConfig
+    run_dir: str
 
 
 def run(args, log=print, callback=None):
-    """The whole experiment for parsed CLI args; returns the metrics dict (with run_dir)."""
-    run_dir = args.resume or args.out or os.path.join(
-        "runs", datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
-    if not args.resume and any(os.path.exists(os.path.join(run_dir, f))
-                               for f in ("model.npz", "checkpoint.npz")):
-        raise DataError(f"{run_dir} already holds a run; use --resume {run_dir} or another --out")
-    if args.resume:
-        # the run's own settings; only --n-epochs (and where the data is) come from this call
-        cfg, state = load_checkpoint(run_dir)
-        with open(os.path.join(run_dir, "args.json")) as f:
-            saved = json.load(f)
-        saved.setdefault("val_size", 0)  # runs saved before the validation split
-        saved.setdefault("negatives", "hybrid")
-        saved.setdefault("goodness_layer1", False)
-        saved.update(n_epochs=args.n_epochs, resume=args.resume, data_dir=args.data_dir)
-        args = argparse.Namespace(**saved)
-        cfg.n_epochs = args.n_epochs
-        log(f"resuming {run_dir} after epoch {state.epochs_done}")
-    else:
-        cfg = config_from_args(args)
-        state = FFState.fresh(cfg, np.random.default_rng(args.seed))
-    x_train, y_train, x_test, y_test = load_mnist(args.data_dir)
-    x_train, y_train, x_val, y_val = split_validation(x_train, y_train, args.val_size,
-                                                      args.n_train)
-    if not args.resume:
-        os.makedirs(run_dir, exist_ok=True)
-        write_json(os.path.join(run_dir, "args.json"), vars(args))
-    log(f"run folder {run_dir}; {len(x_train)} training digits; layers "
-        f"{'-'.join(map(str, cfg.layer_sizes))}; {total_epochs(cfg)} FF epochs")
+    """The whole experiment for settled CLI args (see settle_args). callback(epoch, state)
+    runs after each FF epoch, once its checkpoint is saved."""
+    cfg, run_dir = args.config, args.run_dir
+    saved = [0]  # epochs in the last checkpoint written
+
+    def recovery():
+        if saved[0] == 0:
+            return "no epoch finished, so there is nothing to resume"
+        return (f"the checkpoint after epoch {saved[0]} is kept: --resume {run_dir} "
+                "continues from it")
 
     def after_epoch(epoch, state):
-        save_checkpoint(run_dir, cfg, state)
+        try:
+            save_checkpoint(run_dir, cfg, state)
+        except OSError as e:
+            raise DataError(f"could not write the checkpoint of epoch {epoch + 1} in "
+                            f"{run_dir} ({e.strerror or e}); {recovery()}") from None
+        saved[0] = epoch + 1
         if callback is not None:
             callback(epoch, state)
 
-    t0 = time.perf_counter()
-    train_ff(x_train, cfg, state, callback=after_epoch, log=log, y_train=y_train)
-    ff_seconds = sum(state.history["seconds"])
-    head, softmax_history, metrics = None, None, {}
-    if cfg.negatives == "label":
-        # the paper's read-out: the label whose input gives the most goodness
-        t1 = time.perf_counter()
-        first = 1 if args.goodness_layer1 else 2
-        for name, xs, ys in (("val", x_val, y_val), ("test", x_test, y_test)):
-            if len(xs):
-                metrics[f"goodness_{name}_error"] = goodness_error_rate(
-                    state.weights, state.biases, xs, ys, cfg.goodness, first)
-        metrics["goodness_seconds"] = time.perf_counter() - t1
-        log("goodness read-out: " + "  ".join(
-            f"{name} error {100 * metrics[f'goodness_{name}_error']:.2f}%"
-            for name in ("val", "test") if f"goodness_{name}_error" in metrics), flush=True)
-        # the softmax read-out sees each digit once, with the neutral label
-        x_train, x_val, x_test = (embed_labels(a, None) for a in (x_train, x_val, x_test))
-    if args.softmax_epochs > 0:
-        t1 = time.perf_counter()
-        F_train = extract_features(state.weights, state.biases, x_train, args.top_k)
-        F_test = extract_features(state.weights, state.biases, x_test, args.top_k)
-        F_val = (extract_features(state.weights, state.biases, x_val, args.top_k)
-                 if len(x_val) else None)
-        feature_seconds = time.perf_counter() - t1
-        W, b, softmax_history = train_softmax(
-            F_train, y_train, F_test, y_test, np.random.default_rng([args.seed, 1]),
-            args.softmax_epochs, args.softmax_lr, args.softmax_weight_decay, log=log,
-            F_val=F_val, y_val=y_val if len(x_val) else None)
-        head = (W, b)
-        if F_val is not None:
-            metrics["val_error"] = error_rate(F_val, y_val, W, b)
-        metrics.update(test_error=error_rate(F_test, y_test, W, b),
-                       train_error=error_rate(F_train, y_train, W, b),
-                       softmax_seconds=time.perf_counter() - t1,
-                       feature_seconds=feature_seconds)
-        del F_train, F_test, F_val
-    last = lambda key: state.history[key][-1] if state.history[key] else None
-    metrics.update(real_vs_hybrid_accuracy=last("accuracy"), ff_loss=last("loss"),
-                   ff_seconds=ff_seconds, ff_epochs=state.epochs_done,
-                   total_seconds=time.perf_counter() - t0, peak_rss_mib=peak_rss_mib(),
-                   run_dir=run_dir)
-    save_run(run_dir, cfg, state, head, args.top_k, softmax_history, vars(args), metrics)
+    try:
+        if args.resume:
+            state = load_checkpoint(run_dir)[1]
+            saved[0] = state.epochs_done
+            log(f"resuming {run_dir} after epoch {state.epochs_done}")
+        else:
+            state = FFState.fresh(cfg, np.random.default_rng(cfg.seed))
+        x_train, y_train, x_test, y_test = load_mnist(args.data_dir)
+        x_train, y_train, x_val, y_val = split_validation(x_train, y_train, cfg.val_size,
+                                                          cfg.n_train)
+        os.makedirs(run_dir, exist_ok=True)
+        write_json(os.path.join(run_dir, "args.json"), asdict(cfg))
+        log(f"run folder {run_dir}; {len(x_train)} training digits; layers "
+            f"{'-'.join(map(str, cfg.layer_sizes))}; {total_epochs(cfg)} FF epochs")
+
+        t0 = time.perf_counter()
+        train_ff(x_train, cfg, state, callback=after_epoch, log=log, y_train=y_train)
+        ff_seconds = sum(state.history["seconds"])
+        head, softmax_history, metrics = None, None, {}
+        if cfg.negatives == "label":
+            # the paper's read-out: the label whose input gives the most goodness
+            t1 = time.perf_counter()
+            first = 1 if cfg.goodness_layer1 else 2
+            for name, xs, ys in (("val", x_val, y_val), ("test", x_test, y_test)):
+                if len(xs):
+                    metrics[f"goodness_{name}_error"] = goodness_error_rate(
+                        state.weights, state.biases, xs, ys, cfg.goodness, first)
+            metrics["goodness_seconds"] = time.perf_counter() - t1
+            log("goodness read-out: " + "  ".join(
+                f"{name} error {100 * metrics[f'goodness_{name}_error']:.2f}%"
+                for name in ("val", "test") if f"goodness_{name}_error" in metrics), flush=True)
+            # the softmax read-out sees each digit once, with the neutral label
+            x_train, x_val, x_test = (embed_labels(a, None) for a in (x_train, x_val, x_test))
+        if cfg.softmax_epochs > 0:
+            t1 = time.perf_counter()
+            F_train = extract_features(state.weights, state.biases, x_train, cfg.top_k)
+            F_test = extract_features(state.weights, state.biases, x_test, cfg.top_k)
+            F_val = (extract_features(state.weights, state.biases, x_val, cfg.top_k)
+                     if len(x_val) else None)
+            feature_seconds = time.perf_counter() - t1
+            W, b, softmax_history = train_softmax(
+                F_train, y_train, F_test, y_test, np.random.default_rng([cfg.seed, 1]),
+                cfg.softmax_epochs, cfg.softmax_lr, cfg.softmax_weight_decay, log=log,
+                F_val=F_val, y_val=y_val if len(x_val) else None)
+            head = (W, b)
+            if F_val is not None:
+                metrics["val_error"] = error_rate(F_val, y_val, W, b)
+            metrics.update(test_error=error_rate(F_test, y_test, W, b),
+                           train_error=error_rate(F_train, y_train, W, b),
+                           softmax_seconds=time.perf_counter() - t1,
+                           feature_seconds=feature_seconds)
+            del F_train, F_test, F_val
+        last = lambda key: state.history[key][-1] if state.history[key] else None
+        metrics.update(real_vs_hybrid_accuracy=last("accuracy"), ff_loss=last("loss"),
+                       ff_seconds=ff_seconds, ff_epochs=state.epochs_done,
+                       total_seconds=time.perf_counter() - t0, peak_rss_mib=peak_rss_mib(),
+                       run_dir=run_dir)
+        try:
+            save_run(run_dir, cfg, state, head, softmax_history, metrics)
+        except OSError as e:
+            raise DataError(f"could not save the run in {run_dir} ({e.strerror or e}); "
+                            f"{recovery()}, fits the head again and saves the run") from None
+    except KeyboardInterrupt:
+        raise RunInterrupted(f"interrupted; {recovery()}") from None
     if "test_error" in metrics:
         val = (f"val error {100 * metrics['val_error']:.2f}%  "
                if "val_error" in metrics else "")
         log(f"{val}test error {100 * metrics['test_error']:.2f}%  train error "
             f"{100 * metrics['train_error']:.2f}%  FF {ff_seconds:.0f} s  "
             f"softmax {metrics['softmax_seconds']:.1f} s  -> {run_dir}")
-    return metrics
+    return RunResult(metrics, cfg, run_dir)
+
+
+def exit_status(body):
+    """body() -> exit status; the errors a user can act on become one line on stderr."""
+    try:
+        return body()
+    except SettingsError as e:
+        error, status = e, 2
+    except RunInterrupted as e:
+        error, status = e, 130
+    except KeyboardInterrupt:  # outside training (loading, drawing): nothing to continue
+        error, status = "interrupted", 130
+    except (DataError, TrainingDiverged, OSError) as e:
+        error, status = e, 1
+    print(f"error: {error}", file=sys.stderr)
+    return status
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    try:
-        run(args)
-    except (DataError, TrainingDiverged) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+    def body():
+        args = parse_args(argv)
+        if args.dry_run:
+            print_dry_run(args)
+        else:
+            run(args)
+        return 0
+    return exit_status(body)
 
 
 if __name__ == "__main__":

@@ -2,9 +2,9 @@
 
     python3 make_ff_hybrid_mnist_gif.py --n-epochs 20 --n-train 10000 --gif viz/ff_hybrid_mnist.gif
 
-Takes the training CLI's flags, trains with ff_hybrid_mnist.run (the run is saved beside the
-GIF, in <gif folder>/run, unless --out says otherwise) and after every --snapshot-every
-epochs, and after the last, draws a frame: a fixed real test digit and a fixed hybrid with
+Takes the training CLI's flags (not --resume: the GIF shows a run from its first epoch),
+trains with ff_hybrid_mnist.run (the run is saved beside the GIF, in <gif folder>/run, unless
+--out says otherwise) and after every --snapshot-every epochs, and after the last, draws a frame: a fixed real test digit and a fixed hybrid with
 their goodness, the goodness histograms of a fixed evaluation set per layer on fixed bins,
 and the per-layer FF loss so far with the current epoch marked.
 """
@@ -20,11 +20,10 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 import ff_hybrid_mnist as ff
-import visualize_ff_hybrid_mnist as viz
 
 
 def own_flags():
-    own = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    own = argparse.ArgumentParser(add_help=False)
     group = own.add_argument_group(
         "animation", "--seed also seeds the evaluation set; the run is saved in "
         "<gif folder>/run unless --out says otherwise")
@@ -43,8 +42,8 @@ def own_flags():
 
 def render_frame(cfg, state, epoch, real, hybrids, bins):
     """One frame as an (height, width, 3) uint8 array; the network is state's, now."""
-    g_real = viz.layer_goodness(state.weights, state.biases, real, cfg.goodness)
-    g_hybrid = viz.layer_goodness(state.weights, state.biases, hybrids, cfg.goodness)
+    g_real = ff.layer_goodness(state.weights, state.biases, real, cfg.goodness)
+    g_hybrid = ff.layer_goodness(state.weights, state.biases, hybrids, cfg.goodness)
     n_layers, total = len(state.weights), ff.total_epochs(cfg)
     fig = Figure(figsize=(9, 6), dpi=80)
     canvas = FigureCanvasAgg(fig)
@@ -76,9 +75,9 @@ def render_frame(cfg, state, epoch, real, hybrids, bins):
 
     for l in range(n_layers):
         ax = fig.add_subplot(grid[1, l])
-        viz.draw_goodness_histogram(ax, g_real[l], g_hybrid[l],
+        ff.draw_goodness_histogram(ax, g_real[l], g_hybrid[l],
                                     cfg.layer_threshold(state.weights[l].shape[1]), bins[l])
-        ax.set_title(f"layer {l + 1}: {viz.separation(g_real[l], g_hybrid[l]):.1f} sigma",
+        ax.set_title(f"layer {l + 1}: {ff.separation(g_real[l], g_hybrid[l]):.1f} sigma",
                      fontsize=10)
         ax.xaxis.label.set_fontsize(7)
         ax.tick_params(labelsize=7)
@@ -91,51 +90,56 @@ def render_frame(cfg, state, epoch, real, hybrids, bins):
     return np.asarray(canvas.buffer_rgba())[..., :3].copy()
 
 
+def build_parser():
+    return ff.build_parser(resume=False, description=__doc__.split("\n\n")[0],
+                           parents=[own_flags()])
+
+
 def main(argv=None):
-    args, gif_args = viz.parse_args_with_training_flags(own_flags(), argv,
-                                                        __doc__.split("\n\n")[0])
-    if args.resume:
-        print("error: --resume is not supported: the GIF shows a run from its first epoch",
-              file=sys.stderr)
-        return 2
-    if not args.out:
-        args.out = os.path.join(os.path.dirname(gif_args.gif) or ".", "run")
-    cfg = ff.config_from_args(args)  # the configuration ff.run will train
-    total = ff.total_epochs(cfg)
-    try:
-        _, _, x_test, _ = ff.load_mnist(args.data_dir)
-    except ff.DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    parser = build_parser()
+
+    def body():
+        args = parser.parse_args(argv)
+        args.resume = None
+        ff.check_writable(args.gif, "--gif", folder=False)
+        ff.settle_args(args, parser, argv, default_out=lambda a: os.path.join(
+            os.path.dirname(a.gif) or ".", "run"))
+        if args.dry_run:
+            ff.print_dry_run(args, gif=args.gif, n_eval=args.n_eval)
+            return 0
+        return animate(args)
+    return ff.exit_status(body)
+
+
+def animate(args):
+    cfg, total = args.config, ff.total_epochs(args.config)
+    if total == 0:
+        raise ff.SettingsError("--n-epochs 0 trains nothing, so the GIF would have no frame")
+    _, _, x_test, _ = ff.load_mnist(args.data_dir)
     # a stream of its own, apart from training's (seed) and the softmax head's ([seed, 1])
-    real, hybrids = viz.evaluation_set(x_test, gif_args.n_eval,
-                                       np.random.default_rng([args.seed, 2]), cfg.n_blur)
-    bins = [viz.goodness_bins(cfg.layer_threshold(n)) for n in cfg.layer_sizes[1:]]
+    real, hybrids = ff.evaluation_set(x_test, args.n_eval, np.random.default_rng([cfg.seed, 2]),
+                                      cfg.n_blur)
+    bins = [ff.goodness_bins(cfg.layer_threshold(n)) for n in cfg.layer_sizes[1:]]
     frames = []
 
     def snapshot(epoch, state):
-        if (epoch + 1) % gif_args.snapshot_every and epoch + 1 != total:
+        if (epoch + 1) % args.snapshot_every and epoch + 1 != total:
             return
         frames.append(render_frame(cfg, state, epoch, real, hybrids, bins))
         print(f"frame {len(frames)}: epoch {epoch + 1}/{total}", flush=True)
 
-    try:
-        ff.run(args, callback=snapshot)
-    except (ff.DataError, ff.TrainingDiverged) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    if not frames:
-        print("error: no frames (--n-epochs 0)", file=sys.stderr)
-        return 1
+    ff.run(args, callback=snapshot)
     # Pillow merges identical consecutive frames into one longer frame anyway, so the hold is
-    # written as the last frame's duration rather than as copies
-    frame_ms = 1000 / gif_args.fps
-    durations = [frame_ms] * (len(frames) - 1) + [frame_ms * (1 + gif_args.hold_final)]
-    os.makedirs(os.path.dirname(gif_args.gif) or ".", exist_ok=True)
-    ff.atomic_write(gif_args.gif, lambda f: iio.imwrite(
-        f, np.stack(frames), extension=".gif", duration=durations, loop=0))
-    print(f"wrote {gif_args.gif}: {len(frames)} frames, "
-          f"{os.path.getsize(gif_args.gif) / 1e6:.1f} MB", flush=True)
+    # written as the last frame's duration rather than as copies. One frame takes one number:
+    # Pillow 13 fails on a list of one duration.
+    frame_ms = 1000 / args.fps
+    durations = [frame_ms] * (len(frames) - 1) + [frame_ms * (1 + args.hold_final)]
+    os.makedirs(os.path.dirname(args.gif) or ".", exist_ok=True)
+    ff.atomic_write(args.gif, lambda f: iio.imwrite(
+        f, np.stack(frames), extension=".gif",
+        duration=durations if len(frames) > 1 else durations[0], loop=0))
+    print(f"wrote {args.gif}: {len(frames)} frames, "
+          f"{os.path.getsize(args.gif) / 1e6:.1f} MB", flush=True)
     return 0
 
 

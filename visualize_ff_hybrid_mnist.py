@@ -5,12 +5,15 @@
 
 Writes hybrid_examples.png, goodness_distributions.png, classifier_curves.png,
 weights_layer1.png and figure_numbers.json (the numbers the README quotes) into --outdir.
-Without --run it takes the training CLI's flags, trains with ff_hybrid_mnist.run (which saves
-the run, by default into <outdir>/run) and draws from that saved run. Nothing here re-derives
-the model: activities, goodness, masks and hybrids all come from ff_hybrid_mnist.
+Without --run it first trains a whole run with the training CLI's flags (by default the full
+SPEC run, 30 epochs on 60000 digits), saved by ff_hybrid_mnist.run into <outdir>/run, and
+draws from that saved run. Nothing here re-derives the model: activities, goodness, masks,
+hybrids and the evaluation set all come from ff_hybrid_mnist.
 """
 
 import argparse
+import dataclasses
+import json
 import os
 import sys
 
@@ -22,72 +25,23 @@ from matplotlib.ticker import MaxNLocator
 import ff_hybrid_mnist as ff
 
 PAPER_TEST_ERROR = 0.0137  # Hinton 2022, section 3.2: 4x2000 ReLU MLP with hybrid negatives
-REAL_COLOUR, HYBRID_COLOUR = "tab:blue", "tab:orange"
 
 
 # -----------------------------------------------------------------------------
 # Command line: the training CLI's flags plus this script's own
 
-def parse_args_with_training_flags(own, argv, description):
-    """(training args, own args). One parser shows and checks every flag; the module's
-    parse_args then applies its cross-flag checks (--top-k, --batch-size, ...) to the rest."""
-    combined = argparse.ArgumentParser(
-        description=description, parents=[ff.build_parser(), own], add_help=False,
-        allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    combined.parse_args(argv)  # --help, unknown flags and bad values, in one place
-    own_args, training_argv = own.parse_known_args(argv)
-    return ff.parse_args(training_argv), own_args
-
-
 def own_flags():
-    own = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    own = argparse.ArgumentParser(add_help=False)
     group = own.add_argument_group(
-        "figures", "--seed also seeds the digits and masks drawn; a run trained here is "
-        "saved in <outdir>/run unless --out or --resume says otherwise")
+        "figures", "--seed also seeds the digits and masks drawn. WITHOUT --run THIS TRAINS A "
+        "WHOLE RUN FIRST with the flags above (default: the full SPEC run), saved in "
+        "<outdir>/run unless --out or --resume says otherwise")
     group.add_argument("--run", metavar="DIR",
                        help="saved run to draw; without it, train one with the flags above")
     group.add_argument("--outdir", default="viz", help="folder for the figures")
     group.add_argument("--n-eval", type=ff.number_arg(int, 2), default=1000,
                        help="real test digits and as many hybrids for the goodness histograms")
     return own
-
-
-# -----------------------------------------------------------------------------
-# Evaluation digits and their goodness (shared with make_ff_hybrid_mnist_gif.py)
-
-def evaluation_set(x_test, n, rng, n_blur):
-    """n real test digits and n hybrids of test digits, the pairs drawn as in training."""
-    real = x_test[rng.choice(len(x_test), n, replace=n > len(x_test))]
-    a, b = x_test[rng.choice(len(x_test), n)], x_test[rng.choice(len(x_test), n)]
-    hybrids, _ = ff.make_hybrid_batch(a, b, rng, n_blur)
-    return real, hybrids
-
-
-def layer_goodness(weights, biases, x, kind):
-    """Goodness of every layer for raw input rows x: a list of (n,) arrays."""
-    return [ff.goodness(h, kind) for h in ff.network_activities(weights, biases, x)]
-
-
-def separation(g_real, g_hybrid):
-    """Difference of the means over the pooled standard deviation (equal group sizes)."""
-    g_real, g_hybrid = np.asarray(g_real, np.float64), np.asarray(g_hybrid, np.float64)
-    pooled = np.sqrt((g_real.var() + g_hybrid.var()) / 2)
-    return (g_real.mean() - g_hybrid.mean()) / pooled
-
-
-def goodness_bins(threshold, n_bins=50):
-    """Log-spaced bins two decades either side of the threshold. Goodness spans orders of
-    magnitude and shifts during training; fixed bins keep GIF frames comparable."""
-    return np.geomspace(threshold / 100, threshold * 100, n_bins + 1)
-
-
-def draw_goodness_histogram(ax, g_real, g_hybrid, threshold, bins):
-    # values beyond the bins (a dead layer gives g = 0) are counted in the end bins
-    for g, colour, label in ((g_real, REAL_COLOUR, "real"), (g_hybrid, HYBRID_COLOUR, "hybrid")):
-        ax.hist(np.clip(g, bins[0], bins[-1]), bins=bins, color=colour, alpha=0.55, label=label)
-    ax.axvline(threshold, color="k", linestyle="--", linewidth=1, label="threshold")
-    ax.set_xscale("log")
-    ax.set_xlabel("goodness (log; ends hold the outliers)")
 
 
 # -----------------------------------------------------------------------------
@@ -127,8 +81,9 @@ def goodness_figure(run, g_real, g_hybrid):
     axes = np.atleast_1d(fig.subplots(1, n_layers))
     for l, ax in enumerate(axes):
         threshold = run.cfg.layer_threshold(run.weights[l].shape[1])
-        draw_goodness_histogram(ax, g_real[l], g_hybrid[l], threshold, goodness_bins(threshold))
-        ax.set_title(f"layer {l + 1}: separation {separation(g_real[l], g_hybrid[l]):.1f} sigma")
+        ff.draw_goodness_histogram(ax, g_real[l], g_hybrid[l], threshold,
+                                   ff.goodness_bins(threshold))
+        ax.set_title(f"layer {l + 1}: separation {ff.separation(g_real[l], g_hybrid[l]):.1f} sigma")
     axes[0].set_ylabel("test images")
     axes[0].legend(fontsize=8)
     fig.suptitle(f"Goodness ({run.cfg.goodness} of h^2) of {len(g_real[0])} real test digits "
@@ -208,16 +163,16 @@ def draw(run, x_test, y_test, rng, n_eval, outdir):
     os.makedirs(outdir, exist_ok=True)
     save_png(hybrid_examples_figure(x_test, y_test, rng, run.cfg.n_blur),
              os.path.join(outdir, "hybrid_examples.png"))
-    real, hybrids = evaluation_set(x_test, n_eval, rng, run.cfg.n_blur)
-    g_real = layer_goodness(run.weights, run.biases, real, run.cfg.goodness)
-    g_hybrid = layer_goodness(run.weights, run.biases, hybrids, run.cfg.goodness)
+    real, hybrids = ff.evaluation_set(x_test, n_eval, rng, run.cfg.n_blur)
+    g_real = ff.layer_goodness(run.weights, run.biases, real, run.cfg.goodness)
+    g_hybrid = ff.layer_goodness(run.weights, run.biases, hybrids, run.cfg.goodness)
     save_png(goodness_figure(run, g_real, g_hybrid),
              os.path.join(outdir, "goodness_distributions.png"))
     save_png(classifier_curves_figure(run), os.path.join(outdir, "classifier_curves.png"))
     save_png(weights_figure(run.weights[0]), os.path.join(outdir, "weights_layer1.png"))
 
     numbers = {"run": run.run_dir, "n_eval": n_eval,
-               "separation_sigma": [float(separation(r, h)) for r, h in zip(g_real, g_hybrid)],
+               "separation_sigma": [float(ff.separation(r, h)) for r, h in zip(g_real, g_hybrid)],
                "mean_goodness_real": [float(g.mean()) for g in g_real],
                "mean_goodness_hybrid": [float(g.mean()) for g in g_hybrid],
                "test_error": run.metrics.get("test_error")}
@@ -229,33 +184,42 @@ def draw(run, x_test, y_test, rng, n_eval, outdir):
     return numbers
 
 
+def build_parser():
+    return ff.build_parser(description=__doc__.split("\n\n")[0], parents=[own_flags()])
+
+
 def main(argv=None):
-    own = own_flags()
-    args, fig_args = parse_args_with_training_flags(own, argv, __doc__.split("\n\n")[0])
-    try:
-        if fig_args.run:
-            defaults = vars(ff.parse_args([]))
-            ignored = [k for k, v in vars(args).items()
-                       if k not in ("seed", "data_dir") and v != defaults.get(k)]
+    parser = build_parser()
+
+    def body():
+        args = parser.parse_args(argv)
+        ff.check_writable(args.outdir, "--outdir")
+        if args.run:
+            training_flags = set(vars(ff.build_parser().parse_args([])))
+            ignored = (ff.given_flags(parser, argv) & training_flags) - {"seed", "data_dir",
+                                                                          "dry_run"}
             if ignored:
-                print("error: --run draws a saved run; drop the training flags "
-                      + ", ".join("--" + k.replace("_", "-") for k in ignored), file=sys.stderr)
-                return 2
-            run_dir = fig_args.run
+                raise ff.SettingsError("--run draws a saved run; drop the training flags "
+                                       + ", ".join("--" + k.replace("_", "-")
+                                                   for k in sorted(ignored)))
+            run = ff.load_run(args.run)  # a damaged run is refused before anything is drawn
+            if args.dry_run:
+                print(json.dumps({"run": args.run, "config": dataclasses.asdict(run.cfg),
+                                  "outdir": args.outdir, "n_eval": args.n_eval}, indent=1))
+                return 0
         else:
-            if not args.resume and not args.out:
-                args.out = os.path.join(fig_args.outdir, "run")
-            run_dir = args.resume or args.out
-            ff.run(args)
-        run = ff.load_run(run_dir)
+            ff.settle_args(args, parser, argv,
+                           default_out=lambda a: os.path.join(a.outdir, "run"))
+            if args.dry_run:
+                ff.print_dry_run(args, outdir=args.outdir, n_eval=args.n_eval)
+                return 0
+            run = ff.load_run(ff.run(args).run_dir)
         _, _, x_test, y_test = ff.load_mnist(args.data_dir)
-    except (ff.DataError, ff.TrainingDiverged, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    # a stream of its own, apart from training's (seed) and the softmax head's ([seed, 1])
-    draw(run, x_test, y_test, np.random.default_rng([args.seed, 2]), fig_args.n_eval,
-         fig_args.outdir)
-    return 0
+        # a stream of its own, apart from training's (seed) and the softmax head's ([seed, 1])
+        draw(run, x_test, y_test, np.random.default_rng([args.seed, 2]), args.n_eval,
+             args.outdir)
+        return 0
+    return ff.exit_status(body)
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ def main():
     args = p.parse_args()
 
     x_train = ff.load_mnist()[0][:args.n_train]
-    cfg = ff.FFConfig(layer_sizes=args.layer_sizes, batch_size=args.batch_size)
+    cfg = ff.FFConfig(layer_sizes=args.layer_sizes, batch_size=args.batch_size, top_k=1)
     B, sizes = args.batch_size, args.layer_sizes
     n_batches = len(x_train) // B
     rng = np.random.default_rng(0)

@@ -49,7 +49,7 @@ def main():
     timed(ff.Adam, "step", totals)
     for name in ("layer_loss_and_grads", "make_hybrid_batch", "l2_normalize"):
         timed(ff, name, totals)
-    cfg = ff.FFConfig(layer_sizes=args.layer_sizes, batch_size=args.batch_size,
+    cfg = ff.FFConfig(layer_sizes=args.layer_sizes, batch_size=args.batch_size, top_k=1,
                       n_epochs=args.epochs)
     state = ff.FFState.fresh(cfg, np.random.default_rng(0))
     t0 = time.perf_counter()

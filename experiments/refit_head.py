@@ -8,6 +8,7 @@ choose head settings on val_error, not on test_error.
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -19,26 +20,51 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import ff_hybrid_mnist as ff  # noqa: E402
 
 
-def main(argv=None):
+def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--run", required=True)
-    p.add_argument("--softmax-epochs", type=ff.number_arg(int, 1), default=50)
-    p.add_argument("--softmax-lr", type=ff.number_arg(float, 0, inclusive=False), default=0.05)
-    p.add_argument("--softmax-weight-decay", type=ff.number_arg(float, 0), default=1e-4)
+    d = ff.config_default
+    p.add_argument("--run", required=True, help="saved run whose head is refitted")
+    p.add_argument("--softmax-epochs", type=ff.number_arg(int, 1), default=d("softmax_epochs"),
+                   help="epochs of the new head")
+    p.add_argument("--softmax-lr", type=ff.number_arg(float, 0, inclusive=False),
+                   default=d("softmax_lr"), help="SGD step size of the new head")
+    p.add_argument("--softmax-weight-decay", type=ff.number_arg(float, 0),
+                   default=d("softmax_weight_decay"), help="L2 penalty of the new head")
     p.add_argument("--top-k", type=ff.number_arg(int, 1), help="default: the run's own")
-    p.add_argument("--val-size", type=ff.number_arg(int, 0),
-                   help="default: the run's own (0 for runs saved before the split existed)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--val-size", type=ff.number_arg(int, 0), help="default: the run's own")
+    p.add_argument("--seed", type=int, default=d("seed"),
+                   help="seeds the head's batches (as [seed, 1])")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check the flags and the run, print the settings, exit")
+    return p
+
+
+def main(argv=None):
+    p = build_parser()
     args = p.parse_args(argv)
-    run = ff.load_run(args.run)
-    top_k = args.top_k or run.top_k
-    if top_k > len(run.weights):
-        p.error(f"--top-k {top_k} exceeds the run's {len(run.weights)} layers")
-    val_size = run.args.get("val_size", 0) if args.val_size is None else args.val_size
+    try:
+        run = ff.load_run(args.run)
+        # the run's configuration with this refit's head settings, checked as a whole
+        cfg = dataclasses.replace(
+            run.cfg, top_k=args.top_k or run.top_k, seed=args.seed,
+            softmax_epochs=args.softmax_epochs, softmax_lr=args.softmax_lr,
+            softmax_weight_decay=args.softmax_weight_decay,
+            val_size=run.cfg.val_size if args.val_size is None else args.val_size)
+    except ValueError as e:
+        p.error(str(e))
+    except ff.DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    top_k, val_size = cfg.top_k, cfg.val_size
+    if args.dry_run:
+        print(json.dumps({"run": args.run, "config": dataclasses.asdict(cfg)}, indent=1))
+        return 0
     x_train, y_train, x_test, y_test = ff.load_mnist()
     x_fit, y_fit, x_val, y_val = ff.split_validation(x_train, y_train, val_size,
-                                                     run.args["n_train"])
+                                                     run.cfg.n_train)
+    if run.cfg.negatives == "label":  # the softmax read-out sees the neutral label
+        x_fit, x_val, x_test = (ff.embed_labels(a, None) for a in (x_fit, x_val, x_test))
     t0 = time.perf_counter()
     F_fit = ff.extract_features(run.weights, run.biases, x_fit, top_k)
     F_test = ff.extract_features(run.weights, run.biases, x_test, top_k)
@@ -56,7 +82,8 @@ def main(argv=None):
               "train_error": ff.error_rate(F_fit, y_fit, W, b),
               "seconds": time.perf_counter() - t0}
     print(json.dumps(result))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -24,6 +24,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+import ff_hybrid_mnist as ff  # noqa: E402
 
 
 def read_configs(path):
@@ -112,20 +114,36 @@ def run_one(label, args, ns, lock, deadline):
                  if "refit_test_error" in record else ""), flush=True)
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("configs")
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("configs", help="file of lines: label, then training flags")
     p.add_argument("--jobs", type=int, default=1, help="runs at once")
     p.add_argument("--threads", type=int, default=2, help="BLAS threads per run")
-    p.add_argument("--out-dir", required=True)
+    p.add_argument("--out-dir", required=True, help="folder of the run folders and logs")
     p.add_argument("--results", required=True, help="JSON-lines file, appended to")
-    p.add_argument("--refit-top-k", type=int, default=0)
+    p.add_argument("--refit-top-k", type=int, default=0,
+                   help="also refit each run's head on its top K layers (0: no refit)")
     p.add_argument("--start-within", type=float, default=float("inf"),
                    help="start no run after this many seconds")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check every run's flags and folder with the training CLI, then exit")
+    return p
+
+
+def main(argv=None):
+    p = build_parser()
     ns = p.parse_args(argv)
     if ns.jobs < 1 or ns.threads < 1:
         p.error("--jobs and --threads must be >= 1")
     configs = read_configs(ns.configs)
+    if ns.dry_run:
+        def check():
+            for label, args in configs:
+                ff.parse_args(args + ["--out", os.path.join(ns.out_dir, label)])
+                print(f"{label:24s} ok: {shlex.join(args)}")
+            return 0
+        return ff.exit_status(check)
     ns.commit = commit()
     os.makedirs(ns.out_dir, exist_ok=True)
     print(f"{len(configs)} runs, {ns.jobs} at once, {ns.threads} BLAS threads each", flush=True)
@@ -137,4 +155,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

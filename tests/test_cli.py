@@ -93,7 +93,7 @@ def test_resume_ends_with_the_same_numbers(tmp_path):
 
 def test_refuses_to_overwrite_a_run(tmp_path, capsys):
     run_tiny(tmp_path / "run")
-    assert ff.main(TINY + ["--n-epochs", "1", "--out", str(tmp_path / "run")]) == 1
+    assert ff.main(TINY + ["--n-epochs", "1", "--out", str(tmp_path / "run")]) == 2
     assert "--resume" in capsys.readouterr().err
 
 

@@ -64,7 +64,7 @@ def test_run_with_training_flags_is_refused(trained, tmp_path):
 
 def test_separation_is_mean_gap_over_pooled_std():
     real, hybrid = np.array([3.0, 5.0]), np.array([0.0, 0.0])  # stds 1 and 0: pooled sqrt(1/2)
-    assert viz.separation(real, hybrid) == pytest.approx(4.0 / np.sqrt(0.5))
+    assert ff.separation(real, hybrid) == pytest.approx(4.0 / np.sqrt(0.5))
 
 
 def test_gif_has_a_frame_per_snapshot_and_holds_the_last(tmp_path):

@@ -183,3 +183,16 @@ def test_cli_data_error_is_one_line_exit_1(tmp_path):
     assert out.returncode == 1
     assert out.stderr.startswith("error: ") and out.stderr.count("\n") == 1, out.stderr
     assert "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("how", ["--data-dir", "MNIST_DIR"])
+def test_damaged_file_in_a_named_folder_is_kept_even_when_it_is_the_cache(clean_env, monkeypatch,
+                                                                          how):
+    _, raw, files = tiny_dataset()
+    cache = clean_env / "cache"
+    write(cache, files, raw, damage=("test_images", lambda d: d[:-1] + b"\x00"))
+    if how == "MNIST_DIR":
+        monkeypatch.setenv("MNIST_DIR", str(cache))
+    with pytest.raises(ff.DataError, match="good copy"):
+        load(str(cache) if how == "--data-dir" else None, files, cache_dir=str(cache))
+    assert (cache / (files["test_images"][0] + ".gz")).exists()  # the user named it: not ours

@@ -1,0 +1,304 @@
+"""Issue 16: every way a run can go wrong ends in a correct run or in one line on stderr with
+a non-zero exit status, and leaves nothing half-written. Also issue 12: the run
+configuration is checked on construction and --resume keeps it."""
+import ast
+import errno
+import json
+import os
+import re
+import shutil
+
+import numpy as np
+import pytest
+
+import ff_hybrid_mnist as ff
+import make_ff_hybrid_mnist_gif as gif
+import visualize_ff_hybrid_mnist as viz
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--layer-sizes", "784,40,30,20", "--n-train", "600", "--batch-size", "50",
+        "--softmax-epochs", "2", "--top-k", "2"]
+
+
+def one_line(err):
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert "Traceback" not in err
+    return err
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A tiny finished run of 2 epochs; tests copy it before they change anything."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    assert ff.main(TINY + ["--n-epochs", "2", "--out", str(out)]) == 0
+    return out
+
+
+def copy_of(finished, tmp_path):
+    shutil.copytree(finished, tmp_path / "run")
+    return tmp_path / "run"
+
+
+# -- configuration -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("change, words", [
+    ({"goodness": "max"}, "--goodness max is not one of mean, sum"),
+    ({"schedule": "parralel"}, "--schedule parralel is not one of"),
+    ({"lr_decay": "cosine"}, "--lr-decay cosine"),
+    ({"lr": 0.0}, "--lr 0.0 must be > 0"),
+    ({"lr": float("nan")}, "must be > 0"),
+    ({"n_epochs": 2.5}, "must be an integer"),
+    ({"top_k": 5}, "exceeds the 4 layers"),
+    ({"seed": -1}, "--seed -1 must be >= 0"),
+    ({"val_size": 60000}, "leaves none"),
+    ({"n_train": 59000, "val_size": 2000}, "together exceed"),
+    ({"layer_sizes": (785, 10)}, "must start with 784"),
+])
+def test_config_refuses_unknown_choices_and_out_of_range_values(change, words):
+    with pytest.raises(ValueError) as e:
+        ff.FFConfig(**change)
+    assert words in str(e.value) and "\n" not in str(e.value)
+
+
+def test_cli_defaults_are_the_config_defaults():
+    assert ff.parse_args(["--out", "x"]).config == ff.FFConfig()
+    assert ff.FFConfig().n_train == 60000 and ff.FFConfig(val_size=5000).n_train == 55000
+
+
+def test_seed_minus_one_is_an_argparse_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        ff.parse_args(["--seed", "-1"])
+    assert e.value.code == 2 and "--seed -1" in capsys.readouterr().err
+
+
+def test_the_configuration_is_stored_once_and_run_returns_it(tmp_path, finished):
+    with open(finished / "args.json") as f:
+        stored = json.load(f)
+    run = ff.load_run(str(finished))
+    assert ff.FFConfig(**stored) == run.cfg == ff.read_checkpoint_config(str(finished))[0]
+    assert run.cfg.n_train == 600 and run.cfg.softmax_epochs == 2 and run.top_k == 2
+    result = ff.run(ff.parse_args(TINY + ["--n-epochs", "0", "--out", str(tmp_path / "r")]),
+                    log=lambda *a, **k: None)
+    assert result.run_dir == str(tmp_path / "r") and result.config.n_epochs == 0
+    assert result.metrics["ff_epochs"] == 0 and result.metrics["test_error"] is not None
+
+
+# -- 1. resume -----------------------------------------------------------------------------
+
+def cut_after_first_epoch(out, *extra):
+    class Stop(Exception):
+        pass
+
+    def stop(epoch, state):
+        raise Stop
+
+    with pytest.raises(Stop):
+        ff.run(ff.parse_args(TINY + ["--out", str(out), *extra]), callback=stop,
+               log=lambda *a, **k: None)
+
+
+def test_resume_without_n_epochs_continues_to_the_runs_own(tmp_path, finished):
+    cut_after_first_epoch(tmp_path / "cut", "--n-epochs", "2")
+    assert ff.main(["--resume", str(tmp_path / "cut")]) == 0
+    resumed, full = ff.load_run(str(tmp_path / "cut")), ff.load_run(str(finished))
+    assert resumed.metrics["ff_epochs"] == 2 and resumed.cfg.n_epochs == 2
+    for W1, W2 in zip(full.weights, resumed.weights):
+        np.testing.assert_array_equal(W1, W2)
+
+
+def test_resume_with_fewer_epochs_than_done_is_refused(tmp_path, finished, capsys):
+    run = copy_of(finished, tmp_path)
+    before = (run / "model.npz").stat().st_mtime_ns
+    assert ff.main(["--resume", str(run), "--n-epochs", "1"]) == 2
+    err = one_line(capsys.readouterr().err)
+    assert "--n-epochs 1" in err and "2 FF epochs" in err
+    assert (run / "model.npz").stat().st_mtime_ns == before
+
+
+@pytest.mark.parametrize("flag, value", [("--lr", "0.1"), ("--layer-sizes", "784,40,30"),
+                                         ("--top-k", "3"), ("--refresh-inputs", None)])
+def test_resume_refuses_a_flag_that_contradicts_the_run(finished, flag, value, capsys):
+    argv = ["--resume", str(finished), flag] + ([value] if value else [])
+    assert ff.main(argv + ["--dry-run"]) == 2
+    err = one_line(capsys.readouterr().err)
+    assert err.startswith(f"error: {flag} ") and "contradicts" in err
+
+
+def test_resume_accepts_the_runs_own_values_and_n_epochs(finished, capsys):
+    argv = ["--resume", str(finished), "--lr", "0.03", "--n-train", "600", "--n-epochs", "5"]
+    assert ff.main(argv + ["--dry-run"]) == 0
+    assert '"n_epochs": 5' in capsys.readouterr().out
+
+
+# -- 2. divergence and silent layers -----------------------------------------------------
+
+@pytest.mark.parametrize("flags, words", [(["--softmax-lr", "1e30"], "--softmax-lr"),
+                                          (["--softmax-weight-decay", "1e6"], "--softmax-weight")])
+def test_a_diverging_head_stops_with_one_line_and_writes_no_result(tmp_path, flags, words, capsys):
+    out = tmp_path / "run"
+    assert ff.main(TINY + ["--n-epochs", "1", "--out", str(out), *flags]) == 1
+    err = one_line(capsys.readouterr().err)
+    assert "softmax head" in err and re.search(r"head epoch \d", err) and words in err
+    assert not (out / "model.npz").exists() and not (out / "metrics.json").exists()
+    assert ff.load_checkpoint(str(out))[1].epochs_done == 1  # the FF network is kept
+
+
+@pytest.mark.parametrize("lr", ["1", "1000"])
+def test_a_silent_layer_stops_the_run_naming_layer_epoch_and_cause(tmp_path, lr, capsys):
+    # measured: at --lr 1 and 1000 every unit of every layer is 0 from epoch 2 on
+    out = tmp_path / "run"
+    assert ff.main(TINY + ["--n-epochs", "3", "--lr", lr, "--out", str(out)]) == 1
+    err = one_line(capsys.readouterr().err)
+    assert "layer 1 went silent in epoch 2" in err and f"--lr {float(lr)} too high" in err
+    assert not (out / "metrics.json").exists()
+    assert ff.load_checkpoint(str(out))[1].epochs_done == 1
+
+
+def test_json_is_strict_with_non_finite_values_as_null(tmp_path):
+    path = tmp_path / "h.json"
+    ff.write_json(str(path), {"loss": [float("nan"), np.float32(np.inf), 1.5, None],
+                              "n": np.int64(3)})
+
+    def refuse(name):
+        raise ValueError(name)
+    with open(path) as f:
+        assert json.load(f, parse_constant=refuse) == {"loss": [None, None, 1.5, None], "n": 3}
+
+
+# -- 3. output paths, full disk, damaged files, Ctrl-C -----------------------------------
+
+def test_out_that_cannot_be_written_is_refused_before_training(tmp_path, monkeypatch, capsys):
+    (tmp_path / "file").write_text("x")
+    readonly = tmp_path / "readonly"
+    readonly.mkdir()
+    real_mkstemp = ff.tempfile.mkstemp
+
+    def mkstemp(*a, dir=None, **k):  # a read-only folder (chmod does not stop root)
+        if dir == str(readonly):
+            raise PermissionError(errno.EACCES, "Permission denied")
+        return real_mkstemp(*a, dir=dir, **k)
+    monkeypatch.setattr(ff.tempfile, "mkstemp", mkstemp)
+    monkeypatch.setattr(ff, "load_mnist", lambda *a: pytest.fail("loaded data"))
+    for out, words in ((tmp_path / "file", "is a file"), (tmp_path / "file" / "run", "below"),
+                       (readonly / "run", "cannot write")):
+        assert ff.main(TINY + ["--out", str(out)]) == 2
+        assert words in one_line(capsys.readouterr().err)
+
+
+def test_a_full_disk_at_the_final_save_keeps_the_checkpoint_to_resume(tmp_path, monkeypatch,
+                                                                      capsys):
+    out = tmp_path / "run"
+    real = ff.write_json
+
+    def full_disk(path, obj):
+        if path.endswith("history.json"):  # after model.npz was written
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+        real(path, obj)
+    monkeypatch.setattr(ff, "write_json", full_disk)
+    assert ff.main(TINY + ["--n-epochs", "1", "--out", str(out)]) == 1
+    err = one_line(capsys.readouterr().err)
+    assert "No space left" in err and f"--resume {out}" in err and "epoch 1 is kept" in err
+    assert not any((out / name).exists() for name in ff.RUN_FILES)  # no half run
+    monkeypatch.setattr(ff, "write_json", real)
+    assert ff.main(["--resume", str(out)]) == 0
+    assert ff.load_run(str(out)).metrics["ff_epochs"] == 1
+
+
+def test_damaged_checkpoint_or_missing_args_on_resume(tmp_path, finished, capsys):
+    run = copy_of(finished, tmp_path)
+    os.remove(run / "args.json")  # the checkpoint holds the whole configuration
+    assert ff.main(["--resume", str(run), "--dry-run"]) == 0
+    capsys.readouterr()
+    # a run saved before the configuration held the head settings needs its args.json
+    with np.load(run / "checkpoint.npz") as z:
+        arrays = dict(z)
+    old = json.loads(str(arrays["config"]))
+    arrays["config"] = json.dumps({k: v for k, v in old.items() if k not in ("top_k", "seed")})
+    np.savez(run / "checkpoint.npz", **arrays)
+    assert ff.main(["--resume", str(run)]) == 1
+    assert "args.json is missing" in one_line(capsys.readouterr().err)
+    (run / "checkpoint.npz").write_bytes(b"PK\x03\x04 not really a zip")
+    assert ff.main(["--resume", str(run)]) == 1
+    assert "checkpoint.npz is damaged" in one_line(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("name", ["model.npz", "history.json"])
+def test_visualiser_refuses_a_damaged_run_in_one_line(tmp_path, finished, name, capsys):
+    run = copy_of(finished, tmp_path)
+    with open(run / name, "r+b") as f:
+        f.truncate(40)
+    assert viz.main(["--run", str(run), "--outdir", str(tmp_path / "viz")]) == 1
+    assert f"{name} is damaged" in one_line(capsys.readouterr().err)
+
+
+def test_ctrl_c_says_how_to_continue_and_exits_130(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    real, calls = ff.make_hybrid_batch, []
+
+    def interrupted_in_epoch_2(*a, **k):
+        calls.append(1)
+        if len(calls) == 15:  # 12 batches per epoch
+            raise KeyboardInterrupt
+        return real(*a, **k)
+    monkeypatch.setattr(ff, "make_hybrid_batch", interrupted_in_epoch_2)
+    assert ff.main(TINY + ["--n-epochs", "3", "--out", str(out)]) == 130
+    err = one_line(capsys.readouterr().err)
+    assert f"epoch 1 is kept: --resume {out}" in err
+    assert ff.load_checkpoint(str(out))[1].epochs_done == 1
+
+
+# -- 4. run folders ----------------------------------------------------------------------
+
+def test_default_run_folders_never_collide(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    folders = {ff.parse_args([]).run_dir for _ in range(20)}
+    assert len(folders) == 20
+    assert all(re.fullmatch(r"runs/\d{8}-\d{6}-[0-9a-f]{4}", d) for d in folders)
+
+
+# -- 6. GIF script -----------------------------------------------------------------------
+
+def test_gif_with_one_frame(tmp_path):
+    import imageio.v3 as iio
+    path = tmp_path / "one.gif"
+    assert gif.main(TINY + ["--n-epochs", "1", "--n-eval", "20", "--gif", str(path)]) == 0
+    assert iio.imread(path, index=None).shape[0] == 1
+
+
+def test_gif_path_is_checked_before_training(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(ff, "load_mnist", lambda *a: pytest.fail("loaded data"))
+    (tmp_path / "file").write_text("x")
+    for path, words in ((tmp_path, "is a folder"), (tmp_path / "file" / "a.gif", "below")):
+        assert gif.main(TINY + ["--gif", str(path)]) == 2
+        assert words in one_line(capsys.readouterr().err)
+
+
+def test_gif_script_imports_the_module_only():
+    with open(os.path.join(ROOT, "make_ff_hybrid_mnist_gif.py")) as f:
+        tree = ast.parse(f.read())
+    names = {a.name for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom))
+             for a in node.names} | {node.module for node in ast.walk(tree)
+                                     if isinstance(node, ast.ImportFrom)}
+    assert "ff_hybrid_mnist" in names and "visualize_ff_hybrid_mnist" not in names
+
+
+# -- 7. help -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("module", [ff, viz, gif])
+def test_help_shows_every_default(module):
+    parser = module.build_parser()
+    for action in parser._actions:
+        if action.option_strings and action.default not in (None, False, "==SUPPRESS=="):
+            assert action.help and "%(default)" not in action.help, action.dest
+    text = parser.format_help()
+    for flag, default in (("--seed", "0"), ("--lr", "0.03"), ("--softmax-lr", "0.05"),
+                          ("--softmax-weight-decay", "0.0001"), ("--schedule", "parallel"),
+                          ("--lr-decay", "none"), ("--softmax-epochs", "50"), ("--top-k", "3")):
+        assert re.search(re.escape(flag) + r" [A-Z_{].*?\(default:\s+" + re.escape(default),
+                         text, re.S), flag
+
+
+def test_each_figure_script_lists_only_what_it_accepts():
+    assert "--resume" not in gif.build_parser().format_help()
+    assert "--resume" in viz.build_parser().format_help()
+    assert "TRAINS A WHOLE RUN FIRST" in " ".join(viz.build_parser().format_help().split())
