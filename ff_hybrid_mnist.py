@@ -398,7 +398,10 @@ def network_activities(weights, biases, x, n_layers=None):
 # Adam, in place
 
 class Adam:
-    """Adam with bias correction (Kingma & Ba 2015) and optional L2 weight decay, in place.
+    """Adam with bias correction (Kingma & Ba 2015) and optional decoupled weight decay
+    (AdamW, Loshchilov & Hutter 2019: p *= 1 - lr * weight_decay before the step), in place.
+    Decay added to the gradient instead would be divided by sqrt(v_hat) like the gradient,
+    a pull of about lr per step whatever the weight's size: that silenced every unit.
 
     It keeps the undamped sums m_acc = sum_i beta1^(t-i) g_i and v_acc = sum_i
     beta2^(t-i) g_i^2, that is m / (1 - beta1) and v / (1 - beta2) of the textbook, so that
@@ -435,7 +438,8 @@ class Adam:
         flat = [a.reshape(-1) for a in (param, grad, self.m_acc, self.v_acc)]
         n = flat[0].size
         bounds = [(s, min(s + ADAM_CHUNK, n)) for s in range(0, n, ADAM_CHUNK)]
-        args = (flat, b1, b2, step_size, self.eps / k, flush)
+        decay = 1.0 - float(lr) * self.weight_decay
+        args = (flat, b1, b2, step_size, self.eps / k, decay, flush)
         if len(bounds) < 2 * ADAM_THREADS:
             self._chunks(bounds, self.scratch[0], *args)
         else:
@@ -445,13 +449,12 @@ class Adam:
             for job in jobs:
                 job.result()
 
-    def _chunks(self, bounds, scratch, flat, b1, b2, step_size, eps, flush):
+    def _chunks(self, bounds, scratch, flat, b1, b2, step_size, eps, decay, flush):
         for lo, hi in bounds:
             p, g, m, v = (a[lo:hi] for a in flat)
             tmp = scratch[:hi - lo]
-            if self.weight_decay:
-                np.multiply(p, self.weight_decay, out=tmp)
-                g += tmp
+            if decay != 1.0:
+                p *= decay
             m *= b1
             m += g
             v *= b2
@@ -1157,8 +1160,8 @@ def build_parser(resume=True, description=None, parents=()):
     p.add_argument("--top-k", type=int, default=d("top_k"),
                    help="layers whose activities feed the softmax")
     p.add_argument("--weight-decay", type=float, default=d("weight_decay"),
-                   help="L2 weight decay of the FF weights (in Adam's gradient; 1e-4 already "
-                        "silenced every unit at lr 0.03, see README)")
+                   help="decoupled weight decay of the FF weights (AdamW: each step "
+                        "multiplies them by 1 - lr * weight_decay)")
     p.add_argument("--goodness", choices=GOODNESS_KINDS, default=d("goodness"),
                    help="sum uses threshold * n_units, so both agree on every input")
     p.add_argument("--peer-norm", type=float, default=d("peer_norm"),

@@ -9,7 +9,7 @@ def textbook_adam(p, grads, lr, b1=0.9, b2=0.999, eps=1e-8, wd=0.0):
     m = np.zeros_like(p)
     v = np.zeros_like(p)
     for t, g in enumerate(grads, start=1):
-        g = g + wd * p
+        p = p * (1 - lr * wd)  # decoupled weight decay (AdamW)
         m = b1 * m + (1 - b1) * g
         v = b2 * v + (1 - b2) * g * g
         m_hat = m / (1 - b1 ** t)
