@@ -1,4 +1,4 @@
-"""Figures of a Forward-Forward run with hybrid negatives, drawn from a saved run folder.
+"""Figures of a Forward-Forward run (hybrid or label negatives), drawn from a saved run folder.
 
     python3 visualize_ff_hybrid_mnist.py --run runs/spec-seed0 --outdir viz
     python3 visualize_ff_hybrid_mnist.py --n-epochs 2 --n-train 5000 --outdir viz  # train, then draw
@@ -20,6 +20,7 @@ import sys
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 from matplotlib.ticker import MaxNLocator
 
 import ff_hybrid_mnist as ff
@@ -133,7 +134,7 @@ def top_units_by_norm(W, k=16):
     return np.argsort(-norms, kind="stable")[:k]
 
 
-def weights_figure(W, k=16):
+def weights_figure(W, k=16, label_pixels=False):
     units = top_units_by_norm(W, k)
     n_cols = int(np.ceil(np.sqrt(len(units))))
     n_rows = int(np.ceil(len(units) / n_cols))
@@ -144,23 +145,105 @@ def weights_figure(W, k=16):
         scale = np.abs(image).max() or 1.0
         ax.imshow(image, cmap="bwr", vmin=-scale, vmax=scale)  # white is 0
         ax.set_title(f"unit {j}  |w| {np.linalg.norm(image):.1f}", fontsize=8)
+        if label_pixels:  # the one-hot label lives in the first 10 pixels of the top row
+            ax.add_patch(Rectangle((-0.5, -0.5), ff.N_CLASSES, 1, fill=False, lw=0.8))
     for ax in axes:
         ax.set_xticks([]), ax.set_yticks([])
     for ax in axes[len(units):]:
         ax.set_visible(False)
     fig.suptitle(f"Layer 1: the {len(units)} units with the largest weight norm\n"
-                 "(red positive, blue negative, each image scaled to its own max |w|)",
-                 fontsize=10)
+                 "(red positive, blue negative, each image scaled to its own max |w|"
+                 + ("; boxed: the 10 label pixels" if label_pixels else "") + ")", fontsize=10)
     fig.tight_layout()
     return fig
+
+
+# -----------------------------------------------------------------------------
+# Label runs (--negatives label): goodness per label, confusion matrix
+
+def label_goodness_figure(scores, x, y, n_digits=8):
+    """Each digit beside the goodness that each of the ten labels gives it."""
+    fig = Figure(figsize=(2.0 * n_digits, 4.2), dpi=100)
+    axes = fig.subplots(2, n_digits, gridspec_kw={"height_ratios": [1, 1.3]})
+    for c in range(n_digits):
+        axes[0, c].imshow(x[c].reshape(28, 28), cmap="gray", vmin=0, vmax=1)
+        axes[0, c].set_xticks([]), axes[0, c].set_yticks([])
+        axes[0, c].set_title(f"label {y[c]}, predicted {scores[c].argmax()}", fontsize=8)
+        colours = ["tab:green" if k == y[c] else "tab:grey" for k in range(ff.N_CLASSES)]
+        axes[1, c].bar(range(ff.N_CLASSES), scores[c], color=colours)
+        axes[1, c].set_xticks(range(ff.N_CLASSES))
+        axes[1, c].tick_params(labelsize=7)
+    axes[1, 0].set_ylabel("goodness, summed")
+    fig.suptitle("Supervised FF: each test digit run once with each label; the prediction is "
+                 "the label with the most goodness (green: the true label)", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def confusion_figure(y_true, y_pred):
+    counts = np.zeros((ff.N_CLASSES, ff.N_CLASSES), int)
+    np.add.at(counts, (y_true, y_pred), 1)
+    fig = Figure(figsize=(5.6, 5), dpi=100)
+    ax = fig.subplots()
+    off = counts * (1 - np.eye(ff.N_CLASSES, dtype=int))  # the diagonal would swamp the colours
+    ax.imshow(off, cmap="Reds")
+    for i in range(ff.N_CLASSES):
+        for j in range(ff.N_CLASSES):
+            ax.text(j, i, counts[i, j], ha="center", va="center", fontsize=7,
+                    color="k" if i != j else "tab:green")
+    ax.set(xticks=range(ff.N_CLASSES), yticks=range(ff.N_CLASSES), xlabel="predicted label",
+           ylabel="true label",
+           title=f"Goodness read-out on {len(y_true)} test digits: "
+                 f"{100 * np.mean(y_true != y_pred):.2f}% wrong")
+    fig.tight_layout()
+    return fig
+
+
+def draw_label_run(run, x_test, y_test, rng, n_eval, outdir):
+    """The label run's figures; returns its numbers for figure_numbers.json."""
+    first = 1 if run.cfg.goodness_layer1 else 2
+    scores = ff.goodness_per_label(run.weights, run.biases, x_test, run.cfg.goodness, first)
+    predicted = scores.argmax(axis=1)
+    pick = rng.choice(len(x_test), 8, replace=False)
+    save_png(label_goodness_figure(scores[pick], x_test[pick], y_test[pick]),
+             os.path.join(outdir, "label_goodness.png"))
+    save_png(confusion_figure(y_test, predicted), os.path.join(outdir, "confusion_matrix.png"))
+    # goodness histograms: the right label against a wrong one drawn uniformly
+    digits = rng.choice(len(x_test), n_eval, replace=n_eval > len(x_test))
+    wrong = (y_test[digits] + rng.integers(1, ff.N_CLASSES, n_eval)) % ff.N_CLASSES
+    g_right = ff.layer_goodness(run.weights, run.biases,
+                                ff.embed_labels(x_test[digits], y_test[digits]), run.cfg.goodness)
+    g_wrong = ff.layer_goodness(run.weights, run.biases,
+                                ff.embed_labels(x_test[digits], wrong), run.cfg.goodness)
+    fig = goodness_figure(run, g_right, g_wrong)
+    for ax in fig.axes:
+        if ax.get_legend() is not None:
+            handles, _ = ax.get_legend_handles_labels()
+            ax.legend(handles, ["right label", "wrong label", "threshold"], fontsize=8)
+    fig.suptitle(f"Goodness of {n_eval} test digits with their right label and with a wrong one")
+    save_png(fig, os.path.join(outdir, "goodness_distributions.png"))
+    return {"goodness_test_error": float(np.mean(predicted != y_test)),
+            "separation_sigma": [float(ff.separation(r, w)) for r, w in zip(g_right, g_wrong)]}
 
 
 # -----------------------------------------------------------------------------
 # Main: train if asked, then draw everything from the saved run
 
 def draw(run, x_test, y_test, rng, n_eval, outdir):
-    """Write the four figures and figure_numbers.json; returns the numbers."""
+    """Write the four figures and figure_numbers.json; returns the numbers. A label run
+    gets the goodness per label, the confusion matrix, right- against wrong-label goodness,
+    the curves and the layer-1 weights (its label pixels boxed)."""
     os.makedirs(outdir, exist_ok=True)
+    if run.cfg.negatives == "label":
+        numbers = {"run": run.run_dir, "n_eval": n_eval,
+                   **draw_label_run(run, x_test, y_test, rng, n_eval, outdir),
+                   "test_error": run.metrics.get("test_error")}
+        save_png(classifier_curves_figure(run), os.path.join(outdir, "classifier_curves.png"))
+        save_png(weights_figure(run.weights[0], label_pixels=True),
+                 os.path.join(outdir, "weights_layer1.png"))
+        ff.write_json(os.path.join(outdir, "figure_numbers.json"), numbers)
+        print(f"goodness read-out: test error {100 * numbers['goodness_test_error']:.2f}%")
+        return numbers
     save_png(hybrid_examples_figure(x_test, y_test, rng, run.cfg.n_blur),
              os.path.join(outdir, "hybrid_examples.png"))
     real, hybrids = ff.evaluation_set(x_test, n_eval, rng, run.cfg.n_blur)

@@ -94,3 +94,17 @@ def test_top_units_by_norm_picks_the_largest_columns_largest_first():
     expected = np.argsort(column_norms)[::-1][:16]
     assert list(viz.top_units_by_norm(W)) == list(expected)
     assert viz.top_units_by_norm(W, k=1)[0] == int(np.argmax(column_norms))
+
+
+def test_label_run_figures_show_the_goodness_read_out(tmp_path):
+    run_dir, outdir = str(tmp_path / "run"), str(tmp_path / "viz")
+    assert viz.main(TINY + ["--negatives", "label", "--n-epochs", "1", "--out", run_dir,
+                            "--outdir", outdir, "--n-eval", "200"]) == 0
+    for name in ("label_goodness.png", "confusion_matrix.png", "goodness_distributions.png",
+                 "classifier_curves.png", "weights_layer1.png"):
+        image = iio.imread(os.path.join(outdir, name))
+        assert image[..., :3].std() > 5, f"{name} is blank"
+    assert not os.path.exists(os.path.join(outdir, "hybrid_examples.png"))
+    # the confusion matrix counts the same predictions as the run's own read-out
+    numbers = read_numbers(outdir)
+    assert numbers["goodness_test_error"] == ff.load_run(run_dir).metrics["goodness_test_error"]
