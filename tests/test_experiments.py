@@ -42,3 +42,19 @@ def test_sweep_refuses_out_resume_and_repeated_labels(tmp_path, text):
 def test_pairs_keeps_flag_values_together():
     assert plot_threshold_sweep.pairs(["--n-blur", "2", "--refresh-inputs", "--lr", "0.1"]) == [
         ("--n-blur", "2"), ("--refresh-inputs", None), ("--lr", "0.1")]
+
+
+def test_blur_plot_reads_sweep_records(tmp_path, capsys):
+    import plot_blur_sweep
+    results = tmp_path / "r.jsonl"
+    with open(results, "w") as f:
+        for n, val in ((2, 0.05), (6, 0.04), (10, 0.06)):
+            f.write(json.dumps({"label": f"b{n}", "rc": 0, "args": [
+                "--layer-sizes", "784,50,50", "--n-blur", str(n), "--val-size", "100"],
+                "metrics": {"val_error": val, "test_error": val + 0.01,
+                            "real_vs_hybrid_accuracy": [0.9, 0.8]}}) + "\n")
+        f.write(json.dumps({"label": "failed", "rc": 1, "args": []}) + "\n")
+    plot_blur_sweep.main([str(results), "--out", str(tmp_path / "b.png")])
+    printed = capsys.readouterr().out
+    assert (tmp_path / "b.png").stat().st_size > 1000
+    assert "n_blur  6: val error 4.00%  test error 5.00%" in printed
