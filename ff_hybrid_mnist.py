@@ -336,7 +336,7 @@ def layer_loss_and_grads(x_normed, W, b, n_pos, threshold, goodness_kind="mean",
     Returns loss, dW, db, h, g, r (r is None without peer normalisation). `work` holds
     preallocated buffers (see LayerWork) so the training loop allocates nothing large.
     """
-    n_rows, n_units = len(x_normed), W.shape[1]
+    n_units = W.shape[1]
     h = layer_forward(x_normed, W, b, out=None if work is None else work.h)
     g = goodness(h, goodness_kind)
     margin = g - threshold
@@ -492,7 +492,7 @@ def _adam_pool():
 
 
 # -----------------------------------------------------------------------------
-# FF training: every layer, every batch, B positives and B fresh hybrids
+# FF training: every layer, every batch, B positives and B fresh negatives
 
 GOODNESS_KINDS = ("mean", "sum")
 SCHEDULES = ("parallel", "greedy")
@@ -597,8 +597,7 @@ class FFState:
     peer_means: list
     rng: np.random.Generator
     epochs_done: int = 0
-    history: dict = field(default_factory=lambda: {k: [] for k in (
-        "loss", "g_pos", "g_neg", "accuracy", "seconds", "lr")})
+    history: dict = field(default_factory=lambda: {"loss": [], "accuracy": [], "seconds": []})
 
     @classmethod
     def fresh(cls, cfg, rng):
@@ -649,6 +648,75 @@ def label_batches(x_train, y_train, cfg, rng, x):
 BATCHES = {"hybrid": hybrid_batches, "label": label_batches}
 
 
+def train_layer_step(state, l, x_in, cfg, lr, work, learns=True, refresh=False):
+    """Layer l's part of one step on x_in, the L2-normalised stacked batch (positives, then
+    as many negatives): forward, FF loss and gradient, Adam on W and b, the peer-norm running
+    mean. A frozen layer (greedy: one below the layer that learns) only runs forward.
+
+    Returns (loss, g, h): loss is NaN for a frozen layer; h is what the layer above sees,
+    the output from before this step's update unless refresh.
+    """
+    W, b = state.weights[l], state.biases[l]
+    if not learns:
+        h = layer_forward(x_in, W, b, out=work.h)
+        return np.nan, goodness(h, cfg.goodness), h
+    loss, dW, db, h, g, r = layer_loss_and_grads(
+        x_in, W, b, cfg.batch_size, cfg.layer_threshold(W.shape[1]), cfg.goodness,
+        cfg.peer_norm, state.peer_means[l], work=work)
+    state.adam_w[l].step(W, dW, lr)
+    state.adam_b[l].step(b, db, lr)
+    if r is not None:
+        state.peer_means[l][...] = r
+    if refresh:
+        h = layer_forward(x_in, W, b, out=work.h)
+    return loss, g, h
+
+
+def batch_stats(loss, g, n_pos, threshold):
+    """One row of an epoch's sums: the loss, the accuracy of telling positives from negatives
+    at the threshold, and 1 if any unit of the layer was on."""
+    accuracy = ((g[:n_pos] > threshold).mean() + (g[n_pos:] < threshold).mean()) / 2
+    return np.stack([np.asarray(v, dtype=np.float64) for v in (loss, accuracy, g.max() > 0)])
+
+
+def check_loss(loss, epoch, l, batch=None):
+    if not np.isfinite(loss):
+        where = f"epoch {epoch + 1}, layer {l + 1}" + ("" if batch is None else f", batch {batch + 1}")
+        raise TrainingDiverged(f"FF loss is {loss} in {where}; try a lower --lr")
+
+
+def check_silent(cfg, sums, trained, epoch):
+    """A silent layer has no gradient (ReLU), so it stays silent for good. (A test of
+    "accuracy at chance and loss not falling" was measured to stop tiny runs that were still
+    learning, so only this certain case stops a run.)"""
+    for l in trained:
+        if sums[l, 2] == 0:
+            cause = (f"--lr {cfg.lr} too high" + (f" or --weight-decay {cfg.weight_decay}"
+                                                  if cfg.weight_decay else ""))
+            raise TrainingDiverged(
+                f"layer {l + 1} went silent in epoch {epoch + 1}: every unit was 0 on every "
+                f"batch, so it cannot learn again; likely cause {cause}")
+
+
+def record_epoch(history, means, top, seconds):
+    """Appends an epoch's per-layer means; None for a layer above those trained this epoch
+    (greedy) or a NaN, so JSON holds no NaN."""
+    for key, column in (("loss", means[:, 0]), ("accuracy", means[:, 1])):
+        history[key].append([float(v) if l < top and np.isfinite(v) else None
+                             for l, v in enumerate(column)])
+    history["seconds"].append(seconds)
+
+
+def progress_line(cfg, history, epoch, elapsed, eta):
+    def row(values, fmt):
+        return " ".join("  -  " if v is None else fmt(v) for v in values)
+    return (f"epoch {epoch + 1:3d}/{total_epochs(cfg)}  loss "
+            + row(history["loss"][-1], lambda v: f"{v:.3f}")
+            + ("  real-vs-hybrid acc " if cfg.negatives == "hybrid" else "  pos-vs-neg acc ")
+            + row(history["accuracy"][-1], lambda v: f"{100 * v:.1f}")
+            + f"  {history['seconds'][-1]:.1f} s  elapsed {elapsed:.0f} s  eta {eta:.0f} s")
+
+
 def train_ff(x_train, cfg, state, callback=None, log=print, y_train=None):
     """Train state in place up to total_epochs(cfg), one progress line per epoch.
 
@@ -656,79 +724,36 @@ def train_ff(x_train, cfg, state, callback=None, log=print, y_train=None):
     before its own update of this step (one forward pass serves forward and gradient), unless
     cfg.refresh_inputs. callback(epoch, state) runs after each epoch.
     """
-    n, B = len(x_train), cfg.batch_size
-    n_batches = n // B
-    n_layers = len(cfg.layer_sizes) - 1
-    epochs = total_epochs(cfg)
-    x = np.empty((2 * B, cfg.layer_sizes[0]), np.float32)  # positives, then hybrids
+    B, n_layers, epochs = cfg.batch_size, len(cfg.layer_sizes) - 1, total_epochs(cfg)
+    n_batches = len(x_train) // B
+    x = np.empty((2 * B, cfg.layer_sizes[0]), np.float32)  # positives, then negatives
     inputs = [np.empty((2 * B, size), np.float32) for size in cfg.layer_sizes[:-1]]
     work = [LayerWork.allocate(2 * B, n_in, n_out)
             for n_in, n_out in zip(cfg.layer_sizes[:-1], cfg.layer_sizes[1:])]
-    thresholds = [cfg.layer_threshold(n_out) for n_out in cfg.layer_sizes[1:]]
-    rng, hist = state.rng, state.history
     t_start, start_epoch = time.perf_counter(), state.epochs_done
     for epoch in range(start_epoch, epochs):
         t0 = time.perf_counter()
-        trained = (range(n_layers) if cfg.schedule == "parallel"
-                   else [epoch // cfg.n_epochs])
+        trained = range(n_layers) if cfg.schedule == "parallel" else [epoch // cfg.n_epochs]
         top = max(trained) + 1
-        sums = np.zeros((4, n_layers))  # loss, g_pos, g_neg, accuracy
-        active = np.zeros(n_layers, bool)  # any unit of the layer > 0 in any batch
-        for i, _ in enumerate(BATCHES[cfg.negatives](x_train, y_train, cfg, rng, x)):
+        sums = np.zeros((n_layers, 3))  # per layer: loss, accuracy, batches with a unit on
+        for i, _ in enumerate(BATCHES[cfg.negatives](x_train, y_train, cfg, state.rng, x)):
             # a greedy stage decays the rate over its own epochs
             lr = learning_rate(cfg, (epoch % cfg.n_epochs + i / n_batches) / cfg.n_epochs)
             l2_normalize(x, out=inputs[0])
             for l in range(top):
-                W, b = state.weights[l], state.biases[l]
-                if l not in trained:  # greedy: a frozen layer below only passes data up
-                    h = layer_forward(inputs[l], W, b, out=work[l].h)
-                    g = goodness(h, cfg.goodness)
-                    loss = np.nan
-                else:
-                    loss, dW, db, h, g, r = layer_loss_and_grads(
-                        inputs[l], W, b, B, thresholds[l], cfg.goodness,
-                        cfg.peer_norm, state.peer_means[l], work=work[l])
-                    if not np.isfinite(loss):
-                        raise TrainingDiverged(f"FF loss is {loss} in epoch {epoch + 1}, "
-                                               f"layer {l + 1}, batch {i + 1}; try a lower --lr")
-                    state.adam_w[l].step(W, dW, lr)
-                    state.adam_b[l].step(b, db, lr)
-                    if r is not None:
-                        state.peer_means[l][...] = r
-                    if cfg.refresh_inputs and l + 1 < top:
-                        h = layer_forward(inputs[l], W, b, out=work[l].h)
+                loss, g, h = train_layer_step(state, l, inputs[l], cfg, lr, work[l], l in trained,
+                                              refresh=cfg.refresh_inputs and l + 1 < top)
+                if l in trained:
+                    check_loss(loss, epoch, l, i)
+                sums[l] += batch_stats(loss, g, B, cfg.layer_threshold(h.shape[1]))
                 if l + 1 < top:
                     l2_normalize(h, out=inputs[l + 1])
-                active[l] |= g.max() > 0
-                gp, gn = g[:B].mean(), g[B:].mean()
-                acc = ((g[:B] > thresholds[l]).mean() + (g[B:] < thresholds[l]).mean()) / 2
-                sums[:, l] += (loss, gp, gn, acc)
-        means = sums / n_batches
-        seconds = time.perf_counter() - t0
-        for key, row in zip(("loss", "g_pos", "g_neg", "accuracy"), means):
-            # None: a layer not trained this epoch (greedy), so JSON holds no NaN
-            hist[key].append([float(v) if l < top and np.isfinite(v) else None
-                              for l, v in enumerate(row)])
-        hist["seconds"].append(seconds)
-        hist["lr"].append(lr)
+        record_epoch(state.history, sums / n_batches, top, time.perf_counter() - t0)
         state.epochs_done = epoch + 1
         elapsed = time.perf_counter() - t_start
-        eta = elapsed / (epoch + 1 - start_epoch) * (epochs - epoch - 1)
-        log(f"epoch {epoch + 1:3d}/{epochs}  loss "
-            + " ".join("  -  " if v is None else f"{v:.3f}" for v in hist["loss"][-1])
-            + ("  real-vs-hybrid acc " if cfg.negatives == "hybrid" else "  pos-vs-neg acc ")
-            + " ".join("  -  " if v is None else f"{100 * v:.1f}" for v in hist["accuracy"][-1])
-            + f"  {seconds:.1f} s  elapsed {elapsed:.0f} s  eta {eta:.0f} s", flush=True)
-        for l in trained:
-            # A silent layer has no gradient (ReLU), so it stays silent for good. (A test of
-            # "accuracy at chance and loss not falling" was measured to stop tiny runs that
-            # were still learning, so only this certain case stops a run.)
-            if not active[l]:
-                cause = (f"--lr {cfg.lr} too high" + (f" or --weight-decay {cfg.weight_decay}"
-                                                      if cfg.weight_decay else ""))
-                raise TrainingDiverged(
-                    f"layer {l + 1} went silent in epoch {epoch + 1}: every unit was 0 on every "
-                    f"batch, so it cannot learn again; likely cause {cause}")
+        log(progress_line(cfg, state.history, epoch, elapsed,
+                          eta=elapsed / (epoch + 1 - start_epoch) * (epochs - epoch - 1)), flush=True)
+        check_silent(cfg, sums, trained, epoch)
         if callback is not None:
             callback(epoch, state)
     return state
