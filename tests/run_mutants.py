@@ -46,7 +46,8 @@ MUTANTS = {  # name -> (text in ff_hybrid_mnist.py, its replacement, and so on)
         "embed_labels(x_train[rows], wrong, out=x[B:])",
         "embed_labels(x_train[rows], wrong, out=x[:B])"),
     "label negatives: label pixels not written": (
-        "    if labels is not None:\n        out[np.arange(len(out)), labels] = LABEL_ON\n", ""),
+        "    if labels is not None:\n        out[xp.arange(len(out)), xp.asarray(labels)] = LABEL_ON\n",
+        ""),
 }
 
 
