@@ -7,9 +7,10 @@ short-range statistics of real digits and destroys their long-range shape.
 After this unsupervised training the network is frozen and a linear softmax
 on the L2-normalised activities of the top layers is fitted to the labels.
 
-The file reads in the order the data flows:
-MNIST -> hybrid negatives -> layer maths -> Adam -> FF training loop (FFConfig: everything
-a run depends on) -> softmax head -> evaluation helpers (for the figures) -> run artefacts
+The file reads in the order the data flows, after a few lines on devices (--device gpu runs
+the same functions on CuPy arrays): MNIST -> hybrid negatives -> label negatives -> layer
+maths -> Adam (and its device-specific speed) -> FF training loop (FFConfig: everything a
+run depends on) -> softmax head -> evaluation helpers (for the figures) -> run artefacts
 -> CLI.
 
     python3 ff_hybrid_mnist.py                      # the SPEC run, seed 0
@@ -1425,10 +1426,11 @@ def settle_args(args, parser, argv=None, default_out=None):
                                              for f in ("model.npz", "checkpoint.npz")):
             raise SettingsError(f"{run_dir} already holds a run; use --resume {run_dir} "
                                 "or another --out")
-    if cfg.device == "gpu" and gpu_problem():
+    problem = cfg.device == "gpu" and gpu_problem()
+    if problem:
         resumed = getattr(args, "resume", None) and "device" not in given
-        raise SettingsError(gpu_problem() + ("; --device cpu continues the run on the CPU"
-                                             if resumed else ""))
+        raise SettingsError(problem + ("; --device cpu continues the run on the CPU"
+                                       if resumed else ""))
     args.config, args.run_dir, args.given = cfg, run_dir, given
     return args
 
