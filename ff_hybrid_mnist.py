@@ -7,9 +7,10 @@ short-range statistics of real digits and destroys their long-range shape.
 After this unsupervised training the network is frozen and a linear softmax
 on the L2-normalised activities of the top layers is fitted to the labels.
 
-The file reads in the order the data flows:
-MNIST -> hybrid negatives -> layer maths -> Adam -> FF training loop (FFConfig: everything
-a run depends on) -> softmax head -> evaluation helpers (for the figures) -> run artefacts
+The file reads in the order the data flows, after a few lines on devices (--device gpu runs
+the same functions on CuPy arrays): MNIST -> hybrid negatives -> label negatives -> layer
+maths -> Adam (and its device-specific speed) -> FF training loop (FFConfig: everything a
+run depends on) -> softmax head -> evaluation helpers (for the figures) -> run artefacts
 -> CLI.
 
     python3 ff_hybrid_mnist.py                      # the SPEC run, seed 0
@@ -19,6 +20,7 @@ a run depends on) -> softmax head -> evaluation helpers (for the figures) -> run
 import argparse
 import dataclasses
 import datetime
+import functools
 import gzip
 import hashlib
 import json
@@ -34,6 +36,45 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
+
+try:  # optional: --device gpu runs the same functions on CuPy arrays
+    import cupy
+except ImportError:
+    cupy = None
+
+# -----------------------------------------------------------------------------
+# Devices: every function takes its array module (numpy or CuPy) from its arguments
+
+DEVICES = ("cpu", "gpu")
+
+
+def xp_of(*arrays):
+    """numpy, or CuPy when any of the arrays lives on the GPU."""
+    return cupy.get_array_module(*arrays) if cupy is not None else np
+
+
+def array_module(device):
+    return cupy if device == "gpu" else np
+
+
+def to_host(a):
+    """a as a numpy array: a GPU array is copied back, a numpy array is returned as it is."""
+    return cupy.asnumpy(a) if cupy is not None else a
+
+
+def gpu_problem():
+    """Why --device gpu cannot run here, in one line; None when CuPy can use a GPU."""
+    if cupy is None:
+        return ("--device gpu needs CuPy, which is not installed "
+                "(pip install -r requirements-gpu.txt)")
+    try:  # a device, its driver and the kernel compiler must all answer
+        int((cupy.arange(2) + 1).sum())
+    except Exception as e:  # no driver, no device, a CUDA mismatch: each raises its own kind
+        detail = (str(e).splitlines() or [""])[0]
+        return (f"--device gpu: CuPy {cupy.__version__} cannot use a GPU here "
+                f"({e.__class__.__name__}: {detail})")
+    return None
+
 
 # -----------------------------------------------------------------------------
 # MNIST: find, download, verify and read the four IDX files
@@ -247,16 +288,19 @@ def blur_matrix(n_blur, side=28):
     return np.linalg.matrix_power(P, n_blur)
 
 
-def make_masks(n, rng, n_blur=6, side=28):
-    """n boolean masks (n, side*side): uniform random bits, blurred n_blur times, > 0.5.
+def make_masks(n, rng, n_blur=6, side=28, xp=np):
+    """n boolean masks (n, side*side) in xp's memory: uniform random bits, blurred n_blur
+    times, > 0.5.
 
     The blurred values are multiples of 4^-(2 n_blur) in [0, 1], so float32 (24-bit
     significand) holds every product and sum exactly up to n_blur = 6, float64 up to 13:
-    the threshold sees the exact blur either way.
+    the threshold sees the exact blur either way, in any summation order, on any device.
     """
     dtype = np.float32 if n_blur <= 6 else np.float64
-    B = blur_matrix(n_blur, side).astype(dtype)
-    bits = np.unpackbits(np.frombuffer(rng.bytes(-(-n * side * side // 8)), np.uint8))
+    B = xp.asarray(blur_matrix(n_blur, side).astype(dtype))
+    # the bits come from the host generator, so a seed draws the same masks on every device
+    packed = xp.asarray(np.frombuffer(rng.bytes(-(-n * side * side // 8)), np.uint8))
+    bits = xp.unpackbits(packed)
     bits = bits[:n * side * side].reshape(n * side, side).astype(dtype)
     rows_blurred = (bits @ B.T).reshape(n, side, side)                 # M B^T
     blurred = rows_blurred.transpose(0, 2, 1).reshape(n * side, side) @ B.T  # (B M B^T)^T
@@ -265,10 +309,11 @@ def make_masks(n, rng, n_blur=6, side=28):
 
 def make_hybrid_batch(a, b, rng, n_blur=6, out=None):
     """Hybrids of image rows a and b, one fresh mask per pair; returns (hybrids, masks)."""
-    masks = make_masks(len(a), rng, n_blur)
-    out = np.empty_like(a) if out is None else out
-    np.copyto(out, b)
-    np.copyto(out, a, where=masks)
+    xp = xp_of(a)
+    masks = make_masks(len(a), rng, n_blur, xp=xp)
+    out = xp.empty_like(a) if out is None else out
+    xp.copyto(out, b)
+    xp.copyto(out, a, where=masks)
     return out, masks
 
 
@@ -283,12 +328,13 @@ LABEL_NEUTRAL = 0.1   # every label pixel of the neutral label, for the softmax 
 def embed_labels(x, labels, out=None):
     """x with its first 10 pixels (always blank in MNIST) replaced by the one-hot label;
     labels=None writes the neutral label. Every label gives the input the same norm."""
-    out = np.array(x, copy=True) if out is None else out
+    xp = xp_of(x)
+    out = xp.array(x, copy=True) if out is None else out
     if out is not x:
-        np.copyto(out, x)
+        xp.copyto(out, x)
     out[:, :N_CLASSES] = LABEL_NEUTRAL if labels is None else 0.0
     if labels is not None:
-        out[np.arange(len(out)), labels] = LABEL_ON
+        out[xp.arange(len(out)), xp.asarray(labels)] = LABEL_ON
     return out
 
 
@@ -297,26 +343,28 @@ def embed_labels(x, labels, out=None):
 
 def l2_normalize(x, out=None, eps=1e-8):
     """Rows scaled to unit length, so a layer sees only the direction of the layer below."""
-    norm = np.sqrt(np.einsum("ij,ij->i", x, x))
+    xp = xp_of(x)
+    norm = xp.sqrt(xp.einsum("ij,ij->i", x, x))
     norm += eps
-    return np.divide(x, norm[:, None], out=out)
+    return xp.divide(x, norm[:, None], out=out)
 
 
 def layer_forward(x_normed, W, b, out=None):
     """h = ReLU(x W + b) for L2-normalised rows x."""
-    h = np.matmul(x_normed, W, out=out)
+    xp = xp_of(x_normed, W)
+    h = xp.matmul(x_normed, W, out=out)
     h += b
-    return np.maximum(h, 0, out=h)
+    return xp.maximum(h, 0, out=h)
 
 
 def goodness(h, kind="mean"):
     """Mean (the SPEC) or sum of squared activities per row."""
-    g = np.einsum("ij,ij->i", h, h)
+    g = xp_of(h).einsum("ij,ij->i", h, h)
     return g / h.shape[1] if kind == "mean" else g
 
 
 def sigmoid(t):
-    return 0.5 * (1.0 + np.tanh(0.5 * t))  # no overflow for any t
+    return 0.5 * (1.0 + xp_of(t).tanh(0.5 * t))  # no overflow for any t
 
 
 def layer_loss_and_grads(x_normed, W, b, n_pos, threshold, goodness_kind="mean",
@@ -336,28 +384,28 @@ def layer_loss_and_grads(x_normed, W, b, n_pos, threshold, goodness_kind="mean",
     Returns loss, dW, db, h, g, r (r is None without peer normalisation). `work` holds
     preallocated buffers (see LayerWork) so the training loop allocates nothing large.
     """
-    n_rows, n_units = len(x_normed), W.shape[1]
+    xp, n_units = xp_of(x_normed, W), W.shape[1]
     h = layer_forward(x_normed, W, b, out=None if work is None else work.h)
     g = goodness(h, goodness_kind)
     margin = g - threshold
     margin[:n_pos] *= -1
-    loss = np.logaddexp(0.0, margin).sum() / n_pos
+    loss = xp.logaddexp(0.0, margin).sum() / n_pos
     dloss_dg = sigmoid(margin) / n_pos
     dloss_dg[:n_pos] *= -1
     scale = 2.0 / n_units if goodness_kind == "mean" else 2.0
-    dz = np.multiply(h, (scale * dloss_dg)[:, None].astype(h.dtype, copy=False),
+    dz = xp.multiply(h, (scale * dloss_dg)[:, None].astype(h.dtype, copy=False),
                      out=None if work is None else work.dz)
     r = None
     if peer_coef > 0:
         activity = h[:n_pos].mean(axis=0)
         r = peer_momentum * peer_mean + (1 - peer_momentum) * activity
         deviation = r - r.mean()
-        loss += peer_coef * np.mean(deviation ** 2)
+        loss += peer_coef * xp.mean(deviation ** 2)
         # d/dr_j of mean_k (r_k - mean r)^2 is 2 (r_j - mean r)/n_units; the mean's own
         # derivative cancels because the deviations sum to zero.
         dactivity = peer_coef * (1 - peer_momentum) * 2.0 / n_units * deviation / n_pos
         dz[:n_pos] += (h[:n_pos] > 0) * dactivity.astype(h.dtype, copy=False)
-    dW = np.matmul(x_normed.T, dz, out=None if work is None else work.dW)
+    dW = xp.matmul(x_normed.T, dz, out=None if work is None else work.dW)
     db = dz.sum(axis=0)
     return loss, dW, db, h, g, r
 
@@ -370,9 +418,9 @@ class LayerWork:
     dW: np.ndarray
 
     @classmethod
-    def allocate(cls, n_rows, n_in, n_out):
-        return cls(np.empty((n_rows, n_out), np.float32), np.empty((n_rows, n_out), np.float32),
-                   np.empty((n_in, n_out), np.float32))
+    def allocate(cls, n_rows, n_in, n_out, xp=np):
+        return cls(xp.empty((n_rows, n_out), np.float32), xp.empty((n_rows, n_out), np.float32),
+                   xp.empty((n_in, n_out), np.float32))
 
 
 def init_network(layer_sizes, rng):
@@ -386,7 +434,9 @@ def init_network(layer_sizes, rng):
 
 
 def network_activities(weights, biases, x, n_layers=None):
-    """Activities h of each layer (or the first n_layers) for raw input rows x."""
+    """Activities h of each layer (or the first n_layers) for raw input rows x, computed
+    where the weights live (host rows are copied there)."""
+    x = xp_of(x, *weights).asarray(x)
     hs = []
     for W, b in list(zip(weights, biases))[:n_layers]:
         x = layer_forward(l2_normalize(x), W, b)
@@ -409,21 +459,15 @@ class Adam:
         p -= lr * m_hat / (sqrt(v_hat) + eps)
            = step_size * m_acc / (sqrt(v_acc) + eps / k),   k = sqrt((1-beta2)/(1-beta2^t)),
     step_size = lr (1-beta1) / ((1-beta1^t) k).
-
-    The passes run over chunks of ADAM_CHUNK elements, so that a chunk of p, g, m, v and the
-    scratch stays in cache through all ten instead of each pass streaming the whole layer
-    from memory; large parameters are split between ADAM_THREADS threads (numpy releases the
-    GIL). Every element sees the same operations either way, so the result is bit for bit
-    that of one pass over the whole array.
+    How the passes run (threaded chunks on the CPU, one fused kernel on the GPU) is below.
     """
 
     def __init__(self, param, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0):
         self.beta1, self.beta2, self.eps, self.weight_decay = beta1, beta2, eps, weight_decay
-        self.m_acc = np.zeros_like(param)
-        self.v_acc = np.zeros_like(param)
+        self.m_acc = xp_of(param).zeros_like(param)
+        self.v_acc = xp_of(param).zeros_like(param)
         self.t = 0
-        size = min(param.size, ADAM_CHUNK)
-        self.scratch = [np.empty(size, param.dtype) for _ in range(ADAM_THREADS)]
+        self.scratch = None  # the CPU passes' buffers, made on the first CPU step
 
     def step(self, param, grad, lr):
         b1, b2 = self.beta1, self.beta2
@@ -432,52 +476,29 @@ class Adam:
         # compute in float64 and cast back, at several times the cost
         k = math.sqrt((1 - b2) / (1 - b2 ** self.t))
         step_size = float(lr) * (1 - b1) / ((1 - b1 ** self.t) * k)
-        flush = self.t % 16 == 0
-        if not (param.flags.c_contiguous and grad.flags.c_contiguous):
-            raise ValueError("Adam updates contiguous arrays only")  # reshape would copy
-        flat = [a.reshape(-1) for a in (param, grad, self.m_acc, self.v_acc)]
-        n = flat[0].size
-        bounds = [(s, min(s + ADAM_CHUNK, n)) for s in range(0, n, ADAM_CHUNK)]
         decay = 1.0 - float(lr) * self.weight_decay
-        args = (flat, b1, b2, step_size, self.eps / k, decay, flush)
-        if len(bounds) < 2 * ADAM_THREADS:
-            self._chunks(bounds, self.scratch[0], *args)
+        # A moment that stops receiving gradient (an input unit silent for a while) decays
+        # geometrically into float32 subnormals, and arithmetic on subnormals is ~100x slower
+        # on x86: without this, late epochs ran twice as slow. A moment below 1e-30 moves a
+        # weight by less than ~1e-24 per step, so zeroing it every 16 steps is invisible at
+        # float32 resolution (the textbook update is kept otherwise).
+        flush_below = 1e-30 if self.t % 16 == 0 else 0.0
+        scalars = (decay, b1, b2, step_size, self.eps / k, flush_below)
+        if xp_of(param) is np:
+            if self.scratch is None:
+                size = min(param.size, ADAM_CHUNK)
+                self.scratch = [np.empty(size, param.dtype) for _ in range(ADAM_THREADS)]
+            adam_cpu(param, grad, self.m_acc, self.v_acc, *scalars, self.scratch)
         else:
-            share = -(-len(bounds) // ADAM_THREADS)
-            jobs = [_adam_pool().submit(self._chunks, bounds[i * share:(i + 1) * share],
-                                        self.scratch[i], *args) for i in range(ADAM_THREADS)]
-            for job in jobs:
-                job.result()
-
-    def _chunks(self, bounds, scratch, flat, b1, b2, step_size, eps, decay, flush):
-        for lo, hi in bounds:
-            p, g, m, v = (a[lo:hi] for a in flat)
-            tmp = scratch[:hi - lo]
-            if decay != 1.0:
-                p *= decay
-            m *= b1
-            m += g
-            v *= b2
-            np.multiply(g, g, out=tmp)
-            v += tmp
-            np.sqrt(v, out=tmp)
-            tmp += eps
-            np.divide(m, tmp, out=tmp)
-            tmp *= step_size
-            p -= tmp
-            if flush:
-                # A moment that stops receiving gradient (an input unit silent for a while)
-                # decays geometrically into float32 subnormals, and arithmetic on subnormals
-                # is ~100x slower on x86: without this, late epochs ran twice as slow. A
-                # moment below 1e-30 moves a weight by less than ~1e-24 per step, so zeroing
-                # it is invisible at float32 resolution (the textbook update is kept otherwise).
-                for moment in (m, v):
-                    np.abs(moment, out=tmp)
-                    np.putmask(moment, tmp < 1e-30, 0)
+            adam_kernel()(grad, *scalars, param, self.m_acc, self.v_acc)
 
     def load_state(self, m_acc, v_acc, t):
         self.m_acc[...], self.v_acc[...], self.t = m_acc, v_acc, int(t)
 
+
+# -----------------------------------------------------------------------------
+# Device-specific speed, the one place for it: Adam's passes on the CPU and on the GPU.
+# Both do, per element, what Adam.step's docstring says, in the same order.
 
 ADAM_CHUNK = 1 << 18    # elements: 1 MiB of float32 per array (bench/bench_adam.py)
 ADAM_THREADS = 2
@@ -491,8 +512,69 @@ def _adam_pool():
     return _ADAM_POOL[0]
 
 
+def adam_cpu(param, grad, m_acc, v_acc, decay, b1, b2, step_size, eps, flush_below, scratch):
+    """The passes run over chunks of ADAM_CHUNK elements, so that a chunk of p, g, m, v and
+    the scratch stays in cache through all ten instead of each pass streaming the whole layer
+    from memory; large parameters are split between ADAM_THREADS threads (numpy releases the
+    GIL). Every element sees the same operations either way, so the result is bit for bit
+    that of one pass over the whole array."""
+    if not (param.flags.c_contiguous and grad.flags.c_contiguous):
+        raise ValueError("Adam updates contiguous arrays only")  # reshape would copy
+    flat = [a.reshape(-1) for a in (param, grad, m_acc, v_acc)]
+    n = flat[0].size
+    bounds = [(s, min(s + ADAM_CHUNK, n)) for s in range(0, n, ADAM_CHUNK)]
+    args = (flat, decay, b1, b2, step_size, eps, flush_below)
+    if len(bounds) < 2 * ADAM_THREADS:
+        _adam_chunks(bounds, scratch[0], *args)
+    else:
+        share = -(-len(bounds) // ADAM_THREADS)
+        jobs = [_adam_pool().submit(_adam_chunks, bounds[i * share:(i + 1) * share],
+                                    scratch[i], *args) for i in range(ADAM_THREADS)]
+        for job in jobs:
+            job.result()
+
+
+def _adam_chunks(bounds, scratch, flat, decay, b1, b2, step_size, eps, flush_below):
+    for lo, hi in bounds:
+        p, g, m, v = (a[lo:hi] for a in flat)
+        tmp = scratch[:hi - lo]
+        if decay != 1.0:
+            p *= decay
+        m *= b1
+        m += g
+        v *= b2
+        np.multiply(g, g, out=tmp)
+        v += tmp
+        np.sqrt(v, out=tmp)
+        tmp += eps
+        np.divide(m, tmp, out=tmp)
+        tmp *= step_size
+        p -= tmp
+        if flush_below:
+            for moment in (m, v):
+                np.abs(moment, out=tmp)
+                np.putmask(moment, tmp < flush_below, 0)
+
+
+@functools.lru_cache(maxsize=None)
+def adam_kernel():
+    """On the GPU the ten passes are one elementwise kernel: each element is read and written
+    once per step instead of ten times. Called (grad, decay, b1, b2, step_size, eps,
+    flush_below, param, m_acc, v_acc); the scalars take the arrays' dtype."""
+    return cupy.ElementwiseKernel(
+        "T g, T decay, T b1, T b2, T step_size, T eps, T flush_below", "T p, T m, T v",
+        """
+        p *= decay;
+        m = m * b1 + g;
+        v = v * b2 + g * g;
+        p -= step_size * (m / (sqrt(v) + eps));
+        if (fabs(m) < flush_below) m = 0;
+        if (fabs(v) < flush_below) v = 0;
+        """, "ff_adam_step")
+
+
 # -----------------------------------------------------------------------------
-# FF training: every layer, every batch, B positives and B fresh hybrids
+# FF training: every layer, every batch, B positives and B fresh negatives
 
 GOODNESS_KINDS = ("mean", "sum")
 SCHEDULES = ("parallel", "greedy")
@@ -527,6 +609,9 @@ class FFConfig:
     seed: int = 0
     n_train: int = None           # None: every training digit not held out by val_size
     val_size: int = 0
+    # where it runs: "gpu" agrees with "cpu" to float32 rounding, not bit for bit; a run may
+    # be resumed on the other device
+    device: str = "cpu"
 
     def __post_init__(self):
         def refuse(name, why):
@@ -541,7 +626,8 @@ class FFConfig:
         if min(self.layer_sizes) < 1:
             refuse("layer_sizes", "every layer needs at least 1 unit")
         for name, choices in (("goodness", GOODNESS_KINDS), ("schedule", SCHEDULES),
-                              ("lr_decay", LR_DECAYS), ("negatives", NEGATIVES)):
+                              ("lr_decay", LR_DECAYS), ("negatives", NEGATIVES),
+                              ("device", DEVICES)):
             if getattr(self, name) not in choices:
                 refuse(name, f"is not one of {', '.join(choices)}")
         if isinstance(self.val_size, (int, np.integer)) and self.val_size >= N_TRAIN_MAX:
@@ -597,8 +683,7 @@ class FFState:
     peer_means: list
     rng: np.random.Generator
     epochs_done: int = 0
-    history: dict = field(default_factory=lambda: {k: [] for k in (
-        "loss", "g_pos", "g_neg", "accuracy", "seconds", "lr")})
+    history: dict = field(default_factory=lambda: {"loss": [], "accuracy": [], "seconds": []})
 
     @classmethod
     def fresh(cls, cfg, rng):
@@ -607,6 +692,16 @@ class FFState:
                    [Adam(W, weight_decay=cfg.weight_decay) for W in weights],
                    [Adam(b) for b in biases],
                    [np.zeros_like(b) for b in biases], rng)
+
+    def to(self, xp):
+        """Every array moved into xp's memory (numpy: the host), in place; returns self."""
+        move = to_host if xp is np else xp.asarray
+        self.weights = [move(W) for W in self.weights]
+        self.biases = [move(b) for b in self.biases]
+        self.peer_means = [move(r) for r in self.peer_means]
+        for adam in self.adam_w + self.adam_b:
+            adam.m_acc, adam.v_acc = move(adam.m_acc), move(adam.v_acc)
+        return self
 
 
 def learning_rate(cfg, progress):
@@ -649,6 +744,78 @@ def label_batches(x_train, y_train, cfg, rng, x):
 BATCHES = {"hybrid": hybrid_batches, "label": label_batches}
 
 
+def train_layer_step(state, l, x_in, cfg, lr, work, learns=True, refresh=False):
+    """Layer l's part of one step on x_in, the L2-normalised stacked batch (positives, then
+    as many negatives): forward, FF loss and gradient, Adam on W and b, the peer-norm running
+    mean. A frozen layer (greedy: one below the layer that learns) only runs forward.
+
+    Returns (loss, g, h): loss is NaN for a frozen layer; h is what the layer above sees,
+    the output from before this step's update unless refresh.
+    """
+    W, b = state.weights[l], state.biases[l]
+    if not learns:
+        h = layer_forward(x_in, W, b, out=work.h)
+        return np.nan, goodness(h, cfg.goodness), h
+    loss, dW, db, h, g, r = layer_loss_and_grads(
+        x_in, W, b, cfg.batch_size, cfg.layer_threshold(W.shape[1]), cfg.goodness,
+        cfg.peer_norm, state.peer_means[l], work=work)
+    state.adam_w[l].step(W, dW, lr)
+    state.adam_b[l].step(b, db, lr)
+    if r is not None:
+        state.peer_means[l][...] = r
+    if refresh:
+        h = layer_forward(x_in, W, b, out=work.h)
+    return loss, g, h
+
+
+def batch_stats(loss, g, n_pos, threshold):
+    """One row of an epoch's sums: the loss, the accuracy of telling positives from negatives
+    at the threshold, and 1 if any unit of the layer was on."""
+    xp = xp_of(g)
+    accuracy = ((g[:n_pos] > threshold).mean() + (g[n_pos:] < threshold).mean()) / 2
+    return xp.stack([xp.asarray(v, dtype=np.float64) for v in (loss, accuracy, g.max() > 0)])
+
+
+def check_loss(loss, epoch, l, batch=None):
+    """TrainingDiverged for a NaN or infinite loss: a batch's on the CPU, an epoch's sum on
+    the GPU (reading a value back every step would stall it)."""
+    if not np.isfinite(loss):
+        where = f"epoch {epoch + 1}, layer {l + 1}" + ("" if batch is None else f", batch {batch + 1}")
+        raise TrainingDiverged(f"FF loss is {loss} in {where}; try a lower --lr")
+
+
+def check_silent(cfg, sums, trained, epoch):
+    """A silent layer has no gradient (ReLU), so it stays silent for good. (A test of
+    "accuracy at chance and loss not falling" was measured to stop tiny runs that were still
+    learning, so only this certain case stops a run.)"""
+    for l in trained:
+        if sums[l, 2] == 0:
+            cause = (f"--lr {cfg.lr} too high" + (f" or --weight-decay {cfg.weight_decay}"
+                                                  if cfg.weight_decay else ""))
+            raise TrainingDiverged(
+                f"layer {l + 1} went silent in epoch {epoch + 1}: every unit was 0 on every "
+                f"batch, so it cannot learn again; likely cause {cause}")
+
+
+def record_epoch(history, means, top, seconds):
+    """Appends an epoch's per-layer means; None for a layer above those trained this epoch
+    (greedy) or a NaN, so JSON holds no NaN."""
+    for key, column in (("loss", means[:, 0]), ("accuracy", means[:, 1])):
+        history[key].append([float(v) if l < top and np.isfinite(v) else None
+                             for l, v in enumerate(column)])
+    history["seconds"].append(seconds)
+
+
+def progress_line(cfg, history, epoch, elapsed, eta):
+    def row(values, fmt):
+        return " ".join("  -  " if v is None else fmt(v) for v in values)
+    return (f"epoch {epoch + 1:3d}/{total_epochs(cfg)}  loss "
+            + row(history["loss"][-1], lambda v: f"{v:.3f}")
+            + ("  real-vs-hybrid acc " if cfg.negatives == "hybrid" else "  pos-vs-neg acc ")
+            + row(history["accuracy"][-1], lambda v: f"{100 * v:.1f}")
+            + f"  {history['seconds'][-1]:.1f} s  elapsed {elapsed:.0f} s  eta {eta:.0f} s")
+
+
 def train_ff(x_train, cfg, state, callback=None, log=print, y_train=None):
     """Train state in place up to total_epochs(cfg), one progress line per epoch.
 
@@ -656,79 +823,42 @@ def train_ff(x_train, cfg, state, callback=None, log=print, y_train=None):
     before its own update of this step (one forward pass serves forward and gradient), unless
     cfg.refresh_inputs. callback(epoch, state) runs after each epoch.
     """
-    n, B = len(x_train), cfg.batch_size
-    n_batches = n // B
-    n_layers = len(cfg.layer_sizes) - 1
-    epochs = total_epochs(cfg)
-    x = np.empty((2 * B, cfg.layer_sizes[0]), np.float32)  # positives, then hybrids
-    inputs = [np.empty((2 * B, size), np.float32) for size in cfg.layer_sizes[:-1]]
-    work = [LayerWork.allocate(2 * B, n_in, n_out)
+    xp = array_module(cfg.device)
+    state.to(xp)
+    x_train = xp.asarray(x_train)  # once per run; the batches are gathered where they train
+    B, n_layers, epochs = cfg.batch_size, len(cfg.layer_sizes) - 1, total_epochs(cfg)
+    n_batches = len(x_train) // B
+    x = xp.empty((2 * B, cfg.layer_sizes[0]), np.float32)  # positives, then negatives
+    inputs = [xp.empty((2 * B, size), np.float32) for size in cfg.layer_sizes[:-1]]
+    work = [LayerWork.allocate(2 * B, n_in, n_out, xp)
             for n_in, n_out in zip(cfg.layer_sizes[:-1], cfg.layer_sizes[1:])]
-    thresholds = [cfg.layer_threshold(n_out) for n_out in cfg.layer_sizes[1:]]
-    rng, hist = state.rng, state.history
     t_start, start_epoch = time.perf_counter(), state.epochs_done
     for epoch in range(start_epoch, epochs):
         t0 = time.perf_counter()
-        trained = (range(n_layers) if cfg.schedule == "parallel"
-                   else [epoch // cfg.n_epochs])
+        trained = range(n_layers) if cfg.schedule == "parallel" else [epoch // cfg.n_epochs]
         top = max(trained) + 1
-        sums = np.zeros((4, n_layers))  # loss, g_pos, g_neg, accuracy
-        active = np.zeros(n_layers, bool)  # any unit of the layer > 0 in any batch
-        for i, _ in enumerate(BATCHES[cfg.negatives](x_train, y_train, cfg, rng, x)):
+        sums = xp.zeros((n_layers, 3))  # per layer: loss, accuracy, batches with a unit on
+        for i, _ in enumerate(BATCHES[cfg.negatives](x_train, y_train, cfg, state.rng, x)):
             # a greedy stage decays the rate over its own epochs
             lr = learning_rate(cfg, (epoch % cfg.n_epochs + i / n_batches) / cfg.n_epochs)
             l2_normalize(x, out=inputs[0])
             for l in range(top):
-                W, b = state.weights[l], state.biases[l]
-                if l not in trained:  # greedy: a frozen layer below only passes data up
-                    h = layer_forward(inputs[l], W, b, out=work[l].h)
-                    g = goodness(h, cfg.goodness)
-                    loss = np.nan
-                else:
-                    loss, dW, db, h, g, r = layer_loss_and_grads(
-                        inputs[l], W, b, B, thresholds[l], cfg.goodness,
-                        cfg.peer_norm, state.peer_means[l], work=work[l])
-                    if not np.isfinite(loss):
-                        raise TrainingDiverged(f"FF loss is {loss} in epoch {epoch + 1}, "
-                                               f"layer {l + 1}, batch {i + 1}; try a lower --lr")
-                    state.adam_w[l].step(W, dW, lr)
-                    state.adam_b[l].step(b, db, lr)
-                    if r is not None:
-                        state.peer_means[l][...] = r
-                    if cfg.refresh_inputs and l + 1 < top:
-                        h = layer_forward(inputs[l], W, b, out=work[l].h)
+                loss, g, h = train_layer_step(state, l, inputs[l], cfg, lr, work[l], l in trained,
+                                              refresh=cfg.refresh_inputs and l + 1 < top)
+                if l in trained and xp is np:
+                    check_loss(loss, epoch, l, i)
+                sums[l] += batch_stats(loss, g, B, cfg.layer_threshold(h.shape[1]))
                 if l + 1 < top:
                     l2_normalize(h, out=inputs[l + 1])
-                active[l] |= g.max() > 0
-                gp, gn = g[:B].mean(), g[B:].mean()
-                acc = ((g[:B] > thresholds[l]).mean() + (g[B:] < thresholds[l]).mean()) / 2
-                sums[:, l] += (loss, gp, gn, acc)
-        means = sums / n_batches
-        seconds = time.perf_counter() - t0
-        for key, row in zip(("loss", "g_pos", "g_neg", "accuracy"), means):
-            # None: a layer not trained this epoch (greedy), so JSON holds no NaN
-            hist[key].append([float(v) if l < top and np.isfinite(v) else None
-                              for l, v in enumerate(row)])
-        hist["seconds"].append(seconds)
-        hist["lr"].append(lr)
+        sums = to_host(sums)  # the GPU's one wait of the epoch
+        for l in trained:
+            check_loss(sums[l, 0], epoch, l)
+        record_epoch(state.history, sums / n_batches, top, time.perf_counter() - t0)
         state.epochs_done = epoch + 1
         elapsed = time.perf_counter() - t_start
-        eta = elapsed / (epoch + 1 - start_epoch) * (epochs - epoch - 1)
-        log(f"epoch {epoch + 1:3d}/{epochs}  loss "
-            + " ".join("  -  " if v is None else f"{v:.3f}" for v in hist["loss"][-1])
-            + ("  real-vs-hybrid acc " if cfg.negatives == "hybrid" else "  pos-vs-neg acc ")
-            + " ".join("  -  " if v is None else f"{100 * v:.1f}" for v in hist["accuracy"][-1])
-            + f"  {seconds:.1f} s  elapsed {elapsed:.0f} s  eta {eta:.0f} s", flush=True)
-        for l in trained:
-            # A silent layer has no gradient (ReLU), so it stays silent for good. (A test of
-            # "accuracy at chance and loss not falling" was measured to stop tiny runs that
-            # were still learning, so only this certain case stops a run.)
-            if not active[l]:
-                cause = (f"--lr {cfg.lr} too high" + (f" or --weight-decay {cfg.weight_decay}"
-                                                      if cfg.weight_decay else ""))
-                raise TrainingDiverged(
-                    f"layer {l + 1} went silent in epoch {epoch + 1}: every unit was 0 on every "
-                    f"batch, so it cannot learn again; likely cause {cause}")
+        log(progress_line(cfg, state.history, epoch, elapsed,
+                          eta=elapsed / (epoch + 1 - start_epoch) * (epochs - epoch - 1)), flush=True)
+        check_silent(cfg, sums, trained, epoch)
         if callback is not None:
             callback(epoch, state)
     return state
@@ -739,7 +869,7 @@ def train_ff(x_train, cfg, state, callback=None, log=print, y_train=None):
 def extract_features(weights, biases, x, top_k, chunk=2000):
     """concat(L2norm(h_l)) over the top_k layers, float32, computed chunk by chunk."""
     sizes = [W.shape[1] for W in weights[-top_k:]]
-    features = np.empty((len(x), sum(sizes)), np.float32)
+    features = xp_of(*weights).empty((len(x), sum(sizes)), np.float32)
     for start in range(0, len(x), chunk):
         hs = network_activities(weights, biases, x[start:start + chunk])
         rows = features[start:start + chunk]
@@ -753,10 +883,11 @@ def extract_features(weights, biases, x, top_k, chunk=2000):
 def goodness_per_label(weights, biases, x, goodness_kind="mean", first_layer=2, chunk=2000):
     """(n, 10) float64: each digit run once with each label, its goodness summed over the
     layers from first_layer (1-based) up. The paper leaves out layer 1 (first_layer=2)."""
-    scores = np.zeros((len(x), N_CLASSES))
-    buf = np.empty((min(chunk, len(x)), x.shape[1]), np.float32)
+    xp = xp_of(*weights)
+    scores = xp.zeros((len(x), N_CLASSES))
+    buf = xp.empty((min(chunk, len(x)), x.shape[1]), np.float32)
     for start in range(0, len(x), chunk):
-        rows = x[start:start + chunk]
+        rows = xp.asarray(x[start:start + chunk])
         for label in range(N_CLASSES):
             labelled = embed_labels(rows, np.full(len(rows), label), out=buf[:len(rows)])
             hs = network_activities(weights, biases, labelled)
@@ -768,7 +899,8 @@ def goodness_per_label(weights, biases, x, goodness_kind="mean", first_layer=2, 
 def goodness_error_rate(weights, biases, x, y, goodness_kind="mean", first_layer=2):
     """Error of predicting the label with the highest accumulated goodness."""
     scores = goodness_per_label(weights, biases, x, goodness_kind, first_layer)
-    return float(np.mean(np.argmax(scores, axis=1) != y))
+    xp = xp_of(scores)
+    return float(xp.mean(xp.argmax(scores, axis=1) != xp.asarray(y)))
 
 
 def softmax_loss_and_grads(F, y, W, b, weight_decay=0.0):
@@ -776,14 +908,15 @@ def softmax_loss_and_grads(F, y, W, b, weight_decay=0.0):
 
     dL/dlogits = (softmax - onehot) / n; returns loss, dW, db, logits.
     """
+    xp = xp_of(F, W)
     logits = F @ W
     logits += b
     shifted = logits - logits.max(axis=1, keepdims=True)
-    p = np.exp(shifted)
+    p = xp.exp(shifted)
     p_sum = p.sum(axis=1)
-    rows = np.arange(len(y))
-    loss = (np.log(p_sum).mean() - shifted[rows, y].mean()
-            + 0.5 * weight_decay * np.vdot(W, W))
+    rows, y = xp.arange(len(y)), xp.asarray(y)
+    loss = (xp.log(p_sum).mean() - shifted[rows, y].mean()
+            + 0.5 * weight_decay * xp.vdot(W, W))
     p /= p_sum[:, None]
     p[rows, y] -= 1
     p /= len(y)
@@ -793,7 +926,9 @@ def softmax_loss_and_grads(F, y, W, b, weight_decay=0.0):
 
 
 def error_rate(F, y, W, b, chunk=10000):
-    wrong = sum(int(np.sum(np.argmax(F[s:s + chunk] @ W + b, axis=1) != y[s:s + chunk]))
+    xp = xp_of(F, W)
+    y = xp.asarray(y)
+    wrong = sum(int(xp.sum(xp.argmax(F[s:s + chunk] @ W + b, axis=1) != y[s:s + chunk]))
                 for s in range(0, len(y), chunk))
     return wrong / len(y)
 
@@ -804,9 +939,12 @@ def train_softmax(F_train, y_train, F_test, y_test, rng, n_epochs, lr, weight_de
     of the minibatches during the epoch (an extra full pass per epoch would cost as much
     as the training itself); validation (if given) and test error are exact, after each
     epoch. Settings are chosen on the validation error, never on the test error.
-    A loss that is NaN or infinite raises TrainingDiverged."""
-    W = np.zeros((F_train.shape[1], n_classes), np.float32)
-    b = np.zeros(n_classes, np.float32)
+    A loss that is NaN or infinite raises TrainingDiverged. The head trains where F_train
+    lives; on the GPU each step waits once to read its loss back, which the head's few steps
+    can afford."""
+    xp = xp_of(F_train)
+    W = xp.zeros((F_train.shape[1], n_classes), np.float32)
+    b = xp.zeros(n_classes, np.float32)
     hist = {"train_error": [], "test_error": [], "loss": [], "seconds": []}
     if F_val is not None:
         hist["val_error"] = []
@@ -817,18 +955,18 @@ def train_softmax(F_train, y_train, F_test, y_test, rng, n_epochs, lr, weight_de
         wrong, loss_sum = 0, 0.0
         for start in range(0, n, batch_size):
             idx = perm[start:start + batch_size]
-            yb = y_train[idx]
+            yb = xp.asarray(y_train[idx])
             # a diverging head overflows on its way to inf; the check below reports it
             with np.errstate(over="ignore", invalid="ignore"):
                 loss, dW, db, logits = softmax_loss_and_grads(F_train[idx], yb, W, b,
                                                               weight_decay)
-            if not np.isfinite(loss):
+            if not xp.isfinite(loss):
                 raise TrainingDiverged(
-                    f"the softmax head's loss is {loss} in head epoch {epoch + 1}; lower "
+                    f"the softmax head's loss is {float(loss)} in head epoch {epoch + 1}; lower "
                     f"--softmax-lr (now {lr:g}) or --softmax-weight-decay (now {weight_decay:g})")
             W -= lr * dW
             b -= lr * db
-            wrong += int(np.sum(np.argmax(logits, axis=1) != yb))
+            wrong += int(xp.sum(xp.argmax(logits, axis=1) != yb))
             loss_sum += float(loss) * len(idx)
         hist["train_error"].append(wrong / n)
         hist["loss"].append(loss_sum / n)
@@ -857,8 +995,8 @@ def evaluation_set(x_test, n, rng, n_blur):
 
 
 def layer_goodness(weights, biases, x, kind):
-    """Goodness of every layer for raw input rows x: a list of (n,) arrays."""
-    return [goodness(h, kind) for h in network_activities(weights, biases, x)]
+    """Goodness of every layer for raw input rows x: a list of (n,) numpy arrays."""
+    return [to_host(goodness(h, kind)) for h in network_activities(weights, biases, x)]
 
 
 def separation(g_real, g_hybrid):
@@ -890,10 +1028,15 @@ def draw_goodness_histogram(ax, g_real, g_hybrid, threshold, bins):
 # -----------------------------------------------------------------------------
 # Run artefacts: model.npz, history.json, metrics.json, checkpoint.npz
 
-def environment():
-    env = {"python": platform.python_version(), "numpy": np.__version__,
+def environment(device="cpu"):
+    env = {"device": device, "python": platform.python_version(), "numpy": np.__version__,
            "platform": platform.platform(), "cpu_count": os.cpu_count(),
            "cpu": platform.processor()}
+    if device == "gpu":
+        name = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)["name"]
+        env.update(gpu=name.decode() if isinstance(name, bytes) else name, cupy=cupy.__version__,
+                   cuda_runtime=cupy.cuda.runtime.runtimeGetVersion(),
+                   cuda_driver=cupy.cuda.runtime.driverGetVersion())
     try:
         with open("/proc/cpuinfo") as f:
             env["cpu"] = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
@@ -965,7 +1108,7 @@ def run_config(run_dir, raw):
     """The FFConfig stored in a run's checkpoint or model. Runs saved before the head and
     data settings were part of it keep those in their args.json."""
     names = FFConfig.__dataclass_fields__
-    missing = set(names) - set(raw)
+    missing = set(names) - set(raw) - {"device"}  # a run from before --device ran on the CPU
     if missing:
         path = os.path.join(run_dir, "args.json")
         try:
@@ -985,10 +1128,11 @@ def save_checkpoint(run_dir, cfg, state):
               "rng_state": json.dumps(state.rng.bit_generator.state),
               "config": json.dumps(asdict(cfg)), "history": json.dumps(state.history)}
     for l, (W, b) in enumerate(zip(state.weights, state.biases)):
-        arrays.update({f"W{l}": W, f"b{l}": b, f"peer{l}": state.peer_means[l]})
+        arrays.update({f"W{l}": to_host(W), f"b{l}": to_host(b),
+                       f"peer{l}": to_host(state.peer_means[l])})
         for name, adam in (("W", state.adam_w[l]), ("b", state.adam_b[l])):
-            arrays.update({f"adam_{name}{l}_m": adam.m_acc, f"adam_{name}{l}_v": adam.v_acc,
-                           f"adam_{name}{l}_t": adam.t})
+            arrays.update({f"adam_{name}{l}_m": to_host(adam.m_acc),
+                           f"adam_{name}{l}_v": to_host(adam.v_acc), f"adam_{name}{l}_t": adam.t})
     atomic_write(os.path.join(run_dir, "checkpoint.npz"), lambda f: np.savez(f, **arrays))
 
 
@@ -1039,11 +1183,11 @@ def save_run(run_dir, cfg, state, head, softmax_history, metrics):
     wrote are removed again, so a folder never holds half a run (the checkpoint stays)."""
     arrays = {"layer_sizes": np.array(cfg.layer_sizes), "config": json.dumps(asdict(cfg))}
     for l, (W, b) in enumerate(zip(state.weights, state.biases)):
-        arrays.update({f"W{l}": W, f"b{l}": b})
+        arrays.update({f"W{l}": to_host(W), f"b{l}": to_host(b)})
     if head is not None:
-        arrays.update({"softmax_W": head[0], "softmax_b": head[1]})
+        arrays.update({"softmax_W": to_host(head[0]), "softmax_b": to_host(head[1])})
     history = {"ff": state.history, "softmax": softmax_history, "config": asdict(cfg),
-               "environment": environment()}
+               "environment": environment(cfg.device)}
     writers = (lambda path: atomic_write(path, lambda f: np.savez(f, **arrays)),
                lambda path: write_json(path, history), lambda path: write_json(path, metrics))
     written = []
@@ -1179,6 +1323,9 @@ def build_parser(resume=True, description=None, parents=()):
     p.add_argument("--refresh-inputs", action="store_true", default=d("refresh_inputs"),
                    help="feed each layer the output of the updated layer below (a second "
                         "forward pass per layer)")
+    p.add_argument("--device", choices=DEVICES, default=d("device"),
+                   help="gpu: the same code on CuPy arrays (pip install -r "
+                        "requirements-gpu.txt); a resumed run may change it")
     p.add_argument("--data-dir", help="folder with the four MNIST files (else $MNIST_DIR, "
                                       "the repository's data/mnist, the cache, a download)")
     p.add_argument("--out", help="run folder (default runs/<timestamp>-<4 random hex digits>)")
@@ -1235,7 +1382,8 @@ def settle_args(args, parser, argv=None, default_out=None):
     A new run: the flags make the configuration; the folder is --out, else default_out(args)
     (a figure script's), else runs/<timestamp>-<random>, which never collides. --resume:
     the configuration is the run's own; a flag that contradicts it is refused, except
-    --n-epochs (default: the run's own) and --data-dir. A bad value exits 2 through
+    --n-epochs and --device (default: the run's own) and --data-dir. --device gpu without a
+    usable GPU raises SettingsError. A bad value exits 2 through
     parser.error; an unusable path or a contradiction raises SettingsError."""
     given = given_flags(parser, argv)
     names = list(FFConfig.__dataclass_fields__)
@@ -1243,15 +1391,17 @@ def settle_args(args, parser, argv=None, default_out=None):
         if args.out and os.path.abspath(args.out) != os.path.abspath(args.resume):
             parser.error("--resume writes into its own folder; leave out --out")
         stored, done = read_checkpoint_config(args.resume)
+        free = ("n_epochs", "device")  # a GPU run can continue on the CPU and back
         for name in names:
-            if name != "n_epochs" and name in given and getattr(args, name) != getattr(stored, name):
+            if name not in free and name in given and getattr(args, name) != getattr(stored, name):
                 raise SettingsError(
                     f"--{name.replace('_', '-')} {show(getattr(args, name))} contradicts the "
                     f"run in {args.resume}, which has {show(getattr(stored, name))}; --resume "
-                    "keeps the run's own settings (only --n-epochs and --data-dir may be given)")
+                    "keeps the run's own settings (only --n-epochs, --device and --data-dir may be "
+                    "given)")
         try:
-            cfg = dataclasses.replace(stored, n_epochs=args.n_epochs if "n_epochs" in given
-                                      else stored.n_epochs)
+            cfg = dataclasses.replace(stored, **{name: getattr(args, name) if name in given
+                                                 else getattr(stored, name) for name in free})
         except ValueError as e:
             parser.error(str(e))
         if total_epochs(cfg) < done:
@@ -1276,6 +1426,11 @@ def settle_args(args, parser, argv=None, default_out=None):
                                              for f in ("model.npz", "checkpoint.npz")):
             raise SettingsError(f"{run_dir} already holds a run; use --resume {run_dir} "
                                 "or another --out")
+    problem = cfg.device == "gpu" and gpu_problem()
+    if problem:
+        resumed = getattr(args, "resume", None) and "device" not in given
+        raise SettingsError(problem + ("; --device cpu continues the run on the CPU"
+                                       if resumed else ""))
     args.config, args.run_dir, args.given = cfg, run_dir, given
     return args
 

@@ -21,9 +21,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 MUTANTS = {  # name -> (text in ff_hybrid_mnist.py, its replacement, and so on)
     "no FF weight update": (
-        "                    state.adam_w[l].step(W, dW, lr)\n"
-        "                    state.adam_b[l].step(b, db, lr)\n",
-        "                    pass\n"),
+        "    state.adam_w[l].step(W, dW, lr)\n    state.adam_b[l].step(b, db, lr)\n",
+        "    pass\n"),
     "positives and negatives swapped": (
         "        x[:B] = x_train[pos[batch]]\n", "        x[B:] = x_train[pos[batch]]\n",
         "cfg.n_blur, out=x[B:])", "cfg.n_blur, out=x[:B])"),
@@ -47,7 +46,8 @@ MUTANTS = {  # name -> (text in ff_hybrid_mnist.py, its replacement, and so on)
         "embed_labels(x_train[rows], wrong, out=x[B:])",
         "embed_labels(x_train[rows], wrong, out=x[:B])"),
     "label negatives: label pixels not written": (
-        "    if labels is not None:\n        out[np.arange(len(out)), labels] = LABEL_ON\n", ""),
+        "    if labels is not None:\n        out[xp.arange(len(out)), xp.asarray(labels)] = LABEL_ON\n",
+        ""),
 }
 
 
