@@ -368,7 +368,8 @@ def sigmoid(t):
 
 
 def layer_loss_and_grads(x_normed, W, b, n_pos, threshold, goodness_kind="mean",
-                         peer_coef=0.0, peer_mean=None, peer_momentum=0.9, work=None):
+                         peer_coef=0.0, peer_mean=None, peer_momentum=0.9, work=None,
+                         mask=None):
     """FF loss of one layer and its gradient with respect to W and b.
 
     Rows of x_normed are L2-normalised inputs, the n_pos positives first, then as many
@@ -380,6 +381,10 @@ def layer_loss_and_grads(x_normed, W, b, n_pos, threshold, goodness_kind="mean",
     Peer normalisation (peer_coef > 0): r = momentum * peer_mean + (1 - momentum) * mean
     activity of each unit over the positives, and L += peer_coef * mean_j (r_j - mean(r))^2,
     which pulls every unit's running mean activity towards the layer's mean.
+
+    A locally-connected layer (mask: 1 where an input feeds a unit, 0 elsewhere) is a
+    dense layer whose weights outside the mask are 0 and stay 0: its gradient is the dense
+    one times the mask, and Adam leaves a weight with zero gradient, moments and value at 0.
 
     Returns loss, dW, db, h, g, r (r is None without peer normalisation). `work` holds
     preallocated buffers (see LayerWork) so the training loop allocates nothing large.
@@ -406,6 +411,8 @@ def layer_loss_and_grads(x_normed, W, b, n_pos, threshold, goodness_kind="mean",
         dactivity = peer_coef * (1 - peer_momentum) * 2.0 / n_units * deviation / n_pos
         dz[:n_pos] += (h[:n_pos] > 0) * dactivity.astype(h.dtype, copy=False)
     dW = xp.matmul(x_normed.T, dz, out=None if work is None else work.dW)
+    if mask is not None:
+        dW *= mask
     db = dz.sum(axis=0)
     return loss, dW, db, h, g, r
 
@@ -423,14 +430,67 @@ class LayerWork:
                    xp.empty((n_in, n_out), np.float32))
 
 
-def init_network(layer_sizes, rng):
+def init_network(layer_sizes, rng, masks=None):
     """Weights N(0, sqrt 2), biases 0. A unit-norm input then gives z ~ N(0, 2), so the
-    mean goodness starts near 1, just below the threshold of 2, where the loss is not flat."""
+    mean goodness starts near 1, just below the threshold of 2, where the loss is not flat.
+    A locally-connected layer keeps only the weights inside its mask, scaled up by
+    sqrt(n_in / fan_in) so that a unit-norm input spread evenly still gives z ~ N(0, 2)."""
     weights, biases = [], []
-    for n_in, n_out in zip(layer_sizes[:-1], layer_sizes[1:]):
-        weights.append((rng.standard_normal((n_in, n_out)) * np.sqrt(2.0)).astype(np.float32))
+    masks = masks or [None] * (len(layer_sizes) - 1)
+    for n_in, n_out, mask in zip(layer_sizes[:-1], layer_sizes[1:], masks):
+        W = rng.standard_normal((n_in, n_out)) * np.sqrt(2.0)
+        if mask is not None:
+            W *= mask * np.sqrt(n_in / mask.sum(axis=0))
+        weights.append(W.astype(np.float32))
         biases.append(np.zeros(n_out, np.float32))
     return weights, biases
+
+
+def parse_local(text):
+    """'10:6:64,2:1:128' -> ((10, 6, 64), (2, 1, 128)): receptive field, stride and channels
+    of each locally-connected layer; '' -> () (fully connected)."""
+    if not text:
+        return ()
+    try:
+        layers = tuple(tuple(int(v) for v in part.split(":")) for part in text.split(","))
+    except ValueError:
+        layers = ((),)
+    if any(len(layer) != 3 or min(layer) < 1 for layer in layers):
+        raise ValueError(f"--local {text} must be RF:STRIDE:CHANNELS per layer, comma-separated "
+                         "positive integers, e.g. 10:6:64,2:1:128,2:1:128")
+    return layers
+
+
+def local_layer_sizes(local, side=28):
+    """Layer sizes of a locally-connected stack on the side x side image (input first)."""
+    sizes, grid = [side * side], side
+    for rf, stride, channels in local:
+        if rf > grid:
+            raise ValueError(f"--local: a receptive field of {rf} does not fit the "
+                             f"{grid}x{grid} grid below it")
+        grid = (grid - rf) // stride + 1
+        sizes.append(grid * grid * channels)
+    return tuple(sizes)
+
+
+def local_masks(local, side=28):
+    """The connectivity of each locally-connected layer as a float32 (n_in, n_out) mask.
+
+    A layer's units sit on a square grid, `channels` of them at each location, ordered
+    (row, column, channel); the unit at grid location (i, j) sees every channel of the
+    rf x rf block of locations of the layer below that starts at (i stride, j stride).
+    The image is a 28 x 28 grid with one channel. No weights are shared.
+    """
+    masks, grid, below = [], side, 1
+    for rf, stride, channels in local:
+        out = (grid - rf) // stride + 1
+        mask = np.zeros((grid, grid, below, out, out, channels), np.float32)
+        for i in range(out):
+            for j in range(out):
+                mask[i * stride:i * stride + rf, j * stride:j * stride + rf, :, i, j, :] = 1
+        masks.append(mask.reshape(grid * grid * below, out * out * channels))
+        grid, below = out, channels
+    return masks
 
 
 def network_activities(weights, biases, x, n_layers=None):
@@ -599,6 +659,7 @@ class FFConfig:
     lr_decay: str = "none"        # "linear-half": constant, then linear to 0 over the 2nd half
     refresh_inputs: bool = False  # recompute a layer's output after its update before the next
     negatives: str = "hybrid"     # "label": the digit with a wrong label (section 3.3)
+    local: str = ""               # locally-connected layers, RF:STRIDE:CHANNELS each ("": dense)
     goodness_layer1: bool = False  # label runs: the goodness read-out also sums layer 1
     # the softmax head on the frozen network
     top_k: int = 3
@@ -619,6 +680,17 @@ class FFConfig:
             shown = ",".join(map(str, value)) if isinstance(value, tuple) else value
             raise ValueError(f"--{name.replace('_', '-')} {shown} {why}")
         self.layer_sizes = tuple(self.layer_sizes)
+        if self.local:
+            try:
+                sizes = local_layer_sizes(parse_local(self.local))
+            except ValueError as e:
+                raise ValueError(str(e)) from None
+            # the layer sizes follow from the local layers; any other given value is refused
+            if self.layer_sizes == FFConfig.__dataclass_fields__["layer_sizes"].default:
+                self.layer_sizes = sizes
+            elif self.layer_sizes != sizes:
+                refuse("layer_sizes", f"disagrees with --local {self.local}, whose layers "
+                       f"are {','.join(map(str, sizes))}; leave --layer-sizes out")
         if (len(self.layer_sizes) < 2 or self.layer_sizes[0] != 784
                 or not all(isinstance(n, (int, np.integer)) for n in self.layer_sizes)):
             refuse("layer_sizes", "must start with 784 (the input) and have at least one "
@@ -659,6 +731,10 @@ class FFConfig:
             refuse("negatives", "reads goodness from layer 2 up: give at least two layers, "
                    "or --goodness-layer1")
 
+    @property
+    def local_layers(self):
+        return parse_local(self.local)
+
     def layer_threshold(self, n_units):
         return self.threshold * (n_units if self.goodness == "sum" else 1)
 
@@ -687,7 +763,8 @@ class FFState:
 
     @classmethod
     def fresh(cls, cfg, rng):
-        weights, biases = init_network(cfg.layer_sizes, rng)
+        weights, biases = init_network(cfg.layer_sizes, rng,
+                                       local_masks(cfg.local_layers) if cfg.local else None)
         return cls(weights, biases,
                    [Adam(W, weight_decay=cfg.weight_decay) for W in weights],
                    [Adam(b) for b in biases],
@@ -744,7 +821,7 @@ def label_batches(x_train, y_train, cfg, rng, x):
 BATCHES = {"hybrid": hybrid_batches, "label": label_batches}
 
 
-def train_layer_step(state, l, x_in, cfg, lr, work, learns=True, refresh=False):
+def train_layer_step(state, l, x_in, cfg, lr, work, learns=True, refresh=False, mask=None):
     """Layer l's part of one step on x_in, the L2-normalised stacked batch (positives, then
     as many negatives): forward, FF loss and gradient, Adam on W and b, the peer-norm running
     mean. A frozen layer (greedy: one below the layer that learns) only runs forward.
@@ -758,7 +835,7 @@ def train_layer_step(state, l, x_in, cfg, lr, work, learns=True, refresh=False):
         return np.nan, goodness(h, cfg.goodness), h
     loss, dW, db, h, g, r = layer_loss_and_grads(
         x_in, W, b, cfg.batch_size, cfg.layer_threshold(W.shape[1]), cfg.goodness,
-        cfg.peer_norm, state.peer_means[l], work=work)
+        cfg.peer_norm, state.peer_means[l], work=work, mask=mask)
     state.adam_w[l].step(W, dW, lr)
     state.adam_b[l].step(b, db, lr)
     if r is not None:
@@ -832,6 +909,8 @@ def train_ff(x_train, cfg, state, callback=None, log=print, y_train=None):
     inputs = [xp.empty((2 * B, size), np.float32) for size in cfg.layer_sizes[:-1]]
     work = [LayerWork.allocate(2 * B, n_in, n_out, xp)
             for n_in, n_out in zip(cfg.layer_sizes[:-1], cfg.layer_sizes[1:])]
+    masks = ([xp.asarray(m) for m in local_masks(cfg.local_layers)] if cfg.local
+             else [None] * n_layers)
     t_start, start_epoch = time.perf_counter(), state.epochs_done
     for epoch in range(start_epoch, epochs):
         t0 = time.perf_counter()
@@ -844,7 +923,8 @@ def train_ff(x_train, cfg, state, callback=None, log=print, y_train=None):
             l2_normalize(x, out=inputs[0])
             for l in range(top):
                 loss, g, h = train_layer_step(state, l, inputs[l], cfg, lr, work[l], l in trained,
-                                              refresh=cfg.refresh_inputs and l + 1 < top)
+                                              refresh=cfg.refresh_inputs and l + 1 < top,
+                                              mask=masks[l])
                 if l in trained and xp is np:
                     check_loss(loss, epoch, l, i)
                 sums[l] += batch_stats(loss, g, B, cfg.layer_threshold(h.shape[1]))
@@ -1320,6 +1400,12 @@ def build_parser(resume=True, description=None, parents=()):
                         "label in its first 10 pixels (section 3.3, supervised)")
     p.add_argument("--goodness-layer1", action="store_true", default=d("goodness_layer1"),
                    help="with --negatives label: the goodness read-out also sums layer 1")
+    p.add_argument("--local", default=d("local"), metavar="RF:STRIDE:CHANNELS,...",
+                   help="locally-connected layers instead of dense ones, e.g. "
+                        "10:6:64,2:1:128,2:1:128: each unit sees every channel of an RF x RF "
+                        "block of locations below (the image: 28 x 28, one channel), blocks "
+                        "STRIDE apart, CHANNELS units per location, no weight sharing; the "
+                        "layer sizes follow")
     p.add_argument("--refresh-inputs", action="store_true", default=d("refresh_inputs"),
                    help="feed each layer the output of the updated layer below (a second "
                         "forward pass per layer)")

@@ -5,7 +5,7 @@ plausibly contain. For each, the repository is copied to a temporary folder, the
 applied, and the given tests are run there; a mutant that passes every test is reported
 as SURVIVED (the tests cannot see that bug). Not collected by pytest (no test_ prefix).
 
-    python3 tests/run_mutants.py                     # all mutants, training and label tests
+    python3 tests/run_mutants.py                     # all mutants: training, label and local tests
     python3 tests/run_mutants.py --tests tests       # against the whole suite
     python3 tests/run_mutants.py --tests "tests/test_training.py -k tiny"  # one test
 """
@@ -45,6 +45,8 @@ MUTANTS = {  # name -> (text in ff_hybrid_mnist.py, its replacement, and so on)
         "embed_labels(x_train[rows], y_train[rows], out=x[B:])",
         "embed_labels(x_train[rows], wrong, out=x[B:])",
         "embed_labels(x_train[rows], wrong, out=x[:B])"),
+    "locally-connected: gradient not masked": (
+        "    if mask is not None:\n        dW *= mask\n", ""),
     "label negatives: label pixels not written": (
         "    if labels is not None:\n        out[xp.arange(len(out)), xp.asarray(labels)] = LABEL_ON\n",
         ""),
@@ -53,7 +55,8 @@ MUTANTS = {  # name -> (text in ff_hybrid_mnist.py, its replacement, and so on)
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--tests", default="tests/test_training.py tests/test_labels.py")
+    p.add_argument("--tests", default="tests/test_training.py tests/test_labels.py "
+                                      "tests/test_local.py")
     p.add_argument("--only", help="run the mutants whose name contains this text")
     args = p.parse_args(argv)
     source = open(os.path.join(ROOT, "ff_hybrid_mnist.py")).read()
