@@ -115,6 +115,9 @@ def classifier_curves_figure(run):
         epochs = np.arange(1, len(hist["test_error"]) + 1)
         ax_softmax.plot(epochs, 100 * np.array(hist["train_error"]), marker=".",
                         label="train (running, during the epoch)")
+        if hist.get("val_error"):
+            ax_softmax.plot(epochs, 100 * np.array(hist["val_error"]), marker=".",
+                            label="validation")
         ax_softmax.plot(epochs, 100 * np.array(hist["test_error"]), marker=".", label="test")
         ax_softmax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax_softmax.axhline(100 * PAPER_TEST_ERROR, color="k", linestyle="--", linewidth=1,
