@@ -1108,10 +1108,25 @@ def draw_goodness_histogram(ax, g_real, g_hybrid, threshold, bins):
 # -----------------------------------------------------------------------------
 # Run artefacts: model.npz, history.json, metrics.json, checkpoint.npz
 
+def code_commit():
+    """The git commit of this file's repository, "-dirty" if tracked files differ from it;
+    None outside a git checkout. Stored with every result so that it can be traced."""
+    import subprocess
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        head = subprocess.run(["git", "-C", here, "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", here, "status", "--porcelain",
+                                "--untracked-files=no"], capture_output=True, text=True).stdout
+        return head + ("-dirty" if dirty.strip() else "")
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
 def environment(device="cpu"):
-    env = {"device": device, "python": platform.python_version(), "numpy": np.__version__,
-           "platform": platform.platform(), "cpu_count": os.cpu_count(),
-           "cpu": platform.processor()}
+    env = {"device": device, "commit": code_commit(), "python": platform.python_version(),
+           "numpy": np.__version__, "platform": platform.platform(),
+           "cpu_count": os.cpu_count(), "cpu": platform.processor()}
     if device == "gpu":
         name = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)["name"]
         env.update(gpu=name.decode() if isinstance(name, bytes) else name, cupy=cupy.__version__,

@@ -80,7 +80,7 @@ def main(argv=None):
               "val_error": ff.error_rate(F_val, y_val, W, b) if val_size else None,
               "test_error": ff.error_rate(F_test, y_test, W, b),
               "train_error": ff.error_rate(F_fit, y_fit, W, b),
-              "seconds": time.perf_counter() - t0}
+              "seconds": time.perf_counter() - t0, "environment": ff.environment()}
     print(json.dumps(result))
     return 0
 

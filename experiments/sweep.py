@@ -49,18 +49,6 @@ def read_configs(path):
     return configs
 
 
-def commit():
-    """The commit the runs come from, marked -dirty when the working tree has changes."""
-    try:
-        head = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"],
-                              capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", ROOT, "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True).stdout.strip()
-        return head + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
 def write_record(record, ns, lock):
     with lock:
         with open(ns.results, "a") as f:
@@ -144,7 +132,7 @@ def main(argv=None):
                 print(f"{label:24s} ok: {shlex.join(args)}")
             return 0
         return ff.exit_status(check)
-    ns.commit = commit()
+    ns.commit = ff.code_commit()
     os.makedirs(ns.out_dir, exist_ok=True)
     print(f"{len(configs)} runs, {ns.jobs} at once, {ns.threads} BLAS threads each", flush=True)
     lock = threading.Lock()
