@@ -1109,15 +1109,17 @@ def draw_goodness_histogram(ax, g_real, g_hybrid, threshold, bins):
 # Run artefacts: model.npz, history.json, metrics.json, checkpoint.npz
 
 def code_commit():
-    """The git commit of this file's repository, "-dirty" if tracked files differ from it;
-    None outside a git checkout. Stored with every result so that it can be traced."""
+    """The git commit of this file's repository, "-dirty" if tracked code differs from it
+    (results, figures and prose do not count); None outside a git checkout. Stored with
+    every result so that it can be traced."""
     import subprocess
     here = os.path.dirname(os.path.abspath(__file__))
     try:
         head = subprocess.run(["git", "-C", here, "rev-parse", "--short", "HEAD"],
                               capture_output=True, text=True, check=True).stdout.strip()
         dirty = subprocess.run(["git", "-C", here, "status", "--porcelain",
-                                "--untracked-files=no"], capture_output=True, text=True).stdout
+                                "--untracked-files=no", "--", ".", ":!experiments/results",
+                                ":!viz", ":!*.md"], capture_output=True, text=True).stdout
         return head + ("-dirty" if dirty.strip() else "")
     except (OSError, subprocess.CalledProcessError):
         return None
