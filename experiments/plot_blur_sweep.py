@@ -36,7 +36,7 @@ def main(argv=None):
     ax1.plot(n_blur, val, "o-", label="validation error (chooses)")
     ax1.plot(n_blur, test, "s--", alpha=0.4, color="tab:blue", label="test error (reported only)")
     for x, y in zip(n_blur, val):
-        ax1.annotate(f"{y:.2f}%", (x, y), textcoords="offset points", xytext=(0, -14),
+        ax1.annotate(f"{y:.2f}%", (x, y), textcoords="offset points", xytext=(0, 7),
                      ha="center", fontsize=8)
     ax1.set(xlabel="n_blur (passes of the [1/4, 1/2, 1/4] kernel)", ylabel="error (%)",
             title="linear softmax on the top 3 layers", xticks=n_blur)
