@@ -661,6 +661,7 @@ class FFConfig:
     negatives: str = "hybrid"     # "label": the digit with a wrong label (section 3.3)
     local: str = ""               # locally-connected layers, RF:STRIDE:CHANNELS each ("": dense)
     goodness_layer1: bool = False  # label runs: the goodness read-out also sums layer 1
+    hard_negatives: bool = False  # label runs: wrong labels drawn as the network prefers them
     # the softmax head on the frozen network
     top_k: int = 3
     softmax_epochs: int = 50      # 0: no head
@@ -727,6 +728,8 @@ class FFConfig:
                    f"{N_TRAIN_MAX} training digits")
         if self.batch_size > self.n_train:
             refuse("batch_size", f"exceeds --n-train {self.n_train}")
+        if self.hard_negatives and self.negatives != "label":
+            raise ValueError("--hard-negatives needs --negatives label")
         if self.negatives == "label" and n_layers < 2 and not self.goodness_layer1:
             refuse("negatives", "reads goodness from layer 2 up: give at least two layers, "
                    "or --goodness-layer1")
@@ -793,10 +796,10 @@ def total_epochs(cfg):
     return cfg.n_epochs * (n_layers if cfg.schedule == "greedy" else 1)
 
 
-def hybrid_batches(x_train, y_train, cfg, rng, x):
+def hybrid_batches(x_train, y_train, cfg, state, x):
     """One epoch of batches: x[:B] real digits, x[B:] hybrids of two other random digits
     (two independent shuffles, a fresh mask per pair). Yields after filling x."""
-    n, B = len(x_train), cfg.batch_size
+    n, B, rng = len(x_train), cfg.batch_size, state.rng
     pos, pa, pb = rng.permutation(n), rng.permutation(n), rng.permutation(n)
     for i in range(n // B):
         batch = slice(i * B, (i + 1) * B)
@@ -805,14 +808,34 @@ def hybrid_batches(x_train, y_train, cfg, rng, x):
         yield
 
 
-def label_batches(x_train, y_train, cfg, rng, x):
+def sample_wrong_labels(scores, y, rng):
+    """One wrong label per row, drawn with probability softmax(scores) over the nine labels
+    other than y. scores: (n, 10) host array, e.g. each label's goodness summed over layers
+    (the FF logits up to a constant, so a label the network prefers is drawn more often)."""
+    s = np.array(scores, dtype=np.float64)
+    s[np.arange(len(s)), y] = -np.inf
+    p = np.exp(s - s.max(axis=1, keepdims=True))
+    cdf = np.cumsum(p, axis=1)
+    u = rng.random(len(s)) * cdf[:, -1]
+    wrong = (cdf <= u[:, None]).sum(axis=1)  # the first label whose cdf exceeds u
+    return np.minimum(wrong, N_CLASSES - 1)
+
+
+def label_batches(x_train, y_train, cfg, state, x):
     """One epoch of batches: x[:B] digits with their own label, x[B:] the same digits
-    with a wrong label drawn uniformly from the other nine. Yields after filling x."""
-    n, B = len(x_train), cfg.batch_size
+    with a wrong label: drawn uniformly from the other nine, or with cfg.hard_negatives as
+    the network at the start of the epoch prefers them (sample_wrong_labels on the
+    goodness read-out's scores of every training digit). Yields after filling x."""
+    n, B, rng = len(x_train), cfg.batch_size, state.rng
     pos = rng.permutation(n)
+    if cfg.hard_negatives:
+        scores = goodness_per_label(state.weights, state.biases, x_train, cfg.goodness,
+                                    1 if cfg.goodness_layer1 else 2)
+        hard = sample_wrong_labels(to_host(scores), y_train, rng)
     for i in range(n // B):
         rows = pos[i * B:(i + 1) * B]
-        wrong = (y_train[rows] + rng.integers(1, N_CLASSES, B)) % N_CLASSES
+        wrong = (hard[rows] if cfg.hard_negatives
+                 else (y_train[rows] + rng.integers(1, N_CLASSES, B)) % N_CLASSES)
         embed_labels(x_train[rows], y_train[rows], out=x[:B])
         embed_labels(x_train[rows], wrong, out=x[B:])
         yield
@@ -917,7 +940,7 @@ def train_ff(x_train, cfg, state, callback=None, log=print, y_train=None):
         trained = range(n_layers) if cfg.schedule == "parallel" else [epoch // cfg.n_epochs]
         top = max(trained) + 1
         sums = xp.zeros((n_layers, 3))  # per layer: loss, accuracy, batches with a unit on
-        for i, _ in enumerate(BATCHES[cfg.negatives](x_train, y_train, cfg, state.rng, x)):
+        for i, _ in enumerate(BATCHES[cfg.negatives](x_train, y_train, cfg, state, x)):
             # a greedy stage decays the rate over its own epochs
             lr = learning_rate(cfg, (epoch % cfg.n_epochs + i / n_batches) / cfg.n_epochs)
             l2_normalize(x, out=inputs[0])
@@ -1417,6 +1440,11 @@ def build_parser(resume=True, description=None, parents=()):
                         "label in its first 10 pixels (section 3.3, supervised)")
     p.add_argument("--goodness-layer1", action="store_true", default=d("goodness_layer1"),
                    help="with --negatives label: the goodness read-out also sums layer 1")
+    p.add_argument("--hard-negatives", action="store_true", default=d("hard_negatives"),
+                   help="with --negatives label: each epoch, draw each digit's wrong label "
+                        "with probability softmax(goodness read-out) over the nine wrong "
+                        "labels, from the network at the epoch's start (costs about one "
+                        "forward pass per label over the training digits)")
     p.add_argument("--local", default=d("local"), metavar="RF:STRIDE:CHANNELS,...",
                    help="locally-connected layers instead of dense ones, e.g. "
                         "10:6:64,2:1:128,2:1:128: each unit sees every channel of an RF x RF "

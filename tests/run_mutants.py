@@ -50,6 +50,14 @@ MUTANTS = {  # name -> (text in ff_hybrid_mnist.py, its replacement, and so on)
     "label negatives: label pixels not written": (
         "    if labels is not None:\n        out[xp.arange(len(out)), xp.asarray(labels)] = LABEL_ON\n",
         ""),
+    "hard negatives: drawn uniformly": (
+        "        wrong = (hard[rows] if cfg.hard_negatives\n",
+        "        wrong = (hard[rows] if False\n"),
+    "hard negatives: the true label can be drawn": (
+        "    s[np.arange(len(s)), y] = -np.inf\n", ""),
+    "hard negatives: the least preferred label drawn": (
+        "    p = np.exp(s - s.max(axis=1, keepdims=True))\n",
+        "    p = np.where(np.isfinite(s), np.exp(s.min(axis=1, keepdims=True) - s), 0)\n"),
 }
 
 

@@ -1,6 +1,9 @@
 """Label negatives (the paper's section 3.3): the label in the first 10 pixels, a wrong
 label as the negative, prediction by the label with the most goodness."""
+from types import SimpleNamespace
+
 import numpy as np
+import pytest
 
 import ff_hybrid_mnist as ff
 
@@ -30,7 +33,7 @@ def test_label_batches_pair_each_digit_with_its_label_and_a_wrong_one():
     wrong_counts = np.zeros((10, 10))
     rng = np.random.default_rng(0)
     seen = []
-    for _ in ff.label_batches(x_train, y_train, cfg, rng, x):
+    for _ in ff.label_batches(x_train, y_train, cfg, SimpleNamespace(rng=rng), x):
         pos_label, neg_label = x[:100, :10].argmax(1), x[100:, :10].argmax(1)
         np.testing.assert_array_equal(x[:100, 10:], x[100:, 10:])  # the same digits
         rows = [np.flatnonzero((x_train[:, 10:] == row).all(1))[0] for row in x[:100, 10:]]
@@ -44,13 +47,14 @@ def test_label_batches_pair_each_digit_with_its_label_and_a_wrong_one():
     assert off_diagonal.min() > 5 and off_diagonal.max() < 45
 
 
-def test_tiny_label_run_predicts_by_goodness():
+@pytest.mark.parametrize("hard", [False, True], ids=["uniform", "hard"])
+def test_tiny_label_run_predicts_by_goodness(hard):
     """2 epochs on 3000 digits: the goodness read-out gets most test digits right (measured
     29% error against 90% for chance). Swapping the right and wrong labels, or not writing
     the label into the input, leaves it at or beyond chance."""
     x_train, y_train, x_test, y_test = ff.load_mnist()
     cfg = ff.FFConfig(layer_sizes=(784, 100, 100, 100), n_epochs=2, batch_size=50,
-                      negatives="label")
+                      negatives="label", hard_negatives=hard)
     state = ff.FFState.fresh(cfg, np.random.default_rng(0))
     ff.train_ff(x_train[:3000], cfg, state, log=lambda *a, **k: None, y_train=y_train[:3000])
     scores = ff.goodness_per_label(state.weights, state.biases, x_test[:1000])
@@ -84,3 +88,58 @@ def test_label_run_end_to_end_reports_both_read_outs(tmp_path):
     _, _, x_test, y_test = ff.load_mnist()
     assert ff.goodness_error_rate(run.weights, run.biases, x_test, y_test) == \
         run.metrics["goodness_test_error"]
+
+
+def test_sample_wrong_labels_follows_the_softmax_over_the_nine_wrong_labels():
+    rng = np.random.default_rng(0)
+    n = 40000
+    # every row prefers label 0 by 2 nats over label 1 and by 4 over the rest
+    scores = np.full((n, 10), 100.0)
+    scores[:, 0], scores[:, 1] = 104.0, 102.0
+    y = np.where(np.arange(n) < n // 2, 0, 5)  # half the rows are 0s: their 0 is not drawn
+    wrong = ff.sample_wrong_labels(scores, y, rng)
+    assert np.all(wrong != y) and wrong.min() >= 0 and wrong.max() <= 9
+    for rows, true in ((slice(0, n // 2), 0), (slice(n // 2, n), 5)):
+        logits = scores[0].copy()
+        logits[true] = -np.inf
+        want = np.exp(logits - logits.max())
+        want /= want.sum()
+        got = np.bincount(wrong[rows], minlength=10) / (n // 2)
+        np.testing.assert_allclose(got, want, atol=0.012)
+    # equal scores: uniform over the nine
+    flat = ff.sample_wrong_labels(np.zeros((9000, 10)), np.full(9000, 4), rng)
+    counts = np.bincount(flat, minlength=10)
+    assert counts[4] == 0 and counts[np.arange(10) != 4].min() > 850
+
+
+def test_hard_negatives_draw_the_wrong_label_the_network_prefers():
+    """A network whose layer 1 answers label pixel 3 far more than any other: with hard
+    negatives every digit that is not a 3 gets the wrong label 3 (uniform draws: 1 in 9)."""
+    x_train, y_train, _, _ = ff.load_mnist()
+    x_train, y_train = x_train[:1000], y_train[:1000]
+    rng = np.random.default_rng(0)
+    for hard in (True, False):
+        cfg = ff.FFConfig(layer_sizes=(784, 20), batch_size=100, negatives="label", top_k=1,
+                          goodness_layer1=True, hard_negatives=hard)
+        state = ff.FFState.fresh(cfg, rng)
+        state.weights[0][3] = 100.0
+        x = np.empty((200, 784), np.float32)
+        negatives, trues = [], []
+        for _ in ff.label_batches(x_train, y_train, cfg, state, x):
+            negatives.append(x[100:, :10].argmax(1))
+            trues.append(x[:100, :10].argmax(1))
+        negatives, trues = np.concatenate(negatives), np.concatenate(trues)
+        assert np.all(negatives != trues)
+        share3 = np.mean(negatives[trues != 3] == 3)
+        if hard:
+            assert share3 == 1.0
+        else:
+            assert share3 < 0.2
+
+
+def test_hard_negatives_need_label_negatives():
+    with pytest.raises(ValueError, match="--hard-negatives needs --negatives label"):
+        ff.FFConfig(hard_negatives=True)
+    with pytest.raises(SystemExit) as stop:
+        ff.main(["--hard-negatives", "--dry-run"])
+    assert stop.value.code == 2
