@@ -10,6 +10,11 @@ lines) as soon as it ends, so an interrupted sweep keeps what finished.
 
 With --refit-top-k K, each finished run's head is also refitted on its top K layers
 (same head settings as the run), and that test error is stored as refit_test_error.
+
+With --resume, a run whose folder holds a checkpoint goes on from its last finished epoch
+(the training CLI's --resume, with the same flags), and a run whose folder already holds its
+metrics is not run again: its record is written only if the results file lacks it. Runs
+too long for one sitting are started and continued with the same command.
 """
 
 import argparse
@@ -55,23 +60,46 @@ def write_record(record, ns, lock):
             f.write(json.dumps(record) + "\n")
 
 
+def recorded_labels(path):
+    """Labels with a finished record in the results file."""
+    if not os.path.exists(path):
+        return set()
+    with open(path) as f:
+        return {r["label"] for r in map(json.loads, filter(str.strip, f))
+                if r.get("status") == "finished"}
+
+
 def run_one(label, args, ns, lock, deadline):
+    run_dir = os.path.join(ns.out_dir, label)
+    finished = os.path.exists(os.path.join(run_dir, "metrics.json"))
+    if ns.resume and finished and label in recorded_labels(ns.results):
+        with lock:
+            print(f"{label:24s} finished earlier: recorded in {ns.results}", flush=True)
+        return
     if time.time() > deadline:
         write_record({"label": label, "args": args, "rc": None, "status": "not started",
                       "commit": ns.commit}, ns, lock)
         with lock:
             print(f"{label:24s} not started: past --start-within", flush=True)
         return
-    run_dir = os.path.join(ns.out_dir, label)
     env = dict(os.environ, OPENBLAS_NUM_THREADS=str(ns.threads), OMP_NUM_THREADS=str(ns.threads),
                MKL_NUM_THREADS=str(ns.threads), PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, os.path.join(ROOT, "ff_hybrid_mnist.py"), *args, "--out", run_dir]
+    resumed = ns.resume and not finished and os.path.exists(
+        os.path.join(run_dir, "checkpoint.npz"))
+    cmd = [sys.executable, os.path.join(ROOT, "ff_hybrid_mnist.py"), *args,
+           "--resume" if resumed else "--out", run_dir]
     t0 = time.time()
-    with open(run_dir + ".log", "w") as log:
-        rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    if ns.resume and finished:  # ended, but the sweep stopped before writing its record
+        rc = 0
+    else:
+        with open(run_dir + ".log", "a" if resumed else "w") as log:
+            if resumed:
+                log.write(f"--- resumed by the sweep, commit {ns.commit} ---\n")
+                log.flush()
+            rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     record = {"label": label, "args": args, "rc": rc, "wall_seconds": time.time() - t0,
               "status": "finished" if rc == 0 else "failed", "commit": ns.commit,
-              "threads": ns.threads}
+              "threads": ns.threads, "resumed": bool(resumed)}
     if rc == 0:
         record["metrics"] = json.load(open(os.path.join(run_dir, "metrics.json")))
         record["environment"] = json.load(open(os.path.join(run_dir, "history.json")))[
@@ -114,6 +142,8 @@ def build_parser():
                    help="also refit each run's head on its top K layers (0: no refit)")
     p.add_argument("--start-within", type=float, default=float("inf"),
                    help="start no run after this many seconds")
+    p.add_argument("--resume", action="store_true",
+                   help="go on with runs whose folder holds a checkpoint; skip recorded ones")
     p.add_argument("--dry-run", action="store_true",
                    help="check every run's flags and folder with the training CLI, then exit")
     return p
@@ -128,7 +158,9 @@ def main(argv=None):
     if ns.dry_run:
         def check():
             for label, args in configs:
-                ff.parse_args(args + ["--out", os.path.join(ns.out_dir, label)])
+                run_dir = os.path.join(ns.out_dir, label)
+                go_on = ns.resume and os.path.exists(os.path.join(run_dir, "checkpoint.npz"))
+                ff.parse_args(args + ["--resume" if go_on else "--out", run_dir])
                 print(f"{label:24s} ok: {shlex.join(args)}")
             return 0
         return ff.exit_status(check)

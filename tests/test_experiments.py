@@ -58,3 +58,31 @@ def test_blur_plot_reads_sweep_records(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert (tmp_path / "b.png").stat().st_size > 1000
     assert "n_blur  6: val error 4.00%  test error 5.00%" in printed
+
+
+def test_sweep_resume_goes_on_from_the_checkpoint_and_skips_recorded_runs(tmp_path, capsys):
+    """A run cut after its first epoch, continued by `sweep --resume`, ends with the numbers
+    of an uninterrupted run; running the sweep again leaves the recorded runs alone."""
+    out, results = tmp_path / "runs", tmp_path / "r.jsonl"
+    flags = TINY.split() + ["--n-epochs", "2"]
+    first = tmp_path / "first.txt"
+    first.write_text(f"cut {TINY}\n")  # 1 epoch, checkpointed, BLAS threads as below
+    sweep.main([str(first), "--threads", "1", "--out-dir", str(out),
+                "--results", str(tmp_path / "first.jsonl")])
+    for name in ("metrics.json", "model.npz"):  # as if killed before the end
+        os.remove(out / "cut" / name)
+    cfg = tmp_path / "cfg.txt"
+    cfg.write_text(f"base {' '.join(flags)}\ncut\nfull\n")
+    argv = [str(cfg), "--threads", "1", "--resume", "--out-dir", str(out), "--results", str(results)]
+    assert sweep.main(argv[:1] + ["--dry-run"] + argv[1:]) == 0
+    sweep.main(argv)
+    records = {r["label"]: r for r in map(json.loads, results.read_text().splitlines())}
+    assert records["cut"]["resumed"] and not records["full"]["resumed"]
+    assert records["cut"]["metrics"]["ff_loss"] == records["full"]["metrics"]["ff_loss"]
+    assert records["cut"]["metrics"]["test_error"] == records["full"]["metrics"]["test_error"]
+    log = (out / "cut.log").read_text()  # the first sitting's lines are kept
+    assert "epoch   1/1" in log and "resuming" in log
+    capsys.readouterr()
+    sweep.main(argv)
+    assert len(results.read_text().splitlines()) == 2
+    assert capsys.readouterr().out.count("finished earlier") == 2
