@@ -640,6 +640,7 @@ GOODNESS_KINDS = ("mean", "sum")
 SCHEDULES = ("parallel", "greedy")
 LR_DECAYS = ("none", "linear-half")
 NEGATIVES = ("hybrid", "label")
+HARD_FROM = ("goodness", "head")
 
 
 @dataclass
@@ -662,6 +663,8 @@ class FFConfig:
     local: str = ""               # locally-connected layers, RF:STRIDE:CHANNELS each ("": dense)
     goodness_layer1: bool = False  # label runs: the goodness read-out also sums layer 1
     hard_negatives: bool = False  # label runs: wrong labels drawn as the network prefers them
+    hard_from: str = "goodness"   # "head": as a softmax head trained along the way prefers them
+    hard_head_lr: float = 0.1     # that head's SGD learning rate
     # the softmax head on the frozen network
     top_k: int = 3
     softmax_epochs: int = 50      # 0: no head
@@ -700,7 +703,7 @@ class FFConfig:
             refuse("layer_sizes", "every layer needs at least 1 unit")
         for name, choices in (("goodness", GOODNESS_KINDS), ("schedule", SCHEDULES),
                               ("lr_decay", LR_DECAYS), ("negatives", NEGATIVES),
-                              ("device", DEVICES)):
+                              ("hard_from", HARD_FROM), ("device", DEVICES)):
             if getattr(self, name) not in choices:
                 refuse(name, f"is not one of {', '.join(choices)}")
         if isinstance(self.val_size, (int, np.integer)) and self.val_size >= N_TRAIN_MAX:
@@ -712,6 +715,7 @@ class FFConfig:
                 ("threshold", 0, True), ("n_blur", 0, False), ("weight_decay", 0, False),
                 ("peer_norm", 0, False), ("top_k", 1, False), ("softmax_epochs", 0, False),
                 ("softmax_lr", 0, True), ("softmax_weight_decay", 0, False), ("seed", 0, False),
+                ("hard_head_lr", 0, True),
                 ("val_size", 0, False), ("n_train", 1, False)):
             value, kind = getattr(self, name), self.__dataclass_fields__[name].type
             if kind is int and (isinstance(value, bool)
@@ -730,6 +734,8 @@ class FFConfig:
             refuse("batch_size", f"exceeds --n-train {self.n_train}")
         if self.hard_negatives and self.negatives != "label":
             raise ValueError("--hard-negatives needs --negatives label")
+        if self.hard_from != "goodness" and not self.hard_negatives:
+            refuse("hard_from", "needs --hard-negatives")
         if self.negatives == "label" and n_layers < 2 and not self.goodness_layer1:
             refuse("negatives", "reads goodness from layer 2 up: give at least two layers, "
                    "or --goodness-layer1")
@@ -737,6 +743,11 @@ class FFConfig:
     @property
     def local_layers(self):
         return parse_local(self.local)
+
+    @property
+    def first_readout_layer(self):
+        """1-based: the goodness read-out (and the hard-negative head) use this layer up."""
+        return 1 if self.goodness_layer1 else 2
 
     def layer_threshold(self, n_units):
         return self.threshold * (n_units if self.goodness == "sum" else 1)
@@ -763,15 +774,21 @@ class FFState:
     rng: np.random.Generator
     epochs_done: int = 0
     history: dict = field(default_factory=lambda: {"loss": [], "accuracy": [], "seconds": []})
+    head: list = None  # [W, b] of the hard-negative head (--hard-from head), else None
 
     @classmethod
     def fresh(cls, cfg, rng):
         weights, biases = init_network(cfg.layer_sizes, rng,
                                        local_masks(cfg.local_layers) if cfg.local else None)
+        head = None
+        if cfg.hard_negatives and cfg.hard_from == "head":
+            n_features = sum(cfg.layer_sizes[cfg.first_readout_layer:])
+            head = [np.zeros((n_features, N_CLASSES), np.float32),
+                    np.zeros(N_CLASSES, np.float32)]
         return cls(weights, biases,
                    [Adam(W, weight_decay=cfg.weight_decay) for W in weights],
                    [Adam(b) for b in biases],
-                   [np.zeros_like(b) for b in biases], rng)
+                   [np.zeros_like(b) for b in biases], rng, head=head)
 
     def to(self, xp):
         """Every array moved into xp's memory (numpy: the host), in place; returns self."""
@@ -779,6 +796,8 @@ class FFState:
         self.weights = [move(W) for W in self.weights]
         self.biases = [move(b) for b in self.biases]
         self.peer_means = [move(r) for r in self.peer_means]
+        if self.head is not None:
+            self.head = [move(a) for a in self.head]
         for adam in self.adam_w + self.adam_b:
             adam.m_acc, adam.v_acc = move(adam.m_acc), move(adam.v_acc)
         return self
@@ -821,24 +840,54 @@ def sample_wrong_labels(scores, y, rng):
     return np.minimum(wrong, N_CLASSES - 1)
 
 
+def head_wrong_labels(state, digits, y, cfg, buf):
+    """Wrong labels for a batch as the hard-negative head prefers them (the author's Matlab
+    recipe): the head is a linear softmax on the L2-normalised activities, layers
+    cfg.first_readout_layer up, of the digits with the neutral label; the labels are drawn by
+    sample_wrong_labels on its logits, then the head takes one SGD step on the batch.
+    buf: a (B, 784) scratch array. Returns (wrong labels, head errors on the batch)."""
+    embed_labels(digits, None, out=buf)
+    F = extract_features(state.weights, state.biases, buf,
+                         len(cfg.layer_sizes) - cfg.first_readout_layer)
+    W, b = state.head
+    _, dW, db, logits = softmax_loss_and_grads(F, y, W, b)
+    logits = to_host(logits)
+    wrong = sample_wrong_labels(logits, y, state.rng)
+    W -= cfg.hard_head_lr * dW
+    b -= cfg.hard_head_lr * db
+    return wrong, int(np.sum(logits.argmax(axis=1) != y))
+
+
 def label_batches(x_train, y_train, cfg, state, x):
     """One epoch of batches: x[:B] digits with their own label, x[B:] the same digits
     with a wrong label: drawn uniformly from the other nine, or with cfg.hard_negatives as
-    the network at the start of the epoch prefers them (sample_wrong_labels on the
-    goodness read-out's scores of every training digit). Yields after filling x."""
+    the network prefers them: from the network at the start of the epoch
+    (sample_wrong_labels on the goodness read-out's scores of every training digit), or with
+    cfg.hard_from "head" batch by batch from head_wrong_labels, whose error over the epoch
+    goes into state.history["head_error"]. Yields after filling x."""
     n, B, rng = len(x_train), cfg.batch_size, state.rng
     pos = rng.permutation(n)
-    if cfg.hard_negatives:
+    by_head = cfg.hard_negatives and cfg.hard_from == "head"
+    if cfg.hard_negatives and not by_head:
         scores = goodness_per_label(state.weights, state.biases, x_train, cfg.goodness,
-                                    1 if cfg.goodness_layer1 else 2)
+                                    cfg.first_readout_layer)
         hard = sample_wrong_labels(to_host(scores), y_train, rng)
+    errors = 0
     for i in range(n // B):
         rows = pos[i * B:(i + 1) * B]
-        wrong = (hard[rows] if cfg.hard_negatives
-                 else (y_train[rows] + rng.integers(1, N_CLASSES, B)) % N_CLASSES)
+        if by_head:
+            wrong, wrong_guesses = head_wrong_labels(state, x_train[rows], y_train[rows], cfg,
+                                                     x[:B])
+            errors += wrong_guesses
+        elif cfg.hard_negatives:
+            wrong = hard[rows]
+        else:
+            wrong = (y_train[rows] + rng.integers(1, N_CLASSES, B)) % N_CLASSES
         embed_labels(x_train[rows], y_train[rows], out=x[:B])
         embed_labels(x_train[rows], wrong, out=x[B:])
         yield
+    if by_head:
+        state.history.setdefault("head_error", []).append(errors / (n // B * B))
 
 
 BATCHES = {"hybrid": hybrid_batches, "label": label_batches}
@@ -913,6 +962,8 @@ def progress_line(cfg, history, epoch, elapsed, eta):
             + row(history["loss"][-1], lambda v: f"{v:.3f}")
             + ("  real-vs-hybrid acc " if cfg.negatives == "hybrid" else "  pos-vs-neg acc ")
             + row(history["accuracy"][-1], lambda v: f"{100 * v:.1f}")
+            + (f"  hard-negative head error {100 * history['head_error'][-1]:.1f}%"
+               if history.get("head_error") else "")
             + f"  {history['seconds'][-1]:.1f} s  elapsed {elapsed:.0f} s  eta {eta:.0f} s")
 
 
@@ -1253,6 +1304,8 @@ def save_checkpoint(run_dir, cfg, state):
         for name, adam in (("W", state.adam_w[l]), ("b", state.adam_b[l])):
             arrays.update({f"adam_{name}{l}_m": to_host(adam.m_acc),
                            f"adam_{name}{l}_v": to_host(adam.v_acc), f"adam_{name}{l}_t": adam.t})
+    if state.head is not None:
+        arrays.update(head_W=to_host(state.head[0]), head_b=to_host(state.head[1]))
     atomic_write(os.path.join(run_dir, "checkpoint.npz"), lambda f: np.savez(f, **arrays))
 
 
@@ -1290,6 +1343,8 @@ def load_checkpoint(run_dir):
                 for name, adam in (("W", state.adam_w[l]), ("b", state.adam_b[l])):
                     adam.load_state(z[f"adam_{name}{l}_m"], z[f"adam_{name}{l}_v"],
                                     z[f"adam_{name}{l}_t"])
+            if state.head is not None:
+                state.head[0][...], state.head[1][...] = z["head_W"], z["head_b"]
     except READ_ERRORS as e:
         raise damaged(path, e) from None
     return cfg, state
@@ -1444,7 +1499,14 @@ def build_parser(resume=True, description=None, parents=()):
                    help="with --negatives label: each epoch, draw each digit's wrong label "
                         "with probability softmax(goodness read-out) over the nine wrong "
                         "labels, from the network at the epoch's start (costs about one "
-                        "forward pass per label over the training digits)")
+                        "forward pass per label over the training digits; see --hard-from)")
+    p.add_argument("--hard-from", choices=HARD_FROM, default=d("hard_from"),
+                   help="with --hard-negatives: goodness: as above; head: as the author's "
+                        "Matlab code does, batch by batch from a linear softmax head on the "
+                        "activities of the digit with the neutral label, trained along with "
+                        "the network (costs about one forward pass over the training digits)")
+    p.add_argument("--hard-head-lr", type=float, default=d("hard_head_lr"),
+                   help="with --hard-from head: that head's SGD learning rate")
     p.add_argument("--local", default=d("local"), metavar="RF:STRIDE:CHANNELS,...",
                    help="locally-connected layers instead of dense ones, e.g. "
                         "10:6:64,2:1:128,2:1:128: each unit sees every channel of an RF x RF "
@@ -1632,7 +1694,7 @@ def run(args, log=print, callback=None):
         if cfg.negatives == "label":
             # the paper's read-out: the label whose input gives the most goodness
             t1 = time.perf_counter()
-            first = 1 if cfg.goodness_layer1 else 2
+            first = cfg.first_readout_layer
             for name, xs, ys in (("val", x_val, y_val), ("test", x_test, y_test)):
                 if len(xs):
                     metrics[f"goodness_{name}_error"] = goodness_error_rate(

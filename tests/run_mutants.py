@@ -51,8 +51,18 @@ MUTANTS = {  # name -> (text in ff_hybrid_mnist.py, its replacement, and so on)
         "    if labels is not None:\n        out[xp.arange(len(out)), xp.asarray(labels)] = LABEL_ON\n",
         ""),
     "hard negatives: drawn uniformly": (
-        "        wrong = (hard[rows] if cfg.hard_negatives\n",
-        "        wrong = (hard[rows] if False\n"),
+        "            wrong = hard[rows]\n",
+        "            wrong = (y_train[rows] + rng.integers(1, N_CLASSES, B)) % N_CLASSES\n"),
+    "hard-negative head: never learns": (
+        "    W -= cfg.hard_head_lr * dW\n    b -= cfg.hard_head_lr * db\n", ""),
+    "hard-negative head: labels drawn uniformly": (
+        "    wrong = sample_wrong_labels(logits, y, state.rng)\n",
+        "    wrong = (y + state.rng.integers(1, N_CLASSES, len(y))) % N_CLASSES\n"),
+    "hard-negative head: sees the true label": (
+        "    embed_labels(digits, None, out=buf)\n", "    embed_labels(digits, y, out=buf)\n"),
+    "hard-negative head: not checkpointed": (
+        "        arrays.update(head_W=to_host(state.head[0]), head_b=to_host(state.head[1]))\n",
+        "        pass\n"),
     "hard negatives: the true label can be drawn": (
         "    s[np.arange(len(s)), y] = -np.inf\n", ""),
     "hard negatives: the least preferred label drawn": (

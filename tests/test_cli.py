@@ -68,8 +68,10 @@ def test_same_seed_same_numbers(tmp_path):
     assert not np.array_equal(a.weights[0], c.weights[0])
 
 
-@pytest.mark.parametrize("extra", [[], ["--negatives", "label", "--hard-negatives"]],
-                         ids=["hybrid", "hard-label"])
+@pytest.mark.parametrize("extra", [[], ["--negatives", "label", "--hard-negatives"],
+                                   ["--negatives", "label", "--hard-negatives", "--hard-from",
+                                    "head"]],
+                         ids=["hybrid", "hard-label", "hard-head"])
 def test_resume_ends_with_the_same_numbers(tmp_path, extra):
     flags = TINY + ["--n-epochs", "3", "--lr-decay", "linear-half", "--peer-norm", "0.1"] + extra
     assert ff.main(flags + ["--out", str(tmp_path / "full")]) == 0

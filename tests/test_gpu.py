@@ -118,6 +118,8 @@ def test_masks_on_the_gpu_are_the_cpu_masks():
 @needs_gpu
 @pytest.mark.parametrize("changes", [{}, {"negatives": "label"},
                                      {"negatives": "label", "hard_negatives": True},
+                                     {"negatives": "label", "hard_negatives": True,
+                                      "hard_from": "head"},
                                      {"peer_norm": 0.1, "refresh_inputs": True,
                                       "weight_decay": 0.01}])
 def test_one_training_step_on_the_gpu_matches_the_cpu(changes):

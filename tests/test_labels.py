@@ -47,16 +47,20 @@ def test_label_batches_pair_each_digit_with_its_label_and_a_wrong_one():
     assert off_diagonal.min() > 5 and off_diagonal.max() < 45
 
 
-@pytest.mark.parametrize("hard", [False, True], ids=["uniform", "hard"])
+@pytest.mark.parametrize("hard", [False, True, "head"], ids=["uniform", "hard", "hard-head"])
 def test_tiny_label_run_predicts_by_goodness(hard):
     """2 epochs on 3000 digits: the goodness read-out gets most test digits right (measured
     29% error against 90% for chance). Swapping the right and wrong labels, or not writing
     the label into the input, leaves it at or beyond chance."""
     x_train, y_train, x_test, y_test = ff.load_mnist()
     cfg = ff.FFConfig(layer_sizes=(784, 100, 100, 100), n_epochs=2, batch_size=50,
-                      negatives="label", hard_negatives=hard)
+                      negatives="label", hard_negatives=bool(hard),
+                      hard_from="head" if hard == "head" else "goodness", hard_head_lr=1.0)
     state = ff.FFState.fresh(cfg, np.random.default_rng(0))
     ff.train_ff(x_train[:3000], cfg, state, log=lambda *a, **k: None, y_train=y_train[:3000])
+    if hard == "head":  # its error on the digits it was trained on, epoch by epoch
+        errors = state.history["head_error"]
+        assert len(errors) == 2 and errors[1] < errors[0] < 0.9
     scores = ff.goodness_per_label(state.weights, state.biases, x_test[:1000])
     assert scores.shape == (1000, 10)
     assert np.mean(scores.argmax(1) != y_test[:1000]) < 0.45
@@ -142,4 +146,49 @@ def test_hard_negatives_need_label_negatives():
         ff.FFConfig(hard_negatives=True)
     with pytest.raises(SystemExit) as stop:
         ff.main(["--hard-negatives", "--dry-run"])
+    assert stop.value.code == 2
+
+
+def test_hard_negative_head_step_reads_the_neutral_label_and_draws_wrong_labels():
+    """One call of head_wrong_labels from a zero head: the labels drawn are wrong ones, and
+    the head's SGD step is exactly -lr * F^T (1/10 - onehot(y)) / B (bias: the column
+    sums), with F the normalised layers 2..L of the digits carrying the neutral label."""
+    x_train, y_train, _, _ = ff.load_mnist()
+    digits, y = x_train[:64], y_train[:64]
+    cfg = ff.FFConfig(layer_sizes=(784, 30, 20, 10), batch_size=64, n_train=64,
+                      negatives="label", hard_negatives=True, hard_from="head", hard_head_lr=0.5)
+    state = ff.FFState.fresh(cfg, np.random.default_rng(0))
+    assert state.head[0].shape == (30, 10)
+    wrong, errors = ff.head_wrong_labels(state, digits, y, cfg, np.empty((64, 784), np.float32))
+    assert np.all(wrong != y) and 0 <= errors <= 64
+    F = ff.extract_features(state.weights, state.biases, ff.embed_labels(digits, None), 2)
+    step = F.T.astype(np.float64) @ (0.1 - np.eye(10)[y]) / 64
+    np.testing.assert_allclose(state.head[0], -0.5 * step, rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(state.head[1], -0.5 * (0.1 - np.eye(10)[y]).mean(0), atol=1e-7)
+
+
+def test_hard_negative_head_draws_the_label_it_prefers():
+    """A head biased hard towards label 3: every digit that is not a 3 gets the wrong label
+    3 over a whole epoch (the head's steps cannot undo a bias of 100 in 10 batches)."""
+    x_train, y_train, _, _ = ff.load_mnist()
+    x_train, y_train = x_train[:1000], y_train[:1000]
+    cfg = ff.FFConfig(layer_sizes=(784, 20, 20), batch_size=100, negatives="label", top_k=1,
+                      hard_negatives=True, hard_from="head")
+    state = ff.FFState.fresh(cfg, np.random.default_rng(0))
+    state.head[1][3] = 100.0
+    x = np.empty((200, 784), np.float32)
+    negatives, trues = [], []
+    for _ in ff.label_batches(x_train, y_train, cfg, state, x):
+        negatives.append(x[100:, :10].argmax(1))
+        trues.append(x[:100, :10].argmax(1))
+    negatives, trues = np.concatenate(negatives), np.concatenate(trues)
+    assert np.all(negatives != trues) and np.all(negatives[trues != 3] == 3)
+    assert len(state.history["head_error"]) == 1
+
+
+def test_hard_from_head_needs_hard_negatives():
+    with pytest.raises(ValueError, match="--hard-from head needs --hard-negatives"):
+        ff.FFConfig(negatives="label", hard_from="head")
+    with pytest.raises(SystemExit) as stop:
+        ff.main(["--negatives", "label", "--hard-from", "head", "--dry-run"])
     assert stop.value.code == 2
