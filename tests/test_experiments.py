@@ -86,3 +86,22 @@ def test_sweep_resume_goes_on_from_the_checkpoint_and_skips_recorded_runs(tmp_pa
     sweep.main(argv)
     assert len(results.read_text().splitlines()) == 2
     assert capsys.readouterr().out.count("finished earlier") == 2
+
+
+def test_goodness_errors_match_the_runs_own_read_out(tmp_path, capsys):
+    """Its test and validation errors are the ones the run wrote (same split, same layers);
+    a hybrid run is refused with exit status 2."""
+    import ff_hybrid_mnist as ff
+    import goodness_errors
+    flags = TINY.split() + ["--negatives", "label", "--val-size", "200", "--goodness", "sum",
+                            "--threshold", "1"]
+    assert ff.main(flags + ["--out", str(tmp_path / "label")]) == 0
+    capsys.readouterr()
+    assert goodness_errors.main(["--run", str(tmp_path / "label")]) == 0
+    out = json.loads(capsys.readouterr().out)
+    saved = json.load(open(tmp_path / "label" / "metrics.json"))
+    assert out["goodness_test_error"] == saved["goodness_test_error"]
+    assert out["goodness_val_error"] == saved["goodness_val_error"]
+    assert 0 <= out["goodness_train_error"] <= 1
+    assert ff.main(TINY.split() + ["--out", str(tmp_path / "hybrid")]) == 0
+    assert goodness_errors.main(["--run", str(tmp_path / "hybrid")]) == 2
