@@ -97,7 +97,8 @@ def run_one(label, args, ns, lock, deadline):
                 log.write(f"--- resumed by the sweep, commit {ns.commit} ---\n")
                 log.flush()
             rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-    record = {"label": label, "args": args, "rc": rc, "wall_seconds": time.time() - t0,
+    wall = None if ns.resume and finished else time.time() - t0  # unknown: ran earlier
+    record = {"label": label, "args": args, "rc": rc, "wall_seconds": wall,
               "status": "finished" if rc == 0 else "failed", "commit": ns.commit,
               "threads": ns.threads, "resumed": bool(resumed)}
     if rc == 0:
@@ -123,7 +124,8 @@ def run_one(label, args, ns, lock, deadline):
     with lock:
         err = record.get("metrics", {}).get("test_error")
         val = record.get("metrics", {}).get("val_error")
-        print(f"{label:24s} rc {rc}  {record['wall_seconds']:7.1f} s  "
+        print(f"{label:24s} rc {rc}  "
+              + ("" if wall is None else f"{wall:7.1f} s  ")
               + (f"val error {100 * val:.2f}%  " if val is not None else "")
               + f"test error {'-' if err is None else f'{100 * err:.2f}%'}"
               + (f"  top-{ns.refit_top_k} {100 * record['refit_test_error']:.2f}%"

@@ -116,6 +116,16 @@ def test_sample_wrong_labels_follows_the_softmax_over_the_nine_wrong_labels():
     assert counts[4] == 0 and counts[np.arange(10) != 4].min() > 850
 
 
+def labels_of_one_epoch(x_train, y_train, cfg, state):
+    """(wrong labels, true labels) written into one epoch of label_batches (batch 100)."""
+    x = np.empty((200, 784), np.float32)
+    negatives, trues = [], []
+    for _ in ff.label_batches(x_train, y_train, cfg, state, x):
+        negatives.append(x[100:, :10].argmax(1))
+        trues.append(x[:100, :10].argmax(1))
+    return np.concatenate(negatives), np.concatenate(trues)
+
+
 def test_hard_negatives_draw_the_wrong_label_the_network_prefers():
     """A network whose layer 1 answers label pixel 3 far more than any other: with hard
     negatives every digit that is not a 3 gets the wrong label 3 (uniform draws: 1 in 9)."""
@@ -127,12 +137,7 @@ def test_hard_negatives_draw_the_wrong_label_the_network_prefers():
                           goodness_layer1=True, hard_negatives=hard)
         state = ff.FFState.fresh(cfg, rng)
         state.weights[0][3] = 100.0
-        x = np.empty((200, 784), np.float32)
-        negatives, trues = [], []
-        for _ in ff.label_batches(x_train, y_train, cfg, state, x):
-            negatives.append(x[100:, :10].argmax(1))
-            trues.append(x[:100, :10].argmax(1))
-        negatives, trues = np.concatenate(negatives), np.concatenate(trues)
+        negatives, trues = labels_of_one_epoch(x_train, y_train, cfg, state)
         assert np.all(negatives != trues)
         share3 = np.mean(negatives[trues != 3] == 3)
         if hard:
@@ -176,12 +181,7 @@ def test_hard_negative_head_draws_the_label_it_prefers():
                       hard_negatives=True, hard_from="head")
     state = ff.FFState.fresh(cfg, np.random.default_rng(0))
     state.head[1][3] = 100.0
-    x = np.empty((200, 784), np.float32)
-    negatives, trues = [], []
-    for _ in ff.label_batches(x_train, y_train, cfg, state, x):
-        negatives.append(x[100:, :10].argmax(1))
-        trues.append(x[:100, :10].argmax(1))
-    negatives, trues = np.concatenate(negatives), np.concatenate(trues)
+    negatives, trues = labels_of_one_epoch(x_train, y_train, cfg, state)
     assert np.all(negatives != trues) and np.all(negatives[trues != 3] == 3)
     assert len(state.history["head_error"]) == 1
 
