@@ -349,8 +349,20 @@ def l2_normalize(x, out=None, eps=1e-8):
     return xp.divide(x, norm[:, None], out=out)
 
 
+def rms_normalize(x, out=None, eps=1e-8):
+    """Rows scaled to a mean square of 1 per component (the author's Matlab code): the
+    direction of l2_normalize, sqrt(n_components) times longer."""
+    xp = xp_of(x)
+    rms = xp.sqrt(xp.einsum("ij,ij->i", x, x) / x.shape[1])
+    rms += eps
+    return xp.divide(x, rms[:, None], out=out)
+
+
+NORMALIZE = {"l2": l2_normalize, "rms": rms_normalize}
+
+
 def layer_forward(x_normed, W, b, out=None):
-    """h = ReLU(x W + b) for L2-normalised rows x."""
+    """h = ReLU(x W + b) for normalised rows x."""
     xp = xp_of(x_normed, W)
     h = xp.matmul(x_normed, W, out=out)
     h += b
@@ -367,54 +379,69 @@ def sigmoid(t):
     return 0.5 * (1.0 + xp_of(t).tanh(0.5 * t))  # no overflow for any t
 
 
-def layer_loss_and_grads(x_normed, W, b, n_pos, threshold, goodness_kind="mean",
-                         peer_coef=0.0, peer_mean=None, peer_momentum=0.9, work=None,
-                         mask=None):
-    """FF loss of one layer and its gradient with respect to W and b.
+def ff_loss_and_dz(h, n_pos, threshold, goodness_kind, dz):
+    """The paper's loss of one layer and its gradient with respect to z = x W + b, into dz.
 
-    Rows of x_normed are L2-normalised inputs, the n_pos positives first, then as many
+    Rows of h are the layer's activities, the n_pos positives first, then as many
     negatives. With s = -1 for a positive and +1 for a negative,
         L = (1/n_pos) sum_rows softplus(s (g - threshold))
     so dL/dg = s sigmoid(s (g - threshold)) / n_pos, dg/dh = 2h/n_units (mean) or 2h (sum),
-    and dh/dz = [z > 0], which h carries already (h = 0 wherever z <= 0).
-
-    Peer normalisation (peer_coef > 0): r = momentum * peer_mean + (1 - momentum) * mean
-    activity of each unit over the positives, and L += peer_coef * mean_j (r_j - mean(r))^2,
-    which pulls every unit's running mean activity towards the layer's mean.
-
-    A locally-connected layer (mask: 1 where an input feeds a unit, 0 elsewhere) is a
-    dense layer whose weights outside the mask are 0 and stay 0: its gradient is the dense
-    one times the mask, and Adam leaves a weight with zero gradient, moments and value at 0.
-
-    Returns loss, dW, db, h, g, r (r is None without peer normalisation). `work` holds
-    preallocated buffers (see LayerWork) so the training loop allocates nothing large.
+    and dh/dz = [z > 0], which h carries already (h = 0 wherever z <= 0). Returns loss, g.
     """
-    xp, n_units = xp_of(x_normed, W), W.shape[1]
-    h = layer_forward(x_normed, W, b, out=None if work is None else work.h)
+    xp = xp_of(h)
     g = goodness(h, goodness_kind)
     margin = g - threshold
     margin[:n_pos] *= -1
     loss = xp.logaddexp(0.0, margin).sum() / n_pos
     dloss_dg = sigmoid(margin) / n_pos
     dloss_dg[:n_pos] *= -1
-    scale = 2.0 / n_units if goodness_kind == "mean" else 2.0
-    dz = xp.multiply(h, (scale * dloss_dg)[:, None].astype(h.dtype, copy=False),
-                     out=None if work is None else work.dz)
-    r = None
-    if peer_coef > 0:
-        activity = h[:n_pos].mean(axis=0)
-        r = peer_momentum * peer_mean + (1 - peer_momentum) * activity
-        deviation = r - r.mean()
-        loss += peer_coef * xp.mean(deviation ** 2)
-        # d/dr_j of mean_k (r_k - mean r)^2 is 2 (r_j - mean r)/n_units; the mean's own
-        # derivative cancels because the deviations sum to zero.
-        dactivity = peer_coef * (1 - peer_momentum) * 2.0 / n_units * deviation / n_pos
-        dz[:n_pos] += (h[:n_pos] > 0) * dactivity.astype(h.dtype, copy=False)
-    dW = xp.matmul(x_normed.T, dz, out=None if work is None else work.dW)
+    scale = 2.0 / h.shape[1] if goodness_kind == "mean" else 2.0
+    xp.multiply(h, (scale * dloss_dg)[:, None].astype(h.dtype, copy=False), out=dz)
+    return loss, g
+
+
+PEER_MOMENTUM = 0.9  # both kinds of peer normalisation: r = 0.9 r + 0.1 (batch mean)
+
+
+def peer_spread(h, n_pos, peer_mean, coef, dz):
+    """Peer normalisation as a loss (this suite's): r = 0.9 peer_mean + 0.1 * mean activity of
+    each unit over the positives, and L = coef * mean_j (r_j - mean(r))^2, which pulls every
+    unit's running mean activity towards the layer's mean. Its gradient passes through the
+    ReLU, so a unit that is never on gets none. Adds dL/dz to dz; returns (L, r)."""
+    xp = xp_of(h)
+    r = PEER_MOMENTUM * peer_mean + (1 - PEER_MOMENTUM) * h[:n_pos].mean(axis=0)
+    deviation = r - r.mean()
+    # d/dr_j of mean_k (r_k - mean r)^2 is 2 (r_j - mean r)/n_units; the mean's own
+    # derivative cancels because the deviations sum to zero.
+    dactivity = coef * (1 - PEER_MOMENTUM) * 2.0 / h.shape[1] * deviation / n_pos
+    dz[:n_pos] += (h[:n_pos] > 0) * dactivity.astype(h.dtype, copy=False)
+    return coef * xp.mean(deviation ** 2), r
+
+
+def peer_author(h, n_pos, peer_mean, coef, dz):
+    """Peer normalisation as the author's Matlab code does it: r = 0.9 peer_mean + 0.1 * mean
+    activity over the positives (r starts at 0.5), and every positive row's dL/dz gets
+    coef (r_j - mean(r)) / n_pos, not gated by the ReLU, so a silent unit is pushed back on.
+    With r held fixed this is the gradient of coef/n_pos * sum_pos sum_j (r_j - mean r) z_j,
+    a term linear in z; it is left out of the reported loss. Returns (0, r)."""
+    r = PEER_MOMENTUM * peer_mean + (1 - PEER_MOMENTUM) * h[:n_pos].mean(axis=0)
+    dz[:n_pos] += (coef / n_pos * (r - r.mean())).astype(h.dtype, copy=False)
+    return 0.0, r
+
+
+PEER = {"spread": peer_spread, "author": peer_author}
+
+
+def layer_grads(x_normed, dz, dW, mask=None):
+    """dL/dW = x^T dL/dz into dW, and dL/db. A locally-connected layer (mask: 1 where an input
+    feeds a unit, 0 elsewhere) is a dense layer whose weights outside the mask are 0 and
+    stay 0: its gradient is the dense one times the mask, and the optimiser leaves a weight
+    with zero gradient, state and value at 0."""
+    xp = xp_of(x_normed, dz)
+    xp.matmul(x_normed.T, dz, out=dW)
     if mask is not None:
         dW *= mask
-    db = dz.sum(axis=0)
-    return loss, dW, db, h, g, r
+    return dW, dz.sum(axis=0)
 
 
 @dataclass
@@ -430,15 +457,21 @@ class LayerWork:
                    xp.empty((n_in, n_out), np.float32))
 
 
-def init_network(layer_sizes, rng, masks=None):
-    """Weights N(0, sqrt 2), biases 0. A unit-norm input then gives z ~ N(0, 2), so the
-    mean goodness starts near 1, just below the threshold of 2, where the loss is not flat.
+INITS = ("sqrt2", "fan-in")
+
+
+def init_network(layer_sizes, rng, masks=None, init="sqrt2"):
+    """Biases 0; weights N(0, sqrt 2) ("sqrt2") or N(0, 1/sqrt(n_in)) ("fan-in", the author's).
+    sqrt2: a unit-norm input gives z ~ N(0, 2), so the mean goodness starts near 1, just
+    below the threshold of 2, where the loss is not flat. fan-in: an RMS-normalised input
+    (squared length n_in) gives z ~ N(0, 1), half the threshold of a summed goodness.
     A locally-connected layer keeps only the weights inside its mask, scaled up by
-    sqrt(n_in / fan_in) so that a unit-norm input spread evenly still gives z ~ N(0, 2)."""
+    sqrt(n_in / fan_in) so that an input spread evenly gives the dense layer's z."""
     weights, biases = [], []
     masks = masks or [None] * (len(layer_sizes) - 1)
     for n_in, n_out, mask in zip(layer_sizes[:-1], layer_sizes[1:], masks):
-        W = rng.standard_normal((n_in, n_out)) * np.sqrt(2.0)
+        W = rng.standard_normal((n_in, n_out)) * (np.sqrt(2.0) if init == "sqrt2"
+                                                  else 1 / np.sqrt(n_in))
         if mask is not None:
             W *= mask * np.sqrt(n_in / mask.sum(axis=0))
         weights.append(W.astype(np.float32))
@@ -493,13 +526,14 @@ def local_masks(local, side=28):
     return masks
 
 
-def network_activities(weights, biases, x, n_layers=None):
-    """Activities h of each layer (or the first n_layers) for raw input rows x, computed
-    where the weights live (host rows are copied there)."""
+def network_activities(weights, biases, x, n_layers=None, norm="l2"):
+    """Activities h of each layer (or the first n_layers) for raw input rows x, each layer's
+    input normalised by NORMALIZE[norm], computed where the weights live (host rows are
+    copied there)."""
     x = xp_of(x, *weights).asarray(x)
     hs = []
     for W, b in list(zip(weights, biases))[:n_layers]:
-        x = layer_forward(l2_normalize(x), W, b)
+        x = layer_forward(NORMALIZE[norm](x), W, b)
         hs.append(x)
     return hs
 
@@ -552,8 +586,46 @@ class Adam:
         else:
             adam_kernel()(grad, *scalars, param, self.m_acc, self.v_acc)
 
-    def load_state(self, m_acc, v_acc, t):
-        self.m_acc[...], self.v_acc[...], self.t = m_acc, v_acc, int(t)
+    def state_arrays(self):
+        return {"m": self.m_acc, "v": self.v_acc, "t": self.t}
+
+    def load_state(self, m, v, t):
+        self.m_acc[...], self.v_acc[...], self.t = m, v, int(t)
+
+    def to(self, move):
+        self.m_acc, self.v_acc = move(self.m_acc), move(self.v_acc)
+
+
+class SmoothedSGD:
+    """The author's optimiser (his Matlab code): the gradient smoothed over minibatches,
+    g = delay g + (1 - delay) grad, and p -= lr (g + weight_decay p), in place. The weight
+    cost is not smoothed, so like AdamW's it multiplies p by 1 - lr * weight_decay a step.
+    `grad` is overwritten (it serves as the step's scratch buffer)."""
+
+    def __init__(self, param, delay=0.9, weight_decay=0.0):
+        self.delay, self.weight_decay = delay, weight_decay
+        self.g = xp_of(param).zeros_like(param)
+
+    def step(self, param, grad, lr):
+        grad *= 1.0 - self.delay
+        self.g *= self.delay
+        self.g += grad
+        if self.weight_decay:
+            param *= 1.0 - float(lr) * self.weight_decay
+        xp_of(param).multiply(self.g, float(lr), out=grad)
+        param -= grad
+
+    def state_arrays(self):
+        return {"g": self.g}
+
+    def load_state(self, g):
+        self.g[...] = g
+
+    def to(self, move):
+        self.g = move(self.g)
+
+
+OPTIMIZERS = {"adam": Adam, "sgd": SmoothedSGD}
 
 
 # -----------------------------------------------------------------------------
@@ -638,9 +710,10 @@ def adam_kernel():
 
 GOODNESS_KINDS = ("mean", "sum")
 SCHEDULES = ("parallel", "greedy")
-LR_DECAYS = ("none", "linear-half")
+LR_DECAYS = ("none", "linear-half", "linear-half-epochs")
 NEGATIVES = ("hybrid", "label")
 HARD_FROM = ("goodness", "head")
+PEER_KINDS = tuple(PEER)
 
 
 @dataclass
@@ -658,6 +731,10 @@ class FFConfig:
     peer_norm: float = 0.0
     schedule: str = "parallel"    # "greedy": layer 1 for n_epochs, then layer 2, ...
     lr_decay: str = "none"        # "linear-half": constant, then linear to 0 over the 2nd half
+    optimizer: str = "adam"       # "sgd": the author's smoothed-gradient SGD (SmoothedSGD)
+    normalize: str = "l2"         # each layer's input: "l2" unit length, "rms" unit mean square
+    init: str = "sqrt2"           # "fan-in": N(0, 1/sqrt(n_in)), the author's
+    peer_kind: str = "spread"     # "author": the author's ungated running-mean term
     refresh_inputs: bool = False  # recompute a layer's output after its update before the next
     negatives: str = "hybrid"     # "label": the digit with a wrong label (section 3.3)
     local: str = ""               # locally-connected layers, RF:STRIDE:CHANNELS each ("": dense)
@@ -665,6 +742,7 @@ class FFConfig:
     hard_negatives: bool = False  # label runs: wrong labels drawn as the network prefers them
     hard_from: str = "goodness"   # "head": as a softmax head trained along the way prefers them
     hard_head_lr: float = 0.1     # that head's SGD learning rate
+    hard_head_weight_decay: float = 0.0  # and its weight cost (with --optimizer sgd)
     # the softmax head on the frozen network
     top_k: int = 3
     softmax_epochs: int = 50      # 0: no head
@@ -703,7 +781,9 @@ class FFConfig:
             refuse("layer_sizes", "every layer needs at least 1 unit")
         for name, choices in (("goodness", GOODNESS_KINDS), ("schedule", SCHEDULES),
                               ("lr_decay", LR_DECAYS), ("negatives", NEGATIVES),
-                              ("hard_from", HARD_FROM), ("device", DEVICES)):
+                              ("hard_from", HARD_FROM), ("device", DEVICES),
+                              ("optimizer", tuple(OPTIMIZERS)), ("normalize", tuple(NORMALIZE)),
+                              ("init", INITS), ("peer_kind", PEER_KINDS)):
             if getattr(self, name) not in choices:
                 refuse(name, f"is not one of {', '.join(choices)}")
         if isinstance(self.val_size, (int, np.integer)) and self.val_size >= N_TRAIN_MAX:
@@ -715,7 +795,7 @@ class FFConfig:
                 ("threshold", 0, True), ("n_blur", 0, False), ("weight_decay", 0, False),
                 ("peer_norm", 0, False), ("top_k", 1, False), ("softmax_epochs", 0, False),
                 ("softmax_lr", 0, True), ("softmax_weight_decay", 0, False), ("seed", 0, False),
-                ("hard_head_lr", 0, True),
+                ("hard_head_lr", 0, True), ("hard_head_weight_decay", 0, False),
                 ("val_size", 0, False), ("n_train", 1, False)):
             value, kind = getattr(self, name), self.__dataclass_fields__[name].type
             if kind is int and (isinstance(value, bool)
@@ -768,27 +848,35 @@ class FFState:
     """Everything a run needs to continue: parameters, optimiser, generator and history."""
     weights: list
     biases: list
-    adam_w: list
-    adam_b: list
+    opt_w: list   # the optimiser of each layer's weights (Adam or SmoothedSGD)
+    opt_b: list
     peer_means: list
     rng: np.random.Generator
     epochs_done: int = 0
     history: dict = field(default_factory=lambda: {"loss": [], "accuracy": [], "seconds": []})
     head: list = None  # [W, b] of the hard-negative head (--hard-from head), else None
+    head_opt: list = None  # its optimisers with --optimizer sgd, else None (plain SGD)
 
     @classmethod
     def fresh(cls, cfg, rng):
         weights, biases = init_network(cfg.layer_sizes, rng,
-                                       local_masks(cfg.local_layers) if cfg.local else None)
-        head = None
+                                       local_masks(cfg.local_layers) if cfg.local else None,
+                                       cfg.init)
+        head = head_opt = None
         if cfg.hard_negatives and cfg.hard_from == "head":
             n_features = sum(cfg.layer_sizes[cfg.first_readout_layer:])
             head = [np.zeros((n_features, N_CLASSES), np.float32),
                     np.zeros(N_CLASSES, np.float32)]
+            if cfg.optimizer == "sgd":
+                head_opt = [SmoothedSGD(head[0], weight_decay=cfg.hard_head_weight_decay),
+                            SmoothedSGD(head[1])]
+        optimizer = OPTIMIZERS[cfg.optimizer]
+        peer_start = 0.5 if cfg.peer_kind == "author" else 0.0  # the author's r starts at 0.5
         return cls(weights, biases,
-                   [Adam(W, weight_decay=cfg.weight_decay) for W in weights],
-                   [Adam(b) for b in biases],
-                   [np.zeros_like(b) for b in biases], rng, head=head)
+                   [optimizer(W, weight_decay=cfg.weight_decay) for W in weights],
+                   [optimizer(b) for b in biases],
+                   [np.full_like(b, peer_start) for b in biases], rng, head=head,
+                   head_opt=head_opt)
 
     def to(self, xp):
         """Every array moved into xp's memory (numpy: the host), in place; returns self."""
@@ -798,15 +886,21 @@ class FFState:
         self.peer_means = [move(r) for r in self.peer_means]
         if self.head is not None:
             self.head = [move(a) for a in self.head]
-        for adam in self.adam_w + self.adam_b:
-            adam.m_acc, adam.v_acc = move(adam.m_acc), move(adam.v_acc)
+        for opt in self.opt_w + self.opt_b + (self.head_opt or []):
+            opt.to(move)
         return self
 
 
-def learning_rate(cfg, progress):
-    """lr at a fraction `progress` in [0, 1) of all training steps."""
+def learning_rate(cfg, epoch, fraction):
+    """lr at `fraction` in [0, 1) of epoch `epoch` (0-based; a greedy stage counts its own).
+    linear-half: constant for the first half, then linearly to 0 step by step;
+    linear-half-epochs: the author's, constant within an epoch, (1 + 2 (n - e)) / n in
+    1-based epoch e > n/2, which is linear-half at the epoch's middle."""
+    n = cfg.n_epochs
     if cfg.lr_decay == "linear-half":
-        return cfg.lr * min(1.0, 2.0 * (1.0 - progress))
+        return cfg.lr * min(1.0, 2.0 * (1.0 - (epoch + fraction) / n))
+    if cfg.lr_decay == "linear-half-epochs":
+        return cfg.lr * (1.0 if epoch + 1 <= n / 2 else (1 + 2 * (n - epoch - 1)) / n)
     return cfg.lr
 
 
@@ -840,21 +934,27 @@ def sample_wrong_labels(scores, y, rng):
     return np.minimum(wrong, N_CLASSES - 1)
 
 
-def head_wrong_labels(state, digits, y, cfg, buf):
+def head_wrong_labels(state, digits, y, cfg, buf, gain=1.0):
     """Wrong labels for a batch as the hard-negative head prefers them (the author's Matlab
-    recipe): the head is a linear softmax on the L2-normalised activities, layers
+    recipe): the head is a linear softmax on the normalised activities, layers
     cfg.first_readout_layer up, of the digits with the neutral label; the labels are drawn by
-    sample_wrong_labels on its logits, then the head takes one SGD step on the batch.
-    buf: a (B, 784) scratch array. Returns (wrong labels, head errors on the batch)."""
+    sample_wrong_labels on its logits, then the head takes one step on the batch: plain SGD
+    at cfg.hard_head_lr, or with --optimizer sgd the author's smoothed step with weight cost,
+    its rate times `gain` (the FF rate's decay). buf: a (B, 784) scratch array.
+    Returns (wrong labels, head errors on the batch)."""
     embed_labels(digits, None, out=buf)
     F = extract_features(state.weights, state.biases, buf,
-                         len(cfg.layer_sizes) - cfg.first_readout_layer)
+                         len(cfg.layer_sizes) - cfg.first_readout_layer, norm=cfg.normalize)
     W, b = state.head
     _, dW, db, logits = softmax_loss_and_grads(F, y, W, b)
     logits = to_host(logits)
     wrong = sample_wrong_labels(logits, y, state.rng)
-    W -= cfg.hard_head_lr * dW
-    b -= cfg.hard_head_lr * db
+    if state.head_opt is None:
+        W -= cfg.hard_head_lr * dW
+        b -= cfg.hard_head_lr * db
+    else:
+        for opt, p, grad in zip(state.head_opt, (W, b), (dW, db)):
+            opt.step(p, grad, cfg.hard_head_lr * gain)
     return wrong, int(np.sum(logits.argmax(axis=1) != y))
 
 
@@ -870,14 +970,15 @@ def label_batches(x_train, y_train, cfg, state, x):
     by_head = cfg.hard_negatives and cfg.hard_from == "head"
     if cfg.hard_negatives and not by_head:
         scores = goodness_per_label(state.weights, state.biases, x_train, cfg.goodness,
-                                    cfg.first_readout_layer)
+                                    cfg.first_readout_layer, norm=cfg.normalize)
         hard = sample_wrong_labels(to_host(scores), y_train, rng)
     errors = 0
     for i in range(n // B):
         rows = pos[i * B:(i + 1) * B]
         if by_head:
+            gain = learning_rate(cfg, state.epochs_done % cfg.n_epochs, i / (n // B)) / cfg.lr
             wrong, wrong_guesses = head_wrong_labels(state, x_train[rows], y_train[rows], cfg,
-                                                     x[:B])
+                                                     x[:B], gain)
             errors += wrong_guesses
         elif cfg.hard_negatives:
             wrong = hard[rows]
@@ -905,13 +1006,16 @@ def train_layer_step(state, l, x_in, cfg, lr, work, learns=True, refresh=False, 
     if not learns:
         h = layer_forward(x_in, W, b, out=work.h)
         return np.nan, goodness(h, cfg.goodness), h
-    loss, dW, db, h, g, r = layer_loss_and_grads(
-        x_in, W, b, cfg.batch_size, cfg.layer_threshold(W.shape[1]), cfg.goodness,
-        cfg.peer_norm, state.peer_means[l], work=work, mask=mask)
-    state.adam_w[l].step(W, dW, lr)
-    state.adam_b[l].step(b, db, lr)
-    if r is not None:
-        state.peer_means[l][...] = r
+    h = layer_forward(x_in, W, b, out=work.h)
+    loss, g = ff_loss_and_dz(h, cfg.batch_size, cfg.layer_threshold(W.shape[1]), cfg.goodness,
+                             work.dz)
+    if cfg.peer_norm > 0:
+        peer_loss, state.peer_means[l][...] = PEER[cfg.peer_kind](
+            h, cfg.batch_size, state.peer_means[l], cfg.peer_norm, work.dz)
+        loss += peer_loss
+    dW, db = layer_grads(x_in, work.dz, work.dW, mask)
+    state.opt_w[l].step(W, dW, lr)
+    state.opt_b[l].step(b, db, lr)
     if refresh:
         h = layer_forward(x_in, W, b, out=work.h)
     return loss, g, h
@@ -985,6 +1089,7 @@ def train_ff(x_train, cfg, state, callback=None, log=print, y_train=None):
             for n_in, n_out in zip(cfg.layer_sizes[:-1], cfg.layer_sizes[1:])]
     masks = ([xp.asarray(m) for m in local_masks(cfg.local_layers)] if cfg.local
              else [None] * n_layers)
+    normalize = NORMALIZE[cfg.normalize]
     t_start, start_epoch = time.perf_counter(), state.epochs_done
     for epoch in range(start_epoch, epochs):
         t0 = time.perf_counter()
@@ -993,8 +1098,8 @@ def train_ff(x_train, cfg, state, callback=None, log=print, y_train=None):
         sums = xp.zeros((n_layers, 3))  # per layer: loss, accuracy, batches with a unit on
         for i, _ in enumerate(BATCHES[cfg.negatives](x_train, y_train, cfg, state, x)):
             # a greedy stage decays the rate over its own epochs
-            lr = learning_rate(cfg, (epoch % cfg.n_epochs + i / n_batches) / cfg.n_epochs)
-            l2_normalize(x, out=inputs[0])
+            lr = learning_rate(cfg, epoch % cfg.n_epochs, i / n_batches)
+            normalize(x, out=inputs[0])
             for l in range(top):
                 loss, g, h = train_layer_step(state, l, inputs[l], cfg, lr, work[l], l in trained,
                                               refresh=cfg.refresh_inputs and l + 1 < top,
@@ -1003,7 +1108,7 @@ def train_ff(x_train, cfg, state, callback=None, log=print, y_train=None):
                     check_loss(loss, epoch, l, i)
                 sums[l] += batch_stats(loss, g, B, cfg.layer_threshold(h.shape[1]))
                 if l + 1 < top:
-                    l2_normalize(h, out=inputs[l + 1])
+                    normalize(h, out=inputs[l + 1])
         sums = to_host(sums)  # the GPU's one wait of the epoch
         for l in trained:
             check_loss(sums[l, 0], epoch, l)
@@ -1020,21 +1125,23 @@ def train_ff(x_train, cfg, state, callback=None, log=print, y_train=None):
 # -----------------------------------------------------------------------------
 # Softmax head on the frozen network
 
-def extract_features(weights, biases, x, top_k, chunk=2000):
-    """concat(L2norm(h_l)) over the top_k layers, float32, computed chunk by chunk."""
+def extract_features(weights, biases, x, top_k, chunk=2000, norm="l2"):
+    """concat(normalised h_l) over the top_k layers, float32, computed chunk by chunk; each
+    layer's input and each feature block normalised by NORMALIZE[norm]."""
     sizes = [W.shape[1] for W in weights[-top_k:]]
     features = xp_of(*weights).empty((len(x), sum(sizes)), np.float32)
     for start in range(0, len(x), chunk):
-        hs = network_activities(weights, biases, x[start:start + chunk])
+        hs = network_activities(weights, biases, x[start:start + chunk], norm=norm)
         rows = features[start:start + chunk]
         col = 0
         for h in hs[-top_k:]:
-            l2_normalize(h, out=rows[:, col:col + h.shape[1]])
+            NORMALIZE[norm](h, out=rows[:, col:col + h.shape[1]])
             col += h.shape[1]
     return features
 
 
-def goodness_per_label(weights, biases, x, goodness_kind="mean", first_layer=2, chunk=2000):
+def goodness_per_label(weights, biases, x, goodness_kind="mean", first_layer=2, chunk=2000,
+                       norm="l2"):
     """(n, 10) float64: each digit run once with each label, its goodness summed over the
     layers from first_layer (1-based) up. The paper leaves out layer 1 (first_layer=2)."""
     xp = xp_of(*weights)
@@ -1044,15 +1151,15 @@ def goodness_per_label(weights, biases, x, goodness_kind="mean", first_layer=2, 
         rows = xp.asarray(x[start:start + chunk])
         for label in range(N_CLASSES):
             labelled = embed_labels(rows, np.full(len(rows), label), out=buf[:len(rows)])
-            hs = network_activities(weights, biases, labelled)
+            hs = network_activities(weights, biases, labelled, norm=norm)
             scores[start:start + len(rows), label] = sum(
                 goodness(h, goodness_kind) for h in hs[first_layer - 1:])
     return scores
 
 
-def goodness_error_rate(weights, biases, x, y, goodness_kind="mean", first_layer=2):
+def goodness_error_rate(weights, biases, x, y, goodness_kind="mean", first_layer=2, norm="l2"):
     """Error of predicting the label with the highest accumulated goodness."""
-    scores = goodness_per_label(weights, biases, x, goodness_kind, first_layer)
+    scores = goodness_per_label(weights, biases, x, goodness_kind, first_layer, norm=norm)
     xp = xp_of(scores)
     return float(xp.mean(xp.argmax(scores, axis=1) != xp.asarray(y)))
 
@@ -1301,11 +1408,13 @@ def save_checkpoint(run_dir, cfg, state):
     for l, (W, b) in enumerate(zip(state.weights, state.biases)):
         arrays.update({f"W{l}": to_host(W), f"b{l}": to_host(b),
                        f"peer{l}": to_host(state.peer_means[l])})
-        for name, adam in (("W", state.adam_w[l]), ("b", state.adam_b[l])):
-            arrays.update({f"adam_{name}{l}_m": to_host(adam.m_acc),
-                           f"adam_{name}{l}_v": to_host(adam.v_acc), f"adam_{name}{l}_t": adam.t})
+        for name, opt in (("W", state.opt_w[l]), ("b", state.opt_b[l])):
+            arrays.update({f"opt_{name}{l}_{k}": to_host(v)
+                           for k, v in opt.state_arrays().items()})
     if state.head is not None:
         arrays.update(head_W=to_host(state.head[0]), head_b=to_host(state.head[1]))
+    for name, opt in zip("Wb", state.head_opt or []):
+        arrays.update({f"opt_head_{name}_{k}": to_host(v) for k, v in opt.state_arrays().items()})
     atomic_write(os.path.join(run_dir, "checkpoint.npz"), lambda f: np.savez(f, **arrays))
 
 
@@ -1340,11 +1449,12 @@ def load_checkpoint(run_dir):
             for l in range(len(state.weights)):
                 state.weights[l][...], state.biases[l][...] = z[f"W{l}"], z[f"b{l}"]
                 state.peer_means[l][...] = z[f"peer{l}"]
-                for name, adam in (("W", state.adam_w[l]), ("b", state.adam_b[l])):
-                    adam.load_state(z[f"adam_{name}{l}_m"], z[f"adam_{name}{l}_v"],
-                                    z[f"adam_{name}{l}_t"])
+                for name, opt in (("W", state.opt_w[l]), ("b", state.opt_b[l])):
+                    opt.load_state(**{k: z[f"opt_{name}{l}_{k}"] for k in opt.state_arrays()})
             if state.head is not None:
                 state.head[0][...], state.head[1][...] = z["head_W"], z["head_b"]
+            for name, opt in zip("Wb", state.head_opt or []):
+                opt.load_state(**{k: z[f"opt_head_{name}_{k}"] for k in opt.state_arrays()})
     except READ_ERRORS as e:
         raise damaged(path, e) from None
     return cfg, state
@@ -1507,6 +1617,21 @@ def build_parser(resume=True, description=None, parents=()):
                         "the network (costs about one forward pass over the training digits)")
     p.add_argument("--hard-head-lr", type=float, default=d("hard_head_lr"),
                    help="with --hard-from head: that head's SGD learning rate")
+    p.add_argument("--hard-head-weight-decay", type=float, default=d("hard_head_weight_decay"),
+                   help="with --hard-from head and --optimizer sgd: that head's weight cost")
+    p.add_argument("--optimizer", choices=tuple(OPTIMIZERS), default=d("optimizer"),
+                   help="adam; sgd: the author's smoothed-gradient SGD, g = 0.9 g + 0.1 grad, "
+                        "p -= lr (g + weight_decay p) (the hard-negative head then steps the "
+                        "same way, its rate decayed with the FF rate)")
+    p.add_argument("--normalize", choices=tuple(NORMALIZE), default=d("normalize"),
+                   help="each layer's input (and the heads' features): l2 to unit length; rms "
+                        "to a mean square of 1 per component (the author's)")
+    p.add_argument("--init", choices=INITS, default=d("init"),
+                   help="weights N(0, sqrt 2) or N(0, 1/sqrt(fan-in)) (the author's); biases 0")
+    p.add_argument("--peer-kind", choices=PEER_KINDS, default=d("peer_kind"),
+                   help="with --peer-norm: spread: a loss on the spread of the units' running "
+                        "mean activities (gated by the ReLU); author: the author's term "
+                        "coef (r - mean r) added to dL/dz of every positive, ungated, r from 0.5")
     p.add_argument("--local", default=d("local"), metavar="RF:STRIDE:CHANNELS,...",
                    help="locally-connected layers instead of dense ones, e.g. "
                         "10:6:64,2:1:128,2:1:128: each unit sees every channel of an RF x RF "
@@ -1694,22 +1819,32 @@ def run(args, log=print, callback=None):
         if cfg.negatives == "label":
             # the paper's read-out: the label whose input gives the most goodness
             t1 = time.perf_counter()
-            first = cfg.first_readout_layer
+            first, n_layers = cfg.first_readout_layer, len(cfg.layer_sizes) - 1
             for name, xs, ys in (("val", x_val, y_val), ("test", x_test, y_test)):
                 if len(xs):
                     metrics[f"goodness_{name}_error"] = goodness_error_rate(
-                        state.weights, state.biases, xs, ys, cfg.goodness, first)
+                        state.weights, state.biases, xs, ys, cfg.goodness, first, cfg.normalize)
+                    if state.head is not None:  # the author's read-out: the head trained along
+                        F = extract_features(state.weights, state.biases, embed_labels(xs, None),
+                                             n_layers - first + 1, norm=cfg.normalize)
+                        metrics[f"hard_head_{name}_error"] = error_rate(F, ys, *state.head)
+                        del F
             metrics["goodness_seconds"] = time.perf_counter() - t1
-            log("goodness read-out: " + "  ".join(
-                f"{name} error {100 * metrics[f'goodness_{name}_error']:.2f}%"
-                for name in ("val", "test") if f"goodness_{name}_error" in metrics), flush=True)
+            for key, what in (("goodness", "goodness read-out"),
+                              ("hard_head", "hard-negative head on the neutral label")):
+                if f"{key}_test_error" in metrics:
+                    log(f"{what}: " + "  ".join(
+                        f"{name} error {100 * metrics[f'{key}_{name}_error']:.2f}%"
+                        for name in ("val", "test") if f"{key}_{name}_error" in metrics),
+                        flush=True)
             # the softmax read-out sees each digit once, with the neutral label
             x_train, x_val, x_test = (embed_labels(a, None) for a in (x_train, x_val, x_test))
         if cfg.softmax_epochs > 0:
             t1 = time.perf_counter()
-            F_train = extract_features(state.weights, state.biases, x_train, cfg.top_k)
-            F_test = extract_features(state.weights, state.biases, x_test, cfg.top_k)
-            F_val = (extract_features(state.weights, state.biases, x_val, cfg.top_k)
+            norm = cfg.normalize
+            F_train = extract_features(state.weights, state.biases, x_train, cfg.top_k, norm=norm)
+            F_test = extract_features(state.weights, state.biases, x_test, cfg.top_k, norm=norm)
+            F_val = (extract_features(state.weights, state.biases, x_val, cfg.top_k, norm=norm)
                      if len(x_val) else None)
             feature_seconds = time.perf_counter() - t1
             W, b, softmax_history = train_softmax(

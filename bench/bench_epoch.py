@@ -97,7 +97,9 @@ def main():
     def layer_maths():
         for _ in range(steps):
             for l, (x, W) in enumerate(zip(xs, Ws)):
-                ff.layer_loss_and_grads(x, W, bs[l], B, cfg.threshold, work=work[l])
+                h = ff.layer_forward(x, W, bs[l], out=work[l].h)
+                ff.ff_loss_and_dz(h, B, cfg.threshold, cfg.goodness, work[l].dz)
+                ff.layer_grads(x, work[l].dz, work[l].dW)
         sync()
 
     def adam():

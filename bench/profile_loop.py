@@ -21,8 +21,9 @@ import ff_hybrid_mnist as ff  # noqa: E402
 
 
 def timed(owner, name, totals):
-    """Replace owner.name by a wrapper that adds its wall-clock to totals[name]."""
-    fn = getattr(owner, name)
+    """Replace owner.name (owner[name] for a dict) by a wrapper that adds its wall-clock to
+    totals[name]."""
+    fn = owner[name] if isinstance(owner, dict) else getattr(owner, name)
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -32,7 +33,10 @@ def timed(owner, name, totals):
         finally:
             totals[name] = totals.get(name, 0.0) + time.perf_counter() - t0
 
-    setattr(owner, name, wrapper)
+    if isinstance(owner, dict):
+        owner[name] = wrapper
+    else:
+        setattr(owner, name, wrapper)
 
 
 def main():
@@ -47,8 +51,9 @@ def main():
     totals = {}
     # train_ff looks these names up in the module at call time, so the wrappers are used
     timed(ff.Adam, "step", totals)
-    for name in ("layer_loss_and_grads", "make_hybrid_batch", "l2_normalize"):
+    for name in ("layer_forward", "ff_loss_and_dz", "layer_grads", "make_hybrid_batch"):
         timed(ff, name, totals)
+    timed(ff.NORMALIZE, "l2", totals)
     cfg = ff.FFConfig(layer_sizes=args.layer_sizes, batch_size=args.batch_size, top_k=1,
                       n_epochs=args.epochs)
     state = ff.FFState.fresh(cfg, np.random.default_rng(0))
@@ -59,8 +64,9 @@ def main():
     totals["everything else"] = total - sum(totals.values())
     print(f"layers {'-'.join(map(str, args.layer_sizes))}  batch {args.batch_size}+"
           f"{args.batch_size}  {steps} steps  {1e3 * total / steps:.2f} ms/step in the loop")
-    labels = {"step": "adam (W and b)", "layer_loss_and_grads": "layer maths incl. products",
-              "make_hybrid_batch": "mask + hybrids", "l2_normalize": "l2 normalise"}
+    labels = {"step": "adam (W and b)", "layer_forward": "forward product and ReLU",
+              "ff_loss_and_dz": "goodness, loss, dL/dz", "layer_grads": "gradient product",
+              "make_hybrid_batch": "mask + hybrids", "l2": "l2 normalise"}
     for name, sec in totals.items():
         print(f"  {labels.get(name, name):28s} {1e3 * sec / steps:7.2f} ms  "
               f"{100 * sec / total:5.1f}%")

@@ -2,3 +2,32 @@ import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+import ff_hybrid_mnist as ff  # noqa: E402
+
+
+def layer_step(x, W, b, n_pos, threshold, goodness_kind="mean", peer_coef=0.0, peer_mean=None,
+               peer_kind="spread", mask=None, work=None):
+    """One layer's FF loss and gradient, composed from the module's pieces as
+    train_layer_step composes them: (loss, dW, db, h, g, r); r is None without peer
+    normalisation. Buffers are allocated here unless `work` is given."""
+    work = work or ff.LayerWork.allocate(len(x), W.shape[0], W.shape[1])
+    if work.h.dtype != x.dtype:  # the float64 checks
+        work = ff.LayerWork(*(np.empty(a.shape, x.dtype) for a in (work.h, work.dz, work.dW)))
+    h = ff.layer_forward(x, W, b, out=work.h)
+    loss, g = ff.ff_loss_and_dz(h, n_pos, threshold, goodness_kind, work.dz)
+    r = None
+    if peer_coef > 0:
+        extra, r = ff.PEER[peer_kind](h, n_pos, peer_mean, peer_coef, work.dz)
+        loss += extra
+    dW, db = ff.layer_grads(x, work.dz, work.dW, mask)
+    return loss, dW, db, h, g, r
+
+
+@pytest.fixture(scope="session")
+def mnist():
+    """(x_train, y_train, x_test, y_test), read once for the whole session."""
+    return ff.load_mnist()

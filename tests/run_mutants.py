@@ -21,7 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 MUTANTS = {  # name -> (text in ff_hybrid_mnist.py, its replacement, and so on)
     "no FF weight update": (
-        "    state.adam_w[l].step(W, dW, lr)\n    state.adam_b[l].step(b, db, lr)\n",
+        "    state.opt_w[l].step(W, dW, lr)\n    state.opt_b[l].step(b, db, lr)\n",
         "    pass\n"),
     "positives and negatives swapped": (
         "        x[:B] = x_train[pos[batch]]\n", "        x[B:] = x_train[pos[batch]]\n",
@@ -30,10 +30,10 @@ MUTANTS = {  # name -> (text in ff_hybrid_mnist.py, its replacement, and so on)
         "make_hybrid_batch(x_train[pa[batch]], x_train[pb[batch]]",
         "make_hybrid_batch(x_train[pa[batch]], x_train[pa[batch]]"),
     "no L2 normalisation between layers": (
-        "                    l2_normalize(h, out=inputs[l + 1])\n",
+        "                    normalize(h, out=inputs[l + 1])\n",
         "                    np.copyto(inputs[l + 1], h)\n"),
     "no L2 normalisation before layer 1": (
-        "            l2_normalize(x, out=inputs[0])\n",
+        "            normalize(x, out=inputs[0])\n",
         "            np.copyto(inputs[0], x)\n"),
     "sum-goodness threshold not scaled by n_units": (
         'return self.threshold * (n_units if self.goodness == "sum" else 1)',
@@ -54,7 +54,25 @@ MUTANTS = {  # name -> (text in ff_hybrid_mnist.py, its replacement, and so on)
         "            wrong = hard[rows]\n",
         "            wrong = (y_train[rows] + rng.integers(1, N_CLASSES, B)) % N_CLASSES\n"),
     "hard-negative head: never learns": (
-        "    W -= cfg.hard_head_lr * dW\n    b -= cfg.hard_head_lr * db\n", ""),
+        "        W -= cfg.hard_head_lr * dW\n        b -= cfg.hard_head_lr * db\n", ""),
+    "author's peer term gated by the ReLU": (
+        "    dz[:n_pos] += (coef / n_pos * (r - r.mean())).astype(h.dtype, copy=False)\n",
+        "    dz[:n_pos] += (h[:n_pos] > 0) * (coef / n_pos * (r - r.mean())).astype(h.dtype, "
+        "copy=False)\n"),
+    "RMS normalisation replaced by L2": (
+        'NORMALIZE = {"l2": l2_normalize, "rms": rms_normalize}',
+        'NORMALIZE = {"l2": l2_normalize, "rms": l2_normalize}'),
+    "smoothed SGD: no smoothing": (
+        "        grad *= 1.0 - self.delay\n        self.g *= self.delay\n",
+        "        self.g *= 0.0\n"),
+    "smoothed SGD: weight cost ignored": (
+        "            param *= 1.0 - float(lr) * self.weight_decay\n", "            pass\n"),
+    "hard-negative head: smoothed step skipped": (
+        "            opt.step(p, grad, cfg.hard_head_lr * gain)\n", "            pass\n"),
+    "author's lr decay ignored": (
+        '    if cfg.lr_decay == "linear-half-epochs":\n', "    if False:\n"),
+    "author's peer means start at 0": (
+        'peer_start = 0.5 if cfg.peer_kind == "author" else 0.0', "peer_start = 0.0"),
     "hard-negative head: labels drawn uniformly": (
         "    wrong = sample_wrong_labels(logits, y, state.rng)\n",
         "    wrong = (y + state.rng.integers(1, N_CLASSES, len(y))) % N_CLASSES\n"),
@@ -74,7 +92,7 @@ MUTANTS = {  # name -> (text in ff_hybrid_mnist.py, its replacement, and so on)
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tests", default="tests/test_training.py tests/test_labels.py "
-                                      "tests/test_local.py")
+                                      "tests/test_local.py tests/test_recipe.py")
     p.add_argument("--only", help="run the mutants whose name contains this text")
     args = p.parse_args(argv)
     source = open(os.path.join(ROOT, "ff_hybrid_mnist.py")).read()

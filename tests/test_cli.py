@@ -102,13 +102,13 @@ def test_refuses_to_overwrite_a_run(tmp_path, capsys):
 
 
 def test_divergence_stops_with_epoch_and_layer(tmp_path, monkeypatch, capsys):
-    real = ff.layer_loss_and_grads
+    real = ff.ff_loss_and_dz
 
-    def poisoned(x, W, *args, **kw):
-        out = real(x, W, *args, **kw)
-        return (np.nan,) + out[1:] if W.shape == (40, 30) else out
+    def poisoned(h, *args, **kw):
+        loss, g = real(h, *args, **kw)
+        return (np.nan if h.shape[1] == 30 else loss), g
 
-    monkeypatch.setattr(ff, "layer_loss_and_grads", poisoned)
+    monkeypatch.setattr(ff, "ff_loss_and_dz", poisoned)
     assert ff.main(TINY + ["--n-epochs", "2", "--out", str(tmp_path / "run")]) == 1
     err = capsys.readouterr().err
     assert "epoch 1" in err and "layer 2" in err

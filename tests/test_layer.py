@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 
 import ff_hybrid_mnist as ff
+from conftest import layer_step
 
 
 def rel_err(a, b):
@@ -43,10 +44,10 @@ def test_ff_gradient_matches_finite_differences(goodness_kind, peer_coef):
     peer_mean = rng.random(W.shape[1])
 
     def loss():
-        return ff.layer_loss_and_grads(x, W, b, n_pos, threshold, goodness_kind,
+        return layer_step(x, W, b, n_pos, threshold, goodness_kind,
                                        peer_coef, peer_mean)[0]
 
-    _, dW, db, *_ = ff.layer_loss_and_grads(x, W, b, n_pos, threshold, goodness_kind,
+    _, dW, db, *_ = layer_step(x, W, b, n_pos, threshold, goodness_kind,
                                             peer_coef, peer_mean)
     assert rel_err(dW, numeric_grad(loss, W)).max() < 1e-6
     assert rel_err(db, numeric_grad(loss, b)).max() < 1e-6
@@ -56,9 +57,8 @@ def test_peer_running_mean_and_penalty():
     rng = np.random.default_rng(2)
     x, W, b, n_pos = small_layer(rng)
     peer_mean = rng.random(W.shape[1])
-    loss0, *_ = ff.layer_loss_and_grads(x, W, b, n_pos, 1.0)
-    loss, _, _, h, _, r = ff.layer_loss_and_grads(x, W, b, n_pos, 1.0, "mean", 0.5, peer_mean,
-                                                  peer_momentum=0.9)
+    loss0, *_ = layer_step(x, W, b, n_pos, 1.0)
+    loss, _, _, h, _, r = layer_step(x, W, b, n_pos, 1.0, "mean", 0.5, peer_mean)
     expected_r = 0.9 * peer_mean + 0.1 * h[:n_pos].mean(axis=0)
     np.testing.assert_allclose(r, expected_r)
     np.testing.assert_allclose(loss - loss0, 0.5 * np.var(expected_r))
@@ -69,12 +69,12 @@ def test_loss_value_and_stability():
     and warning-free at extreme goodness."""
     rng = np.random.default_rng(3)
     x, W, b, n_pos = small_layer(rng)
-    loss, _, _, h, g, _ = ff.layer_loss_and_grads(x, W, b, n_pos, 2.0)
+    loss, _, _, h, g, _ = layer_step(x, W, b, n_pos, 2.0)
     expected = (np.log1p(np.exp(2.0 - g[:n_pos])).sum() + np.log1p(np.exp(g[n_pos:] - 2.0)).sum()) / n_pos
     np.testing.assert_allclose(loss, expected)
     with np.errstate(over="raise", invalid="raise", divide="raise"):
         for scale in (1e4, 1e-4):
-            out = ff.layer_loss_and_grads(x, W * scale, b * scale, n_pos, 2.0)
+            out = layer_step(x, W * scale, b * scale, n_pos, 2.0)
             assert all(np.isfinite(np.asarray(v)).all() for v in out[:3])
 
 
@@ -82,9 +82,9 @@ def test_float32_hot_path_agrees_with_float64():
     rng = np.random.default_rng(4)
     x, W, b, n_pos = small_layer(rng, n_in=30, n_out=20, n_pos=8)
     work = ff.LayerWork.allocate(2 * n_pos, 30, 20)
-    out32 = ff.layer_loss_and_grads(x.astype(np.float32), W.astype(np.float32),
+    out32 = layer_step(x.astype(np.float32), W.astype(np.float32),
                                     b.astype(np.float32), n_pos, 1.0, work=work)
-    out64 = ff.layer_loss_and_grads(x, W, b, n_pos, 1.0)
+    out64 = layer_step(x, W, b, n_pos, 1.0)
     assert out32[1].dtype == np.float32 and out32[1] is work.dW
     np.testing.assert_allclose(out32[1], out64[1], rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(out32[0], out64[0], rtol=1e-5)

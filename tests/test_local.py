@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 import ff_hybrid_mnist as ff
+from conftest import layer_step
 from test_layer import numeric_grad, rel_err
 
 LOCAL = "10:6:4,2:1:5,2:1:3"  # 28x28 image -> 4x4x4 -> 3x3x5 -> 2x2x3
@@ -38,10 +39,10 @@ def test_masked_gradient_matches_finite_differences(peer_coef):
     threshold, peer_mean = float(np.median(g0)), rng.random(12)
 
     def loss():
-        return ff.layer_loss_and_grads(x, W, b, 5, threshold, "mean", peer_coef, peer_mean,
+        return layer_step(x, W, b, 5, threshold, "mean", peer_coef, peer_mean,
                                        mask=mask)[0]
 
-    _, dW, db, *_ = ff.layer_loss_and_grads(x, W, b, 5, threshold, "mean", peer_coef,
+    _, dW, db, *_ = layer_step(x, W, b, 5, threshold, "mean", peer_coef,
                                             peer_mean, mask=mask)
     inside = mask == 1
     assert rel_err(dW[inside], numeric_grad(loss, W, h=1e-5)[inside]).max() < 1e-6
