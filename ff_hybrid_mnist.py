@@ -1,17 +1,18 @@
 """Forward-Forward with hybrid-image MNIST negatives (Hinton 2022, section 3.2).
 
-Each layer of a ReLU MLP is trained on its own objective: make the goodness
-(mean of squared activities) of real digits high and that of hybrid images
-low. A hybrid mixes two digits through a smooth random mask, so it keeps the
-short-range statistics of real digits and destroys their long-range shape.
-After this unsupervised training the network is frozen and a linear softmax
-on the L2-normalised activities of the top layers is fitted to the labels.
+Each layer of a ReLU MLP is trained on its own objective: make the goodness (mean of
+squared activities) of real digits high and that of hybrid images low. A hybrid mixes two
+digits through a smooth random mask, so it keeps the short-range statistics of real digits
+and destroys their long-range shape. After this unsupervised training the network is frozen
+and a linear softmax on the normalised activities of the top layers is fitted to the labels.
 
-The file reads in the order the data flows, after a few lines on devices (--device gpu runs
-the same functions on CuPy arrays): MNIST -> hybrid negatives -> label negatives -> layer
-maths -> Adam (and its device-specific speed) -> FF training loop (FFConfig: everything a
-run depends on) -> softmax head -> evaluation helpers (for the figures) -> run artefacts
--> CLI.
+The file reads as the algorithm first, then its variants, then the plumbing: hybrid
+negatives -> layer maths (forward, goodness, loss and its hand-derived gradient, peer
+normalisation, init) -> optimisers -> run configuration (FFConfig, which is also the command
+line) and state -> the training loop -> the softmax head -> variants: label negatives
+(section 3.3), locally-connected layers -> figure helpers -> MNIST loader -> devices and CPU
+speed -> run files -> CLI. Every function takes its array module from its arguments, so
+--device gpu runs the same code on CuPy arrays.
 
     python3 ff_hybrid_mnist.py                      # the SPEC run, seed 0
     python3 ff_hybrid_mnist.py --n-epochs 2 --n-train 5000 --softmax-epochs 5
@@ -42,42 +43,1067 @@ try:  # optional: --device gpu runs the same functions on CuPy arrays
 except ImportError:
     cupy = None
 
-# -----------------------------------------------------------------------------
-# Devices: every function takes its array module (numpy or CuPy) from its arguments
 
+# -----------------------------------------------------------------------------
+# Hybrid negatives: m*a + (1-m)*b with a smooth random binary mask m
+
+def blur_matrix(n_blur, side=28):
+    """The side x side matrix of n_blur passes of the [1/4, 1/2, 1/4] kernel with edge padding.
+
+    Blurring along rows and columns commutes, so n_blur separable passes over a mask M equal
+    B M B^T with B = P^n_blur; two small products replace 2*n_blur passes over the batch.
+    """
+    P = np.zeros((side, side))
+    for i in range(side):
+        for j, w in ((i - 1, 0.25), (i, 0.5), (i + 1, 0.25)):
+            P[i, min(max(j, 0), side - 1)] += w  # edge padding folds the outside tap inwards
+    return np.linalg.matrix_power(P, n_blur)
+
+
+def make_masks(n, rng, n_blur=6, side=28, xp=np):
+    """n boolean masks (n, side*side) in xp's memory: uniform random bits, blurred n_blur
+    times, > 0.5.
+
+    The blurred values are multiples of 4^-(2 n_blur) in [0, 1], so float32 (24-bit
+    significand) holds every product and sum exactly up to n_blur = 6, float64 up to 13:
+    the threshold sees the exact blur either way, in any summation order, on any device.
+    """
+    dtype = np.float32 if n_blur <= 6 else np.float64
+    B = xp.asarray(blur_matrix(n_blur, side).astype(dtype))
+    # the bits come from the host generator, so a seed draws the same masks on every device
+    packed = xp.asarray(np.frombuffer(rng.bytes(-(-n * side * side // 8)), np.uint8))
+    bits = xp.unpackbits(packed)
+    bits = bits[:n * side * side].reshape(n * side, side).astype(dtype)
+    rows_blurred = (bits @ B.T).reshape(n, side, side)                 # M B^T
+    blurred = rows_blurred.transpose(0, 2, 1).reshape(n * side, side) @ B.T  # (B M B^T)^T
+    return (blurred.reshape(n, side, side).transpose(0, 2, 1) > 0.5).reshape(n, side * side)
+
+
+def make_hybrid_batch(a, b, rng, n_blur=6, out=None):
+    """Hybrids of image rows a and b, one fresh mask per pair; returns (hybrids, masks)."""
+    xp = xp_of(a)
+    masks = make_masks(len(a), rng, n_blur, xp=xp)
+    out = xp.empty_like(a) if out is None else out
+    xp.copyto(out, b)
+    xp.copyto(out, a, where=masks)
+    return out, masks
+
+
+# -----------------------------------------------------------------------------
+# Layer maths: normalisation, forward, goodness, FF loss and its hand-derived gradient, peer
+# normalisation, init
+
+def l2_normalize(x, out=None, eps=1e-8):
+    """Rows scaled to unit length, so a layer sees only the direction of the layer below."""
+    xp = xp_of(x)
+    norm = xp.sqrt(xp.einsum("ij,ij->i", x, x))
+    norm += eps
+    return xp.divide(x, norm[:, None], out=out)
+
+
+def rms_normalize(x, out=None, eps=1e-8):
+    """Rows scaled to a mean square of 1 per component (the author's Matlab code): the
+    direction of l2_normalize, sqrt(n_components) times longer."""
+    xp = xp_of(x)
+    rms = xp.sqrt(xp.einsum("ij,ij->i", x, x) / x.shape[1])
+    rms += eps
+    return xp.divide(x, rms[:, None], out=out)
+
+
+NORMALIZE = {"l2": l2_normalize, "rms": rms_normalize}
+
+
+def layer_forward(x_normed, W, b, out=None):
+    """h = ReLU(x W + b) for normalised rows x."""
+    xp = xp_of(x_normed, W)
+    h = xp.matmul(x_normed, W, out=out)
+    h += b
+    return xp.maximum(h, 0, out=h)
+
+
+def goodness(h, kind="mean"):
+    """Mean (the SPEC) or sum of squared activities per row."""
+    g = xp_of(h).einsum("ij,ij->i", h, h)
+    return g / h.shape[1] if kind == "mean" else g
+
+
+def sigmoid(t):
+    return 0.5 * (1.0 + xp_of(t).tanh(0.5 * t))  # no overflow for any t
+
+
+def ff_loss_and_dz(h, n_pos, threshold, goodness_kind, dz):
+    """The paper's loss of one layer and its gradient with respect to z = x W + b, into dz.
+
+    Rows of h are the layer's activities, the n_pos positives first, then as many
+    negatives. With s = -1 for a positive and +1 for a negative,
+        L = (1/n_pos) sum_rows softplus(s (g - threshold))
+    so dL/dg = s sigmoid(s (g - threshold)) / n_pos, dg/dh = 2h/n_units (mean) or 2h (sum),
+    and dh/dz = [z > 0], which h carries already (h = 0 wherever z <= 0). Returns loss, g.
+    """
+    xp = xp_of(h)
+    g = goodness(h, goodness_kind)
+    margin = g - threshold
+    margin[:n_pos] *= -1
+    loss = xp.logaddexp(0.0, margin).sum() / n_pos
+    dloss_dg = sigmoid(margin) / n_pos
+    dloss_dg[:n_pos] *= -1
+    scale = 2.0 / h.shape[1] if goodness_kind == "mean" else 2.0
+    xp.multiply(h, (scale * dloss_dg)[:, None].astype(h.dtype, copy=False), out=dz)
+    return loss, g
+
+
+PEER_MOMENTUM = 0.9  # both kinds of peer normalisation: r = 0.9 r + 0.1 (batch mean)
+
+
+def peer_spread(h, n_pos, peer_mean, coef, dz):
+    """Peer normalisation as a loss (this suite's): r = 0.9 peer_mean + 0.1 * mean activity of
+    each unit over the positives, and L = coef * mean_j (r_j - mean(r))^2, which pulls every
+    unit's running mean activity towards the layer's mean. Its gradient passes through the
+    ReLU, so a unit that is never on gets none. Adds dL/dz to dz; returns (L, r)."""
+    xp = xp_of(h)
+    r = PEER_MOMENTUM * peer_mean + (1 - PEER_MOMENTUM) * h[:n_pos].mean(axis=0)
+    deviation = r - r.mean()
+    # d/dr_j of mean_k (r_k - mean r)^2 is 2 (r_j - mean r)/n_units; the mean's own
+    # derivative cancels because the deviations sum to zero.
+    dactivity = coef * (1 - PEER_MOMENTUM) * 2.0 / h.shape[1] * deviation / n_pos
+    dz[:n_pos] += (h[:n_pos] > 0) * dactivity.astype(h.dtype, copy=False)
+    return coef * xp.mean(deviation ** 2), r
+
+
+def peer_author(h, n_pos, peer_mean, coef, dz):
+    """Peer normalisation as the author's Matlab code does it: r = 0.9 peer_mean + 0.1 * mean
+    activity over the positives (r starts at 0.5), and every positive row's dL/dz gets
+    coef (r_j - mean(r)) / n_pos, not gated by the ReLU, so a silent unit is pushed back on.
+    With r held fixed this is the gradient of coef/n_pos * sum_pos sum_j (r_j - mean r) z_j,
+    a term linear in z; it is left out of the reported loss. Returns (0, r)."""
+    r = PEER_MOMENTUM * peer_mean + (1 - PEER_MOMENTUM) * h[:n_pos].mean(axis=0)
+    dz[:n_pos] += (coef / n_pos * (r - r.mean())).astype(h.dtype, copy=False)
+    return 0.0, r
+
+
+PEER = {"spread": peer_spread, "author": peer_author}
+
+
+def layer_grads(x_normed, dz, dW, mask=None):
+    """dL/dW = x^T dL/dz into dW, and dL/db. A locally-connected layer (mask: 1 where an input
+    feeds a unit, 0 elsewhere) is a dense layer whose weights outside the mask are 0 and
+    stay 0: its gradient is the dense one times the mask, and the optimiser leaves a weight
+    with zero gradient, state and value at 0."""
+    xp = xp_of(x_normed, dz)
+    xp.matmul(x_normed.T, dz, out=dW)
+    if mask is not None:
+        dW *= mask
+    return dW, dz.sum(axis=0)
+
+
+@dataclass
+class LayerWork:
+    """Buffers reused by every step of one layer: activities, dL/dz and dL/dW."""
+    h: np.ndarray
+    dz: np.ndarray
+    dW: np.ndarray
+
+    @classmethod
+    def allocate(cls, n_rows, n_in, n_out, xp=np):
+        return cls(xp.empty((n_rows, n_out), np.float32), xp.empty((n_rows, n_out), np.float32),
+                   xp.empty((n_in, n_out), np.float32))
+
+
+INITS = ("sqrt2", "fan-in")
+
+
+def init_network(layer_sizes, rng, masks=None, init="sqrt2"):
+    """Biases 0; weights N(0, sqrt 2) ("sqrt2") or N(0, 1/sqrt(n_in)) ("fan-in", the author's).
+    sqrt2: a unit-norm input gives z ~ N(0, 2), so the mean goodness starts near 1, just
+    below the threshold of 2, where the loss is not flat. fan-in: an RMS-normalised input
+    (squared length n_in) gives z ~ N(0, 1), half the threshold of a summed goodness.
+    A locally-connected layer keeps only the weights inside its mask, scaled up by
+    sqrt(n_in / fan_in) so that an input spread evenly gives the dense layer's z."""
+    weights, biases = [], []
+    masks = masks or [None] * (len(layer_sizes) - 1)
+    for n_in, n_out, mask in zip(layer_sizes[:-1], layer_sizes[1:], masks):
+        W = rng.standard_normal((n_in, n_out)) * (np.sqrt(2.0) if init == "sqrt2"
+                                                  else 1 / np.sqrt(n_in))
+        if mask is not None:
+            W *= mask * np.sqrt(n_in / mask.sum(axis=0))
+        weights.append(W.astype(np.float32))
+        biases.append(np.zeros(n_out, np.float32))
+    return weights, biases
+
+
+def network_activities(weights, biases, x, n_layers=None, norm="l2"):
+    """Activities h of each layer (or the first n_layers) for raw input rows x, each layer's
+    input normalised by NORMALIZE[norm], computed where the weights live (host rows are
+    copied there)."""
+    x = xp_of(x, *weights).asarray(x)
+    hs = []
+    for W, b in list(zip(weights, biases))[:n_layers]:
+        x = layer_forward(NORMALIZE[norm](x), W, b)
+        hs.append(x)
+    return hs
+
+
+# -----------------------------------------------------------------------------
+# Optimisers, in place (how Adam's passes run on each device is in the devices section)
+
+class Adam:
+    """Adam with bias correction (Kingma & Ba 2015) and optional decoupled weight decay
+    (AdamW, Loshchilov & Hutter 2019: p *= 1 - lr * weight_decay before the step), in place.
+    Decay added to the gradient instead would be divided by sqrt(v_hat) like the gradient,
+    a pull of about lr per step whatever the weight's size: that silenced every unit.
+
+    It keeps the undamped sums m_acc = sum_i beta1^(t-i) g_i and v_acc = sum_i
+    beta2^(t-i) g_i^2, that is m / (1 - beta1) and v / (1 - beta2) of the textbook, so that
+    a step is ten elementwise passes with one scratch buffer and no temporaries:
+        p -= lr * m_hat / (sqrt(v_hat) + eps)
+           = step_size * m_acc / (sqrt(v_acc) + eps / k),   k = sqrt((1-beta2)/(1-beta2^t)),
+    step_size = lr (1-beta1) / ((1-beta1^t) k).
+    How the passes run (threaded chunks on the CPU, one fused kernel on the GPU) is below.
+    """
+
+    def __init__(self, param, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0):
+        self.beta1, self.beta2, self.eps, self.weight_decay = beta1, beta2, eps, weight_decay
+        self.m_acc = xp_of(param).zeros_like(param)
+        self.v_acc = xp_of(param).zeros_like(param)
+        self.t = 0
+        self.scratch = None  # the CPU passes' buffers, made on the first CPU step
+
+    def step(self, param, grad, lr):
+        b1, b2 = self.beta1, self.beta2
+        self.t += 1
+        # Python floats: a numpy float64 scalar would make every pass over float32 arrays
+        # compute in float64 and cast back, at several times the cost
+        k = math.sqrt((1 - b2) / (1 - b2 ** self.t))
+        step_size = float(lr) * (1 - b1) / ((1 - b1 ** self.t) * k)
+        decay = 1.0 - float(lr) * self.weight_decay
+        # A moment that stops receiving gradient (an input unit silent for a while) decays
+        # geometrically into float32 subnormals, and arithmetic on subnormals is ~100x slower
+        # on x86: without this, late epochs ran twice as slow. A moment below 1e-30 moves a
+        # weight by less than ~1e-24 per step, so zeroing it every 16 steps is invisible at
+        # float32 resolution (the textbook update is kept otherwise).
+        flush_below = 1e-30 if self.t % 16 == 0 else 0.0
+        scalars = (decay, b1, b2, step_size, self.eps / k, flush_below)
+        if xp_of(param) is np:
+            if self.scratch is None:
+                size = min(param.size, ADAM_CHUNK)
+                self.scratch = [np.empty(size, param.dtype) for _ in range(ADAM_THREADS)]
+            adam_cpu(param, grad, self.m_acc, self.v_acc, *scalars, self.scratch)
+        else:
+            adam_kernel()(grad, *scalars, param, self.m_acc, self.v_acc)
+
+    def state_arrays(self):
+        return {"m": self.m_acc, "v": self.v_acc, "t": self.t}
+
+    def load_state(self, m, v, t):
+        self.m_acc[...], self.v_acc[...], self.t = m, v, int(t)
+
+    def to(self, move):
+        self.m_acc, self.v_acc = move(self.m_acc), move(self.v_acc)
+
+
+class SmoothedSGD:
+    """The author's optimiser (his Matlab code): the gradient smoothed over minibatches,
+    g = delay g + (1 - delay) grad, and p -= lr (g + weight_decay p), in place. The weight
+    cost is not smoothed, so like AdamW's it multiplies p by 1 - lr * weight_decay a step.
+    `grad` is overwritten (it serves as the step's scratch buffer)."""
+
+    def __init__(self, param, delay=0.9, weight_decay=0.0):
+        self.delay, self.weight_decay = delay, weight_decay
+        self.g = xp_of(param).zeros_like(param)
+
+    def step(self, param, grad, lr):
+        grad *= 1.0 - self.delay
+        self.g *= self.delay
+        self.g += grad
+        if self.weight_decay:
+            param *= 1.0 - float(lr) * self.weight_decay
+        xp_of(param).multiply(self.g, float(lr), out=grad)
+        param -= grad
+
+    def state_arrays(self):
+        return {"g": self.g}
+
+    def load_state(self, g):
+        self.g[...] = g
+
+    def to(self, move):
+        self.g = move(self.g)
+
+
+OPTIMIZERS = {"adam": Adam, "sgd": SmoothedSGD}
+
+
+# -----------------------------------------------------------------------------
+# Run configuration (also the command line) and the state of a run
+
+def option(default, help, choices=None, low=None, above=False, metavar=None, default_text=None):
+    """A field of FFConfig and its command-line flag, declared together: the help text and
+    the single-value rules (choices, or a lower bound: >= low, or > low with above)."""
+    return field(default=default, metadata=dict(help=help, choices=choices, low=low,
+                                                above=above, metavar=metavar,
+                                                default_text=default_text))
+
+
+GOODNESS_KINDS = ("mean", "sum")
+SCHEDULES = ("parallel", "greedy")
+LR_DECAYS = ("none", "linear-half", "linear-half-epochs")
+NEGATIVES = ("hybrid", "label")
+HARD_FROM = ("goodness", "head")
 DEVICES = ("cpu", "gpu")
+N_TRAIN_MAX = 60000  # digits in the MNIST training set
 
 
-def xp_of(*arrays):
-    """numpy, or CuPy when any of the arrays lives on the GPU."""
-    return cupy.get_array_module(*arrays) if cupy is not None else np
+@dataclass
+class FFConfig:
+    """Everything a run depends on, checked on construction (ValueError, one line). The
+    command line is built from these fields; a run stores its configuration once and
+    --resume reads it back."""
+    layer_sizes: tuple = option((784, 1000, 1000, 1000, 1000), "comma-separated, input first",
+                                metavar="N,N,...", default_text="784,1000,1000,1000,1000")
+    n_epochs: int = option(30, "FF epochs (per layer with --schedule greedy)", low=0)
+    batch_size: int = option(100, "positives per batch (as many negatives are added)", low=1)
+    lr: float = option(0.03, "step size of the FF layers", low=0, above=True)
+    optimizer: str = option("adam", "adam; sgd: the author's smoothed-gradient SGD, g = 0.9 g + "
+                            "0.1 grad, p -= lr (g + weight_decay p) (the hard-negative head "
+                            "then steps the same way, its rate decayed with the FF rate)",
+                            choices=("adam", "sgd"))
+    weight_decay: float = option(0.0, "decoupled weight decay of the FF weights: each step "
+                                 "multiplies them by 1 - lr * weight_decay", low=0)
+    lr_decay: str = option("none", "linear-half: constant, then linearly to 0 over the second "
+                           "half, step by step; linear-half-epochs: the same, stepped once an "
+                           "epoch (the author's)", choices=LR_DECAYS)
+    threshold: float = option(2.0, "goodness threshold theta (per unit: --goodness sum uses "
+                              "threshold * n_units)", low=0, above=True)
+    goodness: str = option("mean", "mean or sum of squared activities; sum uses threshold * "
+                           "n_units, so both agree on every input", choices=GOODNESS_KINDS)
+    normalize: str = option("l2", "each layer's input (and the heads' features): l2 to unit "
+                            "length; rms to a mean square of 1 per component (the author's)",
+                            choices=("l2", "rms"))
+    init: str = option("sqrt2", "weights N(0, sqrt 2), or N(0, 1/sqrt(fan-in)) (the author's); "
+                       "biases 0", choices=("sqrt2", "fan-in"))
+    peer_norm: float = option(0.0, "peer-normalisation coefficient, 0 = off", low=0)
+    peer_kind: str = option("spread", "with --peer-norm: spread: a loss on the spread of the "
+                            "units' running mean activities (gated by the ReLU); author: the "
+                            "author's term coef (r - mean r) added to dL/dz of every positive, "
+                            "ungated, r from 0.5", choices=("spread", "author"))
+    schedule: str = option("parallel", "parallel: every layer learns in every epoch; greedy: "
+                           "layer 1 for --n-epochs, then layer 2, ...", choices=SCHEDULES)
+    refresh_inputs: bool = option(False, "feed each layer the output of the updated layer "
+                                  "below (a second forward pass per layer)")
+    negatives: str = option("hybrid", "hybrid: hybrid images (section 3.2); label: the digit "
+                            "with a wrong label in its first 10 pixels (section 3.3, "
+                            "supervised)", choices=NEGATIVES)
+    n_blur: int = option(6, "blur passes of the hybrid mask", low=0)
+    local: str = option("", "locally-connected layers instead of dense ones, e.g. "
+                        "10:6:64,2:1:128,2:1:128: each unit sees every channel of an RF x RF "
+                        "block of locations below (the image: 28 x 28, one channel), blocks "
+                        "STRIDE apart, CHANNELS units per location, no weight sharing; the "
+                        "layer sizes follow", metavar="RF:STRIDE:CHANNELS,...",
+                        default_text="dense layers")
+    goodness_layer1: bool = option(False, "with --negatives label: the goodness read-out also "
+                                   "sums layer 1")
+    hard_negatives: bool = option(False, "with --negatives label: each digit's wrong label "
+                                  "drawn with probability softmax(scores) over the nine wrong "
+                                  "labels, the scores from --hard-from")
+    hard_from: str = option("goodness", "with --hard-negatives: goodness: the goodness "
+                            "read-out of every training digit at the epoch's start (about one "
+                            "forward pass per label); head: batch by batch, a linear softmax "
+                            "on the activities of the digit with the neutral label, trained "
+                            "along (the author's; about one forward pass)", choices=HARD_FROM)
+    hard_head_lr: float = option(0.1, "with --hard-from head: that head's learning rate",
+                                 low=0, above=True)
+    hard_head_weight_decay: float = option(0.0, "with --hard-from head and --optimizer sgd: "
+                                           "that head's weight cost", low=0)
+    top_k: int = option(3, "layers whose activities feed the softmax head", low=1)
+    softmax_epochs: int = option(50, "epochs of the softmax head on the frozen network; 0 "
+                                 "skips it", low=0)
+    softmax_lr: float = option(0.05, "SGD step size of the softmax head", low=0, above=True)
+    softmax_weight_decay: float = option(1e-4, "L2 penalty (wd/2)|W|^2 of the softmax head",
+                                         low=0)
+    seed: int = option(0, "seeds the network, the batches and the negatives (and the head's "
+                       "batches, as [seed, 1])", low=0)
+    n_train: int = option(None, "use the first N training digits", low=1,
+                          default_text="every digit not held out by --val-size")
+    val_size: int = option(0, "hold out the last N of the 60000 training digits as a "
+                           "validation split, from FF training and the head; its error is "
+                           "reported beside the test error", low=0)
+    device: str = option("cpu", "gpu: the same code on CuPy arrays (agrees with cpu to float32 "
+                         "rounding); a resumed run may change it", choices=DEVICES)
+
+    def __post_init__(self):
+        self.layer_sizes = tuple(self.layer_sizes)
+        for name in CONFIG_FIELDS:
+            check_option(name, getattr(self, name))
+        # what follows involves more than one field
+        if self.local:
+            sizes = local_layer_sizes(parse_local(self.local))
+            # the layer sizes follow from the local layers; any other given value is refused
+            if self.layer_sizes == CONFIG_FIELDS["layer_sizes"].default:
+                self.layer_sizes = sizes
+            elif self.layer_sizes != sizes:
+                raise ValueError(f"--layer-sizes {shown(self.layer_sizes)} disagrees with "
+                                 f"--local {self.local}, whose layers are {shown(sizes)}; "
+                                 "leave --layer-sizes out")
+        if self.val_size >= N_TRAIN_MAX:
+            raise ValueError(f"--val-size {self.val_size} leaves none of the {N_TRAIN_MAX} "
+                             "training digits to train on")
+        if self.n_train is None:
+            self.n_train = N_TRAIN_MAX - self.val_size
+        n_layers = len(self.layer_sizes) - 1
+        needs = [("top_k", self.top_k > n_layers,
+                  f"exceeds the {n_layers} layers of --layer-sizes"),
+                 ("n_train", self.n_train + self.val_size > N_TRAIN_MAX,
+                  f"and --val-size {self.val_size} together exceed the {N_TRAIN_MAX} "
+                  "training digits"),
+                 ("batch_size", self.batch_size > self.n_train, f"exceeds --n-train {self.n_train}"),
+                 ("hard_negatives", self.hard_negatives and self.negatives != "label",
+                  "needs --negatives label"),
+                 ("goodness_layer1", self.goodness_layer1 and self.negatives != "label",
+                  "needs --negatives label"),
+                 ("hard_from", self.hard_from != "goodness" and not self.hard_negatives,
+                  "needs --hard-negatives"),
+                 ("hard_head_lr", self.hard_head_lr != CONFIG_FIELDS["hard_head_lr"].default
+                  and self.hard_from != "head", "needs --hard-from head"),
+                 ("hard_head_weight_decay", self.hard_head_weight_decay > 0
+                  and (self.hard_from != "head" or self.optimizer != "sgd"),
+                  "needs --hard-from head and --optimizer sgd"),
+                 ("peer_kind", self.peer_kind != "spread" and self.peer_norm == 0,
+                  "needs --peer-norm above 0"),
+                 ("negatives", self.negatives == "label" and n_layers < 2
+                  and not self.goodness_layer1, "reads goodness from layer 2 up: give at "
+                  "least two layers, or --goodness-layer1")]
+        for name, broken, why in needs:
+            if broken:
+                value = getattr(self, name)
+                raise ValueError(f"{flag(name)}{'' if isinstance(value, bool) else ' ' + shown(value)} {why}")
+
+    @property
+    def local_layers(self):
+        return parse_local(self.local)
+
+    @property
+    def first_readout_layer(self):
+        """1-based: the goodness read-out (and the hard-negative head) use this layer up."""
+        return 1 if self.goodness_layer1 else 2
+
+    def layer_threshold(self, n_units):
+        return self.threshold * (n_units if self.goodness == "sum" else 1)
 
 
-def array_module(device):
-    return cupy if device == "gpu" else np
+CONFIG_FIELDS = FFConfig.__dataclass_fields__
 
 
-def to_host(a):
-    """a as a numpy array: a GPU array is copied back, a numpy array is returned as it is."""
-    return cupy.asnumpy(a) if cupy is not None else a
+def flag(name):
+    return "--" + name.replace("_", "-")
 
 
-def gpu_problem():
-    """Why --device gpu cannot run here, in one line; None when CuPy can use a GPU."""
-    if cupy is None:
-        return ("--device gpu needs CuPy, which is not installed "
-                "(pip install -r requirements-gpu.txt)")
-    try:  # a device, its driver and the kernel compiler must all answer
-        int((cupy.arange(2) + 1).sum())
-    except Exception as e:  # no driver, no device, a CUDA mismatch: each raises its own kind
-        detail = (str(e).splitlines() or [""])[0]
-        return (f"--device gpu: CuPy {cupy.__version__} cannot use a GPU here "
-                f"({e.__class__.__name__}: {detail})")
-    return None
+def shown(value):
+    """A value as it is written on the command line."""
+    return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+
+def check_option(name, value):
+    """ValueError, one line naming the flag, when `value` breaks the rules that FFConfig's
+    field `name` declares (its type, choices, lower bound); the command line applies the
+    same rules to what it parses."""
+    f = CONFIG_FIELDS[name]
+    meta, kind = f.metadata, f.type
+
+    def refuse(why):
+        raise ValueError(f"{flag(name)} {shown(value)} {why}")
+    if value is None and f.default is None:
+        return
+    if kind is bool and not isinstance(value, (bool, np.bool_)):
+        refuse("must be true or false")
+    if kind is tuple:  # the layer sizes
+        if (len(value) < 2 or value[0] != 784
+                or not all(isinstance(n, (int, np.integer)) for n in value)):
+            refuse("must start with 784 (the input) and have at least one layer, e.g. "
+                   "784,1000,1000,1000,1000")
+        if min(value) < 1:
+            refuse("every layer needs at least 1 unit")
+    if kind in (int, float):
+        if kind is int and (isinstance(value, bool) or not isinstance(value, (int, np.integer))):
+            refuse("must be an integer")
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
+            refuse("must be a number")
+        if kind is int and abs(int(value)) >= 2 ** 63:
+            refuse("is too large: it must be below 2^63")
+        if not math.isfinite(value):
+            refuse("must be a finite number")
+        low, above = meta["low"], meta["above"]
+        if low is not None and (value < low or (above and value == low)):
+            refuse(f"must be {'>' if above else '>='} {low}")
+    if meta["choices"] is not None and value not in meta["choices"]:
+        refuse(f"is not one of {', '.join(meta['choices'])}")
+    if name == "local":
+        parse_local(value)
+
+
+class TrainingDiverged(RuntimeError):
+    """Training that cannot succeed: a NaN or infinite loss, or a layer whose units all went
+    silent; the CLI prints it as one line and exits 1."""
+
+
+@dataclass
+class FFState:
+    """Everything a run needs to continue: parameters, optimiser, generator and history."""
+    weights: list
+    biases: list
+    opt_w: list   # the optimiser of each layer's weights (Adam or SmoothedSGD)
+    opt_b: list
+    peer_means: list
+    rng: np.random.Generator
+    epochs_done: int = 0
+    history: dict = field(default_factory=lambda: {"loss": [], "accuracy": [], "seconds": []})
+    head: list = None  # [W, b] of the hard-negative head (--hard-from head), else None
+    head_opt: list = None  # its optimisers with --optimizer sgd, else None (plain SGD)
+
+    @classmethod
+    def fresh(cls, cfg, rng):
+        weights, biases = init_network(cfg.layer_sizes, rng,
+                                       local_masks(cfg.local_layers) if cfg.local else None,
+                                       cfg.init)
+        head = head_opt = None
+        if cfg.hard_negatives and cfg.hard_from == "head":
+            n_features = sum(cfg.layer_sizes[cfg.first_readout_layer:])
+            head = [np.zeros((n_features, N_CLASSES), np.float32),
+                    np.zeros(N_CLASSES, np.float32)]
+            if cfg.optimizer == "sgd":
+                head_opt = [SmoothedSGD(head[0], weight_decay=cfg.hard_head_weight_decay),
+                            SmoothedSGD(head[1])]
+        optimizer = OPTIMIZERS[cfg.optimizer]
+        peer_start = 0.5 if cfg.peer_kind == "author" else 0.0  # the author's r starts at 0.5
+        return cls(weights, biases,
+                   [optimizer(W, weight_decay=cfg.weight_decay) for W in weights],
+                   [optimizer(b) for b in biases],
+                   [np.full_like(b, peer_start) for b in biases], rng, head=head,
+                   head_opt=head_opt)
+
+    def to(self, xp):
+        """Every array moved into xp's memory (numpy: the host), in place; returns self."""
+        move = to_host if xp is np else xp.asarray
+        self.weights = [move(W) for W in self.weights]
+        self.biases = [move(b) for b in self.biases]
+        self.peer_means = [move(r) for r in self.peer_means]
+        if self.head is not None:
+            self.head = [move(a) for a in self.head]
+        for opt in self.opt_w + self.opt_b + (self.head_opt or []):
+            opt.to(move)
+        return self
+
+
+def learning_rate(cfg, epoch, fraction):
+    """lr at `fraction` in [0, 1) of epoch `epoch` (0-based; a greedy stage counts its own).
+    linear-half: constant for the first half, then linearly to 0 step by step;
+    linear-half-epochs: the author's, constant within an epoch, (1 + 2 (n - e)) / n in
+    1-based epoch e > n/2, which is linear-half at the epoch's middle."""
+    n = cfg.n_epochs
+    if cfg.lr_decay == "linear-half":
+        return cfg.lr * min(1.0, 2.0 * (1.0 - (epoch + fraction) / n))
+    if cfg.lr_decay == "linear-half-epochs":
+        return cfg.lr * (1.0 if epoch + 1 <= n / 2 else (1 + 2 * (n - epoch - 1)) / n)
+    return cfg.lr
+
+
+def total_epochs(cfg):
+    n_layers = len(cfg.layer_sizes) - 1
+    return cfg.n_epochs * (n_layers if cfg.schedule == "greedy" else 1)
 
 
 # -----------------------------------------------------------------------------
-# MNIST: find, download, verify and read the four IDX files
+# The training loop: every layer, every batch, B positives and B fresh negatives
+
+def hybrid_batches(x_train, y_train, cfg, state, x):
+    """One epoch of batches: x[:B] real digits, x[B:] hybrids of two other random digits
+    (two independent shuffles, a fresh mask per pair). Yields after filling x."""
+    n, B, rng = len(x_train), cfg.batch_size, state.rng
+    pos, pa, pb = rng.permutation(n), rng.permutation(n), rng.permutation(n)
+    for i in range(n // B):
+        batch = slice(i * B, (i + 1) * B)
+        x[:B] = x_train[pos[batch]]
+        make_hybrid_batch(x_train[pa[batch]], x_train[pb[batch]], rng, cfg.n_blur, out=x[B:])
+        yield
+
+
+def train_layer_step(state, l, x_in, cfg, lr, work, learns=True, refresh=False, mask=None):
+    """Layer l's part of one step on x_in, the L2-normalised stacked batch (positives, then
+    as many negatives): forward, FF loss and gradient, Adam on W and b, the peer-norm running
+    mean. A frozen layer (greedy: one below the layer that learns) only runs forward.
+
+    Returns (loss, g, h): loss is NaN for a frozen layer; h is what the layer above sees,
+    the output from before this step's update unless refresh.
+    """
+    W, b = state.weights[l], state.biases[l]
+    if not learns:
+        h = layer_forward(x_in, W, b, out=work.h)
+        return np.nan, goodness(h, cfg.goodness), h
+    h = layer_forward(x_in, W, b, out=work.h)
+    loss, g = ff_loss_and_dz(h, cfg.batch_size, cfg.layer_threshold(W.shape[1]), cfg.goodness,
+                             work.dz)
+    if cfg.peer_norm > 0:
+        peer_loss, state.peer_means[l][...] = PEER[cfg.peer_kind](
+            h, cfg.batch_size, state.peer_means[l], cfg.peer_norm, work.dz)
+        loss += peer_loss
+    dW, db = layer_grads(x_in, work.dz, work.dW, mask)
+    state.opt_w[l].step(W, dW, lr)
+    state.opt_b[l].step(b, db, lr)
+    if refresh:
+        h = layer_forward(x_in, W, b, out=work.h)
+    return loss, g, h
+
+
+def batch_stats(loss, g, n_pos, threshold):
+    """One row of an epoch's sums: the loss, the accuracy of telling positives from negatives
+    at the threshold, and 1 if any unit of the layer was on."""
+    xp = xp_of(g)
+    accuracy = ((g[:n_pos] > threshold).mean() + (g[n_pos:] < threshold).mean()) / 2
+    return xp.stack([xp.asarray(v, dtype=np.float64) for v in (loss, accuracy, g.max() > 0)])
+
+
+def check_loss(loss, epoch, l, batch=None):
+    """TrainingDiverged for a NaN or infinite loss: a batch's on the CPU, an epoch's sum on
+    the GPU (reading a value back every step would stall it)."""
+    if not np.isfinite(loss):
+        where = f"epoch {epoch + 1}, layer {l + 1}" + ("" if batch is None else f", batch {batch + 1}")
+        raise TrainingDiverged(f"FF loss is {loss} in {where}; try a lower --lr")
+
+
+def check_silent(cfg, sums, trained, epoch):
+    """A silent layer has no gradient (ReLU), so it stays silent for good. (A test of
+    "accuracy at chance and loss not falling" was measured to stop tiny runs that were still
+    learning, so only this certain case stops a run.)"""
+    for l in trained:
+        if sums[l, 2] == 0:
+            cause = (f"--lr {cfg.lr} too high" + (f" or --weight-decay {cfg.weight_decay}"
+                                                  if cfg.weight_decay else ""))
+            raise TrainingDiverged(
+                f"layer {l + 1} went silent in epoch {epoch + 1}: every unit was 0 on every "
+                f"batch, so it cannot learn again; likely cause {cause}")
+
+
+def record_epoch(history, means, n_active, seconds):
+    """Appends an epoch's per-layer means; None for a layer above the n_active that ran this
+    epoch (greedy) or a NaN, so JSON holds no NaN."""
+    for key, column in (("loss", means[:, 0]), ("accuracy", means[:, 1])):
+        history[key].append([float(v) if l < n_active and np.isfinite(v) else None
+                             for l, v in enumerate(column)])
+    history["seconds"].append(seconds)
+
+
+def progress_line(cfg, history, epoch, elapsed, eta):
+    def row(values, fmt):
+        return " ".join("  -  " if v is None else fmt(v) for v in values)
+    return (f"epoch {epoch + 1:3d}/{total_epochs(cfg)}  FF loss per layer "
+            + row(history["loss"][-1], lambda v: f"{v:.3f}")
+            + ("  real-vs-hybrid accuracy per layer (%) " if cfg.negatives == "hybrid"
+               else "  right-vs-wrong-label accuracy per layer (%) ")
+            + row(history["accuracy"][-1], lambda v: f"{100 * v:.1f}")
+            + (f"  hard-negative head error {100 * history['head_error'][-1]:.1f}%"
+               if history.get("head_error") else "")
+            + f"  {history['seconds'][-1]:.1f} s  elapsed {elapsed:.0f} s  eta {eta:.0f} s")
+
+
+def train_ff(x_train, cfg, state, callback=None, log=print, y_train=None):
+    """Train state in place up to total_epochs(cfg), one progress line per epoch.
+
+    Within a step every layer sees the L2-normalised activities that the layer below had
+    before its own update of this step (one forward pass serves forward and gradient), unless
+    cfg.refresh_inputs. callback(epoch, state) runs after each epoch.
+    """
+    xp = array_module(cfg.device)
+    state.to(xp)
+    x_train = xp.asarray(x_train)  # once per run; the batches are gathered where they train
+    B, n_layers, epochs = cfg.batch_size, len(cfg.layer_sizes) - 1, total_epochs(cfg)
+    n_batches = len(x_train) // B
+    x = xp.empty((2 * B, cfg.layer_sizes[0]), np.float32)  # positives, then negatives
+    inputs = [xp.empty((2 * B, size), np.float32) for size in cfg.layer_sizes[:-1]]
+    work = [LayerWork.allocate(2 * B, n_in, n_out, xp)
+            for n_in, n_out in zip(cfg.layer_sizes[:-1], cfg.layer_sizes[1:])]
+    masks = ([xp.asarray(m) for m in local_masks(cfg.local_layers)] if cfg.local
+             else [None] * n_layers)
+    normalize = NORMALIZE[cfg.normalize]
+    t_start, start_epoch = time.perf_counter(), state.epochs_done
+    for epoch in range(start_epoch, epochs):
+        t0 = time.perf_counter()
+        trained = range(n_layers) if cfg.schedule == "parallel" else [epoch // cfg.n_epochs]
+        n_active = max(trained) + 1  # greedy: the layers below the one that learns run too
+        sums = xp.zeros((n_layers, 3))  # per layer: loss, accuracy, batches with a unit on
+        for i, _ in enumerate(BATCHES[cfg.negatives](x_train, y_train, cfg, state, x)):
+            # a greedy stage decays the rate over its own epochs
+            lr = learning_rate(cfg, epoch % cfg.n_epochs, i / n_batches)
+            normalize(x, out=inputs[0])
+            for l in range(n_active):
+                loss, g, h = train_layer_step(state, l, inputs[l], cfg, lr, work[l], l in trained,
+                                              refresh=cfg.refresh_inputs and l + 1 < n_active,
+                                              mask=masks[l])
+                if l in trained and xp is np:
+                    check_loss(loss, epoch, l, i)
+                sums[l] += batch_stats(loss, g, B, cfg.layer_threshold(h.shape[1]))
+                if l + 1 < n_active:
+                    normalize(h, out=inputs[l + 1])
+        sums = to_host(sums)  # the GPU's one wait of the epoch
+        for l in trained:
+            check_loss(sums[l, 0], epoch, l)
+        record_epoch(state.history, sums / n_batches, n_active, time.perf_counter() - t0)
+        state.epochs_done = epoch + 1
+        elapsed = time.perf_counter() - t_start
+        log(progress_line(cfg, state.history, epoch, elapsed,
+                          eta=elapsed / (epoch + 1 - start_epoch) * (epochs - epoch - 1)), flush=True)
+        check_silent(cfg, sums, trained, epoch)
+        if callback is not None:
+            callback(epoch, state)
+    return state
+
+
+# -----------------------------------------------------------------------------
+# Softmax head on the frozen network
+
+def extract_features(weights, biases, x, top_k, chunk=2000, norm="l2"):
+    """concat(normalised h_l) over the top_k layers, float32, computed chunk by chunk; each
+    layer's input and each feature block normalised by NORMALIZE[norm]."""
+    sizes = [W.shape[1] for W in weights[-top_k:]]
+    features = xp_of(*weights).empty((len(x), sum(sizes)), np.float32)
+    for start in range(0, len(x), chunk):
+        hs = network_activities(weights, biases, x[start:start + chunk], norm=norm)
+        rows = features[start:start + chunk]
+        col = 0
+        for h in hs[-top_k:]:
+            NORMALIZE[norm](h, out=rows[:, col:col + h.shape[1]])
+            col += h.shape[1]
+    return features
+
+
+def softmax_loss_and_grads(F, y, W, b, weight_decay=0.0):
+    """Mean cross-entropy of softmax(F W + b) plus (weight_decay/2)||W||^2, and its gradient.
+
+    dL/dlogits = (softmax - onehot) / n; returns loss, dW, db, logits.
+    """
+    xp = xp_of(F, W)
+    logits = F @ W
+    logits += b
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    p = xp.exp(shifted)
+    p_sum = p.sum(axis=1)
+    rows, y = xp.arange(len(y)), xp.asarray(y)
+    loss = (xp.log(p_sum).mean() - shifted[rows, y].mean()
+            + 0.5 * weight_decay * xp.vdot(W, W))
+    p /= p_sum[:, None]
+    p[rows, y] -= 1
+    p /= len(y)
+    dW = F.T @ p
+    dW += weight_decay * W
+    return loss, dW, p.sum(axis=0), logits
+
+
+def error_rate(F, y, W, b, chunk=10000):
+    xp = xp_of(F, W)
+    y = xp.asarray(y)
+    wrong = sum(int(xp.sum(xp.argmax(F[s:s + chunk] @ W + b, axis=1) != y[s:s + chunk]))
+                for s in range(0, len(y), chunk))
+    return wrong / len(y)
+
+
+def train_softmax(F_train, y_train, F_test, y_test, rng, n_epochs, lr, weight_decay,
+                  batch_size=256, n_classes=10, log=print, F_val=None, y_val=None):
+    """Minibatch SGD on the linear softmax. The per-epoch train error is the running error
+    of the minibatches during the epoch (an extra full pass per epoch would cost as much
+    as the training itself); validation (if given) and test error are exact, after each
+    epoch. Settings are chosen on the validation error, never on the test error.
+    A loss that is NaN or infinite raises TrainingDiverged. The head trains where F_train
+    lives; on the GPU each step waits once to read its loss back, which the head's few steps
+    can afford."""
+    xp = xp_of(F_train)
+    W = xp.zeros((F_train.shape[1], n_classes), np.float32)
+    b = xp.zeros(n_classes, np.float32)
+    hist = {"train_error": [], "test_error": [], "loss": [], "seconds": []}
+    if F_val is not None:
+        hist["val_error"] = []
+    n = len(y_train)
+    for epoch in range(n_epochs):
+        t0 = time.perf_counter()
+        perm = rng.permutation(n)
+        wrong, loss_sum = 0, 0.0
+        for start in range(0, n, batch_size):
+            idx = perm[start:start + batch_size]
+            yb = xp.asarray(y_train[idx])
+            # a diverging head overflows on its way to inf; the check below reports it
+            with np.errstate(over="ignore", invalid="ignore"):
+                loss, dW, db, logits = softmax_loss_and_grads(F_train[idx], yb, W, b,
+                                                              weight_decay)
+            if not xp.isfinite(loss):
+                raise TrainingDiverged(
+                    f"the softmax head's loss is {float(loss)} in head epoch {epoch + 1}; lower "
+                    f"--softmax-lr (now {lr:g}) or --softmax-weight-decay (now {weight_decay:g})")
+            W -= lr * dW
+            b -= lr * db
+            wrong += int(xp.sum(xp.argmax(logits, axis=1) != yb))
+            loss_sum += float(loss) * len(idx)
+        hist["train_error"].append(wrong / n)
+        hist["loss"].append(loss_sum / n)
+        if F_val is not None:
+            hist["val_error"].append(error_rate(F_val, y_val, W, b))
+        hist["test_error"].append(error_rate(F_test, y_test, W, b))
+        hist["seconds"].append(time.perf_counter() - t0)
+        if (epoch + 1) % 5 == 0 or epoch + 1 == n_epochs:
+            val = (f"val error {100 * hist['val_error'][-1]:.2f}%  "
+                   if F_val is not None else "")
+            log(f"softmax epoch {epoch + 1:3d}/{n_epochs}  loss {hist['loss'][-1]:.4f}  "
+                f"running train error {100 * hist['train_error'][-1]:.2f}%  {val}"
+                f"test error {100 * hist['test_error'][-1]:.2f}%", flush=True)
+    return W, b, hist
+
+
+def fit_head(weights, biases, cfg, fit, splits, log=print):
+    """The softmax head on the frozen network: features of the cfg.top_k top layers, trained
+    by train_softmax on fit = (x, y) with cfg's head settings, its error on each (name, x, y)
+    of splits (one of them "test"). A label run's head sees each digit once, with the neutral
+    label. Returns (W, b), the head's history and its metrics."""
+    x_fit, y_fit = fit
+    if cfg.negatives == "label":
+        x_fit = embed_labels(x_fit, None)
+        splits = [(name, embed_labels(x, None), y) for name, x, y in splits]
+    t0 = time.perf_counter()
+    features = lambda x: extract_features(weights, biases, x, cfg.top_k, norm=cfg.normalize)
+    F_fit = features(x_fit)
+    F = {name: features(x) for name, x, _ in splits}
+    y = {name: labels for name, _, labels in splits}
+    feature_seconds = time.perf_counter() - t0
+    W, b, history = train_softmax(F_fit, y_fit, F["test"], y["test"],
+                                  np.random.default_rng([cfg.seed, 1]), cfg.softmax_epochs,
+                                  cfg.softmax_lr, cfg.softmax_weight_decay, log=log,
+                                  F_val=F.get("val"), y_val=y.get("val"))
+    metrics = {f"{name}_error": error_rate(F[name], y[name], W, b) for name in F}
+    metrics.update(train_error=error_rate(F_fit, y_fit, W, b),
+                   softmax_seconds=time.perf_counter() - t0, feature_seconds=feature_seconds)
+    return (W, b), history, metrics
+
+
+# -----------------------------------------------------------------------------
+# Variant: label negatives (the paper's section 3.3), the label written into the image
+
+N_CLASSES = 10
+
+
+LABEL_ON = 1.0        # a label pixel that is on: the brightest ink of the digits
+
+
+LABEL_NEUTRAL = 0.1   # every label pixel of the neutral label, for the softmax read-out
+
+
+def embed_labels(x, labels, out=None):
+    """x with its first 10 pixels (always blank in MNIST) replaced by the one-hot label;
+    labels=None writes the neutral label. Every label gives the input the same norm."""
+    xp = xp_of(x)
+    out = xp.array(x, copy=True) if out is None else out
+    if out is not x:
+        xp.copyto(out, x)
+    out[:, :N_CLASSES] = LABEL_NEUTRAL if labels is None else 0.0
+    if labels is not None:
+        out[xp.arange(len(out)), xp.asarray(labels)] = LABEL_ON
+    return out
+
+
+def sample_wrong_labels(scores, y, rng):
+    """One wrong label per row, drawn with probability softmax(scores) over the nine labels
+    other than y. scores: (n, 10) host array, e.g. each label's goodness summed over layers
+    (the FF logits up to a constant, so a label the network prefers is drawn more often)."""
+    s = np.array(scores, dtype=np.float64)
+    s[np.arange(len(s)), y] = -np.inf
+    p = np.exp(s - s.max(axis=1, keepdims=True))
+    cdf = np.cumsum(p, axis=1)
+    u = rng.random(len(s)) * cdf[:, -1]
+    wrong = (cdf <= u[:, None]).sum(axis=1)  # the first label whose cdf exceeds u
+    return np.minimum(wrong, N_CLASSES - 1)
+
+
+def head_wrong_labels(state, digits, y, cfg, buf, gain=1.0):
+    """Wrong labels for a batch as the hard-negative head prefers them (the author's Matlab
+    recipe): the head is a linear softmax on the normalised activities, layers
+    cfg.first_readout_layer up, of the digits with the neutral label; the labels are drawn by
+    sample_wrong_labels on its logits, then the head takes one step on the batch: plain SGD
+    at cfg.hard_head_lr, or with --optimizer sgd the author's smoothed step with weight cost,
+    its rate times `gain` (the FF rate's decay). buf: a (B, 784) scratch array.
+    Returns (wrong labels, head errors on the batch)."""
+    embed_labels(digits, None, out=buf)
+    F = extract_features(state.weights, state.biases, buf,
+                         len(cfg.layer_sizes) - cfg.first_readout_layer, norm=cfg.normalize)
+    W, b = state.head
+    _, dW, db, logits = softmax_loss_and_grads(F, y, W, b)
+    logits = to_host(logits)
+    wrong = sample_wrong_labels(logits, y, state.rng)
+    if state.head_opt is None:
+        W -= cfg.hard_head_lr * dW
+        b -= cfg.hard_head_lr * db
+    else:
+        for opt, p, grad in zip(state.head_opt, (W, b), (dW, db)):
+            opt.step(p, grad, cfg.hard_head_lr * gain)
+    return wrong, int(np.sum(logits.argmax(axis=1) != y))
+
+
+def label_batches(x_train, y_train, cfg, state, x):
+    """One epoch of batches: x[:B] digits with their own label, x[B:] the same digits
+    with a wrong label: drawn uniformly from the other nine, or with cfg.hard_negatives as
+    the network prefers them: from the network at the start of the epoch
+    (sample_wrong_labels on the goodness read-out's scores of every training digit), or with
+    cfg.hard_from "head" batch by batch from head_wrong_labels, whose error over the epoch
+    goes into state.history["head_error"]. Yields after filling x."""
+    n, B, rng = len(x_train), cfg.batch_size, state.rng
+    pos = rng.permutation(n)
+    by_head = cfg.hard_negatives and cfg.hard_from == "head"
+    if cfg.hard_negatives and not by_head:
+        scores = goodness_per_label(state.weights, state.biases, x_train, cfg.goodness,
+                                    cfg.first_readout_layer, norm=cfg.normalize)
+        hard = sample_wrong_labels(to_host(scores), y_train, rng)
+    errors = 0
+    for i in range(n // B):
+        rows = pos[i * B:(i + 1) * B]
+        if by_head:
+            gain = learning_rate(cfg, state.epochs_done % cfg.n_epochs, i / (n // B)) / cfg.lr
+            wrong, wrong_guesses = head_wrong_labels(state, x_train[rows], y_train[rows], cfg,
+                                                     x[:B], gain)
+            errors += wrong_guesses
+        elif cfg.hard_negatives:
+            wrong = hard[rows]
+        else:
+            wrong = (y_train[rows] + rng.integers(1, N_CLASSES, B)) % N_CLASSES
+        embed_labels(x_train[rows], y_train[rows], out=x[:B])
+        embed_labels(x_train[rows], wrong, out=x[B:])
+        yield
+    if by_head:
+        state.history.setdefault("head_error", []).append(errors / (n // B * B))
+
+
+def goodness_per_label(weights, biases, x, goodness_kind="mean", first_layer=2, chunk=2000,
+                       norm="l2"):
+    """(n, 10) float64: each digit run once with each label, its goodness summed over the
+    layers from first_layer (1-based) up. The paper leaves out layer 1 (first_layer=2)."""
+    xp = xp_of(*weights)
+    scores = xp.zeros((len(x), N_CLASSES))
+    buf = xp.empty((min(chunk, len(x)), x.shape[1]), np.float32)
+    for start in range(0, len(x), chunk):
+        rows = xp.asarray(x[start:start + chunk])
+        for label in range(N_CLASSES):
+            labelled = embed_labels(rows, np.full(len(rows), label), out=buf[:len(rows)])
+            hs = network_activities(weights, biases, labelled, norm=norm)
+            scores[start:start + len(rows), label] = sum(
+                goodness(h, goodness_kind) for h in hs[first_layer - 1:])
+    return scores
+
+
+def goodness_error_rate(weights, biases, x, y, goodness_kind="mean", first_layer=2, norm="l2"):
+    """Error of predicting the label with the highest accumulated goodness."""
+    scores = goodness_per_label(weights, biases, x, goodness_kind, first_layer, norm=norm)
+    xp = xp_of(scores)
+    return float(xp.mean(xp.argmax(scores, axis=1) != xp.asarray(y)))
+
+
+BATCHES = {"hybrid": hybrid_batches, "label": label_batches}
+
+
+# -----------------------------------------------------------------------------
+# Variant: locally-connected layers (RF:STRIDE:CHANNELS each, no weight sharing)
+
+def parse_local(text):
+    """'10:6:64,2:1:128' -> ((10, 6, 64), (2, 1, 128)): receptive field, stride and channels
+    of each locally-connected layer; '' -> () (fully connected)."""
+    if not text:
+        return ()
+    try:
+        layers = tuple(tuple(int(v) for v in part.split(":")) for part in text.split(","))
+    except ValueError:
+        layers = ((),)
+    if any(len(layer) != 3 or min(layer) < 1 for layer in layers):
+        raise ValueError(f"--local {text} must be RF:STRIDE:CHANNELS per layer, comma-separated "
+                         "positive integers, e.g. 10:6:64,2:1:128,2:1:128")
+    return layers
+
+
+def local_layer_sizes(local, side=28):
+    """Layer sizes of a locally-connected stack on the side x side image (input first)."""
+    sizes, grid = [side * side], side
+    for rf, stride, channels in local:
+        if rf > grid:
+            raise ValueError(f"--local: a receptive field of {rf} does not fit the "
+                             f"{grid}x{grid} grid below it")
+        grid = (grid - rf) // stride + 1
+        sizes.append(grid * grid * channels)
+    return tuple(sizes)
+
+
+def local_masks(local, side=28):
+    """The connectivity of each locally-connected layer as a float32 (n_in, n_out) mask.
+
+    A layer's units sit on a square grid, `channels` of them at each location, ordered
+    (row, column, channel); the unit at grid location (i, j) sees every channel of the
+    rf x rf block of locations of the layer below that starts at (i stride, j stride).
+    The image is a 28 x 28 grid with one channel. No weights are shared.
+    """
+    masks, grid, below = [], side, 1
+    for rf, stride, channels in local:
+        out = (grid - rf) // stride + 1
+        mask = np.zeros((grid, grid, below, out, out, channels), np.float32)
+        for i in range(out):
+            for j in range(out):
+                mask[i * stride:i * stride + rf, j * stride:j * stride + rf, :, i, j, :] = 1
+        masks.append(mask.reshape(grid * grid * below, out * out * channels))
+        grid, below = out, channels
+    return masks
+
+
+# -----------------------------------------------------------------------------
+# Figure helpers shared by the figure scripts: fixed digits, goodness, separation
+
+def evaluation_set(x_test, n, rng, n_blur):
+    """n real test digits and n hybrids of test digits, the pairs drawn as in training."""
+    real = x_test[rng.choice(len(x_test), n, replace=n > len(x_test))]
+    a, b = x_test[rng.choice(len(x_test), n)], x_test[rng.choice(len(x_test), n)]
+    hybrids, _ = make_hybrid_batch(a, b, rng, n_blur)
+    return real, hybrids
+
+
+def layer_goodness(weights, biases, x, kind, norm="l2"):
+    """Goodness of every layer for raw input rows x: a list of (n,) numpy arrays."""
+    return [to_host(goodness(h, kind)) for h in network_activities(weights, biases, x, norm=norm)]
+
+
+def separation(g_real, g_hybrid):
+    """Difference of the means over the pooled standard deviation (equal group sizes)."""
+    g_real, g_hybrid = np.asarray(g_real, np.float64), np.asarray(g_hybrid, np.float64)
+    pooled = np.sqrt((g_real.var() + g_hybrid.var()) / 2)
+    return (g_real.mean() - g_hybrid.mean()) / pooled
+
+
+def goodness_bins(threshold, n_bins=50):
+    """Log-spaced bins two decades either side of the threshold. Goodness spans orders of
+    magnitude and shifts during training; fixed bins keep GIF frames comparable."""
+    return np.geomspace(threshold / 100, threshold * 100, n_bins + 1)
+
+
+REAL_COLOUR, HYBRID_COLOUR = "tab:blue", "tab:orange"
+
+
+def draw_goodness_histogram(ax, g_real, g_hybrid, threshold, bins):
+    """Real and hybrid goodness on a matplotlib axis, log scale, threshold marked."""
+    # values beyond the bins (a dead layer gives g = 0) are counted in the end bins
+    for g, colour, label in ((g_real, REAL_COLOUR, "real"), (g_hybrid, HYBRID_COLOUR, "hybrid")):
+        ax.hist(np.clip(g, bins[0], bins[-1]), bins=bins, color=colour, alpha=0.55, label=label)
+    ax.axvline(threshold, color="k", linestyle="--", linewidth=1, label="threshold")
+    ax.set_xscale("log")
+    ax.set_xlabel("goodness (log; ends hold the outliers)")
+
+
+# -----------------------------------------------------------------------------
+# MNIST: find, download, verify and read the four IDX files; the validation split
+
+class DataError(Exception):
+    """A data or file problem the user can fix; the CLI prints it as one line and exits 1."""
+
+
+class SettingsError(Exception):
+    """Flags that cannot work together (an output path that cannot be written, a flag that
+    conflicts with the run being resumed); the CLI prints it as one line and exits 2."""
+
 
 MNIST_FILES = {  # role -> (file name, SHA-256 of the decompressed file)
     "train_images": ("train-images-idx3-ubyte",
@@ -89,26 +1115,23 @@ MNIST_FILES = {  # role -> (file name, SHA-256 of the decompressed file)
     "test_labels": ("t10k-labels-idx1-ubyte",
                     "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2"),
 }
+
+
 MNIST_MIRRORS = [
     "https://storage.googleapis.com/cvdf-datasets/mnist/",
     "https://ossci-datasets.s3.amazonaws.com/mnist/",
     "http://yann.lecun.com/exdb/mnist/",
 ]
+
+
 EMBEDDED_MNIST_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "mnist")
+
+
 HOW_TO_SUPPLY = ("put the four MNIST *-ubyte.gz files in a folder and pass it with "
                  "--data-dir DIR or the MNIST_DIR environment variable")
 
 
 GZIP_MAGIC = b"\x1f\x8b"
-
-
-class DataError(Exception):
-    """A data or file problem the user can fix; the CLI prints it as one line and exits 1."""
-
-
-class SettingsError(Exception):
-    """Flags that cannot work together (an output path that cannot be written, a flag that
-    conflicts with the run being resumed); the CLI prints it as one line and exits 2."""
 
 
 def default_cache_dir():
@@ -257,9 +1280,6 @@ def load_mnist(data_dir=None, files=MNIST_FILES, mirrors=MNIST_MIRRORS, cache_di
             images(arrays["test_images"]), arrays["test_labels"].astype(np.int64))
 
 
-N_TRAIN_MAX = 60000  # digits in the MNIST training set
-
-
 def split_validation(x_train, y_train, val_size, n_train=None):
     """(x_fit, y_fit, x_val, y_val): the last val_size training digits are the validation
     split, the same ones for every seed; FF and the head fit on the first n_train of the
@@ -273,367 +1293,44 @@ def split_validation(x_train, y_train, val_size, n_train=None):
 
 
 # -----------------------------------------------------------------------------
-# Hybrid negatives: m*a + (1-m)*b with a smooth random binary mask m
+# Devices and CPU speed, the one place for them: the array module of a run, and Adam's passes
+# on the CPU (threaded chunks) and the GPU (one fused kernel). Both do, per element, what
+# Adam.step's docstring says, in the same order.
 
-def blur_matrix(n_blur, side=28):
-    """The side x side matrix of n_blur passes of the [1/4, 1/2, 1/4] kernel with edge padding.
+def xp_of(*arrays):
+    """numpy, or CuPy when any of the arrays lives on the GPU."""
+    return cupy.get_array_module(*arrays) if cupy is not None else np
 
-    Blurring along rows and columns commutes, so n_blur separable passes over a mask M equal
-    B M B^T with B = P^n_blur; two small products replace 2*n_blur passes over the batch.
-    """
-    P = np.zeros((side, side))
-    for i in range(side):
-        for j, w in ((i - 1, 0.25), (i, 0.5), (i + 1, 0.25)):
-            P[i, min(max(j, 0), side - 1)] += w  # edge padding folds the outside tap inwards
-    return np.linalg.matrix_power(P, n_blur)
 
+def array_module(device):
+    return cupy if device == "gpu" else np
 
-def make_masks(n, rng, n_blur=6, side=28, xp=np):
-    """n boolean masks (n, side*side) in xp's memory: uniform random bits, blurred n_blur
-    times, > 0.5.
 
-    The blurred values are multiples of 4^-(2 n_blur) in [0, 1], so float32 (24-bit
-    significand) holds every product and sum exactly up to n_blur = 6, float64 up to 13:
-    the threshold sees the exact blur either way, in any summation order, on any device.
-    """
-    dtype = np.float32 if n_blur <= 6 else np.float64
-    B = xp.asarray(blur_matrix(n_blur, side).astype(dtype))
-    # the bits come from the host generator, so a seed draws the same masks on every device
-    packed = xp.asarray(np.frombuffer(rng.bytes(-(-n * side * side // 8)), np.uint8))
-    bits = xp.unpackbits(packed)
-    bits = bits[:n * side * side].reshape(n * side, side).astype(dtype)
-    rows_blurred = (bits @ B.T).reshape(n, side, side)                 # M B^T
-    blurred = rows_blurred.transpose(0, 2, 1).reshape(n * side, side) @ B.T  # (B M B^T)^T
-    return (blurred.reshape(n, side, side).transpose(0, 2, 1) > 0.5).reshape(n, side * side)
+def to_host(a):
+    """a as a numpy array: a GPU array is copied back, a numpy array is returned as it is."""
+    return cupy.asnumpy(a) if cupy is not None else a
 
 
-def make_hybrid_batch(a, b, rng, n_blur=6, out=None):
-    """Hybrids of image rows a and b, one fresh mask per pair; returns (hybrids, masks)."""
-    xp = xp_of(a)
-    masks = make_masks(len(a), rng, n_blur, xp=xp)
-    out = xp.empty_like(a) if out is None else out
-    xp.copyto(out, b)
-    xp.copyto(out, a, where=masks)
-    return out, masks
+def gpu_problem():
+    """Why --device gpu cannot run here, in one line; None when CuPy can use a GPU."""
+    if cupy is None:
+        return ("--device gpu needs CuPy, which is not installed "
+                "(pip install -r requirements-gpu.txt)")
+    try:  # a device, its driver and the kernel compiler must all answer
+        int((cupy.arange(2) + 1).sum())
+    except Exception as e:  # no driver, no device, a CUDA mismatch: each raises its own kind
+        detail = (str(e).splitlines() or [""])[0]
+        return (f"--device gpu: CuPy {cupy.__version__} cannot use a GPU here "
+                f"({e.__class__.__name__}: {detail})")
+    return None
 
-
-# -----------------------------------------------------------------------------
-# Label negatives (the paper's section 3.3): the label written into the image
-
-N_CLASSES = 10
-LABEL_ON = 1.0        # a label pixel that is on: the brightest ink of the digits
-LABEL_NEUTRAL = 0.1   # every label pixel of the neutral label, for the softmax read-out
-
-
-def embed_labels(x, labels, out=None):
-    """x with its first 10 pixels (always blank in MNIST) replaced by the one-hot label;
-    labels=None writes the neutral label. Every label gives the input the same norm."""
-    xp = xp_of(x)
-    out = xp.array(x, copy=True) if out is None else out
-    if out is not x:
-        xp.copyto(out, x)
-    out[:, :N_CLASSES] = LABEL_NEUTRAL if labels is None else 0.0
-    if labels is not None:
-        out[xp.arange(len(out)), xp.asarray(labels)] = LABEL_ON
-    return out
-
-
-# -----------------------------------------------------------------------------
-# Layer maths: forward, goodness, FF loss and its hand-derived gradient
-
-def l2_normalize(x, out=None, eps=1e-8):
-    """Rows scaled to unit length, so a layer sees only the direction of the layer below."""
-    xp = xp_of(x)
-    norm = xp.sqrt(xp.einsum("ij,ij->i", x, x))
-    norm += eps
-    return xp.divide(x, norm[:, None], out=out)
-
-
-def rms_normalize(x, out=None, eps=1e-8):
-    """Rows scaled to a mean square of 1 per component (the author's Matlab code): the
-    direction of l2_normalize, sqrt(n_components) times longer."""
-    xp = xp_of(x)
-    rms = xp.sqrt(xp.einsum("ij,ij->i", x, x) / x.shape[1])
-    rms += eps
-    return xp.divide(x, rms[:, None], out=out)
-
-
-NORMALIZE = {"l2": l2_normalize, "rms": rms_normalize}
-
-
-def layer_forward(x_normed, W, b, out=None):
-    """h = ReLU(x W + b) for normalised rows x."""
-    xp = xp_of(x_normed, W)
-    h = xp.matmul(x_normed, W, out=out)
-    h += b
-    return xp.maximum(h, 0, out=h)
-
-
-def goodness(h, kind="mean"):
-    """Mean (the SPEC) or sum of squared activities per row."""
-    g = xp_of(h).einsum("ij,ij->i", h, h)
-    return g / h.shape[1] if kind == "mean" else g
-
-
-def sigmoid(t):
-    return 0.5 * (1.0 + xp_of(t).tanh(0.5 * t))  # no overflow for any t
-
-
-def ff_loss_and_dz(h, n_pos, threshold, goodness_kind, dz):
-    """The paper's loss of one layer and its gradient with respect to z = x W + b, into dz.
-
-    Rows of h are the layer's activities, the n_pos positives first, then as many
-    negatives. With s = -1 for a positive and +1 for a negative,
-        L = (1/n_pos) sum_rows softplus(s (g - threshold))
-    so dL/dg = s sigmoid(s (g - threshold)) / n_pos, dg/dh = 2h/n_units (mean) or 2h (sum),
-    and dh/dz = [z > 0], which h carries already (h = 0 wherever z <= 0). Returns loss, g.
-    """
-    xp = xp_of(h)
-    g = goodness(h, goodness_kind)
-    margin = g - threshold
-    margin[:n_pos] *= -1
-    loss = xp.logaddexp(0.0, margin).sum() / n_pos
-    dloss_dg = sigmoid(margin) / n_pos
-    dloss_dg[:n_pos] *= -1
-    scale = 2.0 / h.shape[1] if goodness_kind == "mean" else 2.0
-    xp.multiply(h, (scale * dloss_dg)[:, None].astype(h.dtype, copy=False), out=dz)
-    return loss, g
-
-
-PEER_MOMENTUM = 0.9  # both kinds of peer normalisation: r = 0.9 r + 0.1 (batch mean)
-
-
-def peer_spread(h, n_pos, peer_mean, coef, dz):
-    """Peer normalisation as a loss (this suite's): r = 0.9 peer_mean + 0.1 * mean activity of
-    each unit over the positives, and L = coef * mean_j (r_j - mean(r))^2, which pulls every
-    unit's running mean activity towards the layer's mean. Its gradient passes through the
-    ReLU, so a unit that is never on gets none. Adds dL/dz to dz; returns (L, r)."""
-    xp = xp_of(h)
-    r = PEER_MOMENTUM * peer_mean + (1 - PEER_MOMENTUM) * h[:n_pos].mean(axis=0)
-    deviation = r - r.mean()
-    # d/dr_j of mean_k (r_k - mean r)^2 is 2 (r_j - mean r)/n_units; the mean's own
-    # derivative cancels because the deviations sum to zero.
-    dactivity = coef * (1 - PEER_MOMENTUM) * 2.0 / h.shape[1] * deviation / n_pos
-    dz[:n_pos] += (h[:n_pos] > 0) * dactivity.astype(h.dtype, copy=False)
-    return coef * xp.mean(deviation ** 2), r
-
-
-def peer_author(h, n_pos, peer_mean, coef, dz):
-    """Peer normalisation as the author's Matlab code does it: r = 0.9 peer_mean + 0.1 * mean
-    activity over the positives (r starts at 0.5), and every positive row's dL/dz gets
-    coef (r_j - mean(r)) / n_pos, not gated by the ReLU, so a silent unit is pushed back on.
-    With r held fixed this is the gradient of coef/n_pos * sum_pos sum_j (r_j - mean r) z_j,
-    a term linear in z; it is left out of the reported loss. Returns (0, r)."""
-    r = PEER_MOMENTUM * peer_mean + (1 - PEER_MOMENTUM) * h[:n_pos].mean(axis=0)
-    dz[:n_pos] += (coef / n_pos * (r - r.mean())).astype(h.dtype, copy=False)
-    return 0.0, r
-
-
-PEER = {"spread": peer_spread, "author": peer_author}
-
-
-def layer_grads(x_normed, dz, dW, mask=None):
-    """dL/dW = x^T dL/dz into dW, and dL/db. A locally-connected layer (mask: 1 where an input
-    feeds a unit, 0 elsewhere) is a dense layer whose weights outside the mask are 0 and
-    stay 0: its gradient is the dense one times the mask, and the optimiser leaves a weight
-    with zero gradient, state and value at 0."""
-    xp = xp_of(x_normed, dz)
-    xp.matmul(x_normed.T, dz, out=dW)
-    if mask is not None:
-        dW *= mask
-    return dW, dz.sum(axis=0)
-
-
-@dataclass
-class LayerWork:
-    """Buffers reused by every step of one layer: activities, dL/dz and dL/dW."""
-    h: np.ndarray
-    dz: np.ndarray
-    dW: np.ndarray
-
-    @classmethod
-    def allocate(cls, n_rows, n_in, n_out, xp=np):
-        return cls(xp.empty((n_rows, n_out), np.float32), xp.empty((n_rows, n_out), np.float32),
-                   xp.empty((n_in, n_out), np.float32))
-
-
-INITS = ("sqrt2", "fan-in")
-
-
-def init_network(layer_sizes, rng, masks=None, init="sqrt2"):
-    """Biases 0; weights N(0, sqrt 2) ("sqrt2") or N(0, 1/sqrt(n_in)) ("fan-in", the author's).
-    sqrt2: a unit-norm input gives z ~ N(0, 2), so the mean goodness starts near 1, just
-    below the threshold of 2, where the loss is not flat. fan-in: an RMS-normalised input
-    (squared length n_in) gives z ~ N(0, 1), half the threshold of a summed goodness.
-    A locally-connected layer keeps only the weights inside its mask, scaled up by
-    sqrt(n_in / fan_in) so that an input spread evenly gives the dense layer's z."""
-    weights, biases = [], []
-    masks = masks or [None] * (len(layer_sizes) - 1)
-    for n_in, n_out, mask in zip(layer_sizes[:-1], layer_sizes[1:], masks):
-        W = rng.standard_normal((n_in, n_out)) * (np.sqrt(2.0) if init == "sqrt2"
-                                                  else 1 / np.sqrt(n_in))
-        if mask is not None:
-            W *= mask * np.sqrt(n_in / mask.sum(axis=0))
-        weights.append(W.astype(np.float32))
-        biases.append(np.zeros(n_out, np.float32))
-    return weights, biases
-
-
-def parse_local(text):
-    """'10:6:64,2:1:128' -> ((10, 6, 64), (2, 1, 128)): receptive field, stride and channels
-    of each locally-connected layer; '' -> () (fully connected)."""
-    if not text:
-        return ()
-    try:
-        layers = tuple(tuple(int(v) for v in part.split(":")) for part in text.split(","))
-    except ValueError:
-        layers = ((),)
-    if any(len(layer) != 3 or min(layer) < 1 for layer in layers):
-        raise ValueError(f"--local {text} must be RF:STRIDE:CHANNELS per layer, comma-separated "
-                         "positive integers, e.g. 10:6:64,2:1:128,2:1:128")
-    return layers
-
-
-def local_layer_sizes(local, side=28):
-    """Layer sizes of a locally-connected stack on the side x side image (input first)."""
-    sizes, grid = [side * side], side
-    for rf, stride, channels in local:
-        if rf > grid:
-            raise ValueError(f"--local: a receptive field of {rf} does not fit the "
-                             f"{grid}x{grid} grid below it")
-        grid = (grid - rf) // stride + 1
-        sizes.append(grid * grid * channels)
-    return tuple(sizes)
-
-
-def local_masks(local, side=28):
-    """The connectivity of each locally-connected layer as a float32 (n_in, n_out) mask.
-
-    A layer's units sit on a square grid, `channels` of them at each location, ordered
-    (row, column, channel); the unit at grid location (i, j) sees every channel of the
-    rf x rf block of locations of the layer below that starts at (i stride, j stride).
-    The image is a 28 x 28 grid with one channel. No weights are shared.
-    """
-    masks, grid, below = [], side, 1
-    for rf, stride, channels in local:
-        out = (grid - rf) // stride + 1
-        mask = np.zeros((grid, grid, below, out, out, channels), np.float32)
-        for i in range(out):
-            for j in range(out):
-                mask[i * stride:i * stride + rf, j * stride:j * stride + rf, :, i, j, :] = 1
-        masks.append(mask.reshape(grid * grid * below, out * out * channels))
-        grid, below = out, channels
-    return masks
-
-
-def network_activities(weights, biases, x, n_layers=None, norm="l2"):
-    """Activities h of each layer (or the first n_layers) for raw input rows x, each layer's
-    input normalised by NORMALIZE[norm], computed where the weights live (host rows are
-    copied there)."""
-    x = xp_of(x, *weights).asarray(x)
-    hs = []
-    for W, b in list(zip(weights, biases))[:n_layers]:
-        x = layer_forward(NORMALIZE[norm](x), W, b)
-        hs.append(x)
-    return hs
-
-
-# -----------------------------------------------------------------------------
-# Adam, in place
-
-class Adam:
-    """Adam with bias correction (Kingma & Ba 2015) and optional decoupled weight decay
-    (AdamW, Loshchilov & Hutter 2019: p *= 1 - lr * weight_decay before the step), in place.
-    Decay added to the gradient instead would be divided by sqrt(v_hat) like the gradient,
-    a pull of about lr per step whatever the weight's size: that silenced every unit.
-
-    It keeps the undamped sums m_acc = sum_i beta1^(t-i) g_i and v_acc = sum_i
-    beta2^(t-i) g_i^2, that is m / (1 - beta1) and v / (1 - beta2) of the textbook, so that
-    a step is ten elementwise passes with one scratch buffer and no temporaries:
-        p -= lr * m_hat / (sqrt(v_hat) + eps)
-           = step_size * m_acc / (sqrt(v_acc) + eps / k),   k = sqrt((1-beta2)/(1-beta2^t)),
-    step_size = lr (1-beta1) / ((1-beta1^t) k).
-    How the passes run (threaded chunks on the CPU, one fused kernel on the GPU) is below.
-    """
-
-    def __init__(self, param, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0):
-        self.beta1, self.beta2, self.eps, self.weight_decay = beta1, beta2, eps, weight_decay
-        self.m_acc = xp_of(param).zeros_like(param)
-        self.v_acc = xp_of(param).zeros_like(param)
-        self.t = 0
-        self.scratch = None  # the CPU passes' buffers, made on the first CPU step
-
-    def step(self, param, grad, lr):
-        b1, b2 = self.beta1, self.beta2
-        self.t += 1
-        # Python floats: a numpy float64 scalar would make every pass over float32 arrays
-        # compute in float64 and cast back, at several times the cost
-        k = math.sqrt((1 - b2) / (1 - b2 ** self.t))
-        step_size = float(lr) * (1 - b1) / ((1 - b1 ** self.t) * k)
-        decay = 1.0 - float(lr) * self.weight_decay
-        # A moment that stops receiving gradient (an input unit silent for a while) decays
-        # geometrically into float32 subnormals, and arithmetic on subnormals is ~100x slower
-        # on x86: without this, late epochs ran twice as slow. A moment below 1e-30 moves a
-        # weight by less than ~1e-24 per step, so zeroing it every 16 steps is invisible at
-        # float32 resolution (the textbook update is kept otherwise).
-        flush_below = 1e-30 if self.t % 16 == 0 else 0.0
-        scalars = (decay, b1, b2, step_size, self.eps / k, flush_below)
-        if xp_of(param) is np:
-            if self.scratch is None:
-                size = min(param.size, ADAM_CHUNK)
-                self.scratch = [np.empty(size, param.dtype) for _ in range(ADAM_THREADS)]
-            adam_cpu(param, grad, self.m_acc, self.v_acc, *scalars, self.scratch)
-        else:
-            adam_kernel()(grad, *scalars, param, self.m_acc, self.v_acc)
-
-    def state_arrays(self):
-        return {"m": self.m_acc, "v": self.v_acc, "t": self.t}
-
-    def load_state(self, m, v, t):
-        self.m_acc[...], self.v_acc[...], self.t = m, v, int(t)
-
-    def to(self, move):
-        self.m_acc, self.v_acc = move(self.m_acc), move(self.v_acc)
-
-
-class SmoothedSGD:
-    """The author's optimiser (his Matlab code): the gradient smoothed over minibatches,
-    g = delay g + (1 - delay) grad, and p -= lr (g + weight_decay p), in place. The weight
-    cost is not smoothed, so like AdamW's it multiplies p by 1 - lr * weight_decay a step.
-    `grad` is overwritten (it serves as the step's scratch buffer)."""
-
-    def __init__(self, param, delay=0.9, weight_decay=0.0):
-        self.delay, self.weight_decay = delay, weight_decay
-        self.g = xp_of(param).zeros_like(param)
-
-    def step(self, param, grad, lr):
-        grad *= 1.0 - self.delay
-        self.g *= self.delay
-        self.g += grad
-        if self.weight_decay:
-            param *= 1.0 - float(lr) * self.weight_decay
-        xp_of(param).multiply(self.g, float(lr), out=grad)
-        param -= grad
-
-    def state_arrays(self):
-        return {"g": self.g}
-
-    def load_state(self, g):
-        self.g[...] = g
-
-    def to(self, move):
-        self.g = move(self.g)
-
-
-OPTIMIZERS = {"adam": Adam, "sgd": SmoothedSGD}
-
-
-# -----------------------------------------------------------------------------
-# Device-specific speed, the one place for it: Adam's passes on the CPU and on the GPU.
-# Both do, per element, what Adam.step's docstring says, in the same order.
 
 ADAM_CHUNK = 1 << 18    # elements: 1 MiB of float32 per array (bench/bench_adam.py)
+
+
 ADAM_THREADS = 2
+
+
 _ADAM_POOL = []
 
 
@@ -706,588 +1403,7 @@ def adam_kernel():
 
 
 # -----------------------------------------------------------------------------
-# FF training: every layer, every batch, B positives and B fresh negatives
-
-GOODNESS_KINDS = ("mean", "sum")
-SCHEDULES = ("parallel", "greedy")
-LR_DECAYS = ("none", "linear-half", "linear-half-epochs")
-NEGATIVES = ("hybrid", "label")
-HARD_FROM = ("goodness", "head")
-PEER_KINDS = tuple(PEER)
-
-
-@dataclass
-class FFConfig:
-    """Everything a run depends on, checked on construction (ValueError, one line). The
-    CLI's defaults are these; a run stores its configuration once and --resume reads it."""
-    layer_sizes: tuple = (784, 1000, 1000, 1000, 1000)
-    n_epochs: int = 30
-    batch_size: int = 100
-    lr: float = 0.03
-    threshold: float = 2.0
-    n_blur: int = 6
-    weight_decay: float = 0.0
-    goodness: str = "mean"        # "sum": threshold * n_units per layer, equal at any goodness
-    peer_norm: float = 0.0
-    schedule: str = "parallel"    # "greedy": layer 1 for n_epochs, then layer 2, ...
-    lr_decay: str = "none"        # "linear-half": constant, then linear to 0 over the 2nd half
-    optimizer: str = "adam"       # "sgd": the author's smoothed-gradient SGD (SmoothedSGD)
-    normalize: str = "l2"         # each layer's input: "l2" unit length, "rms" unit mean square
-    init: str = "sqrt2"           # "fan-in": N(0, 1/sqrt(n_in)), the author's
-    peer_kind: str = "spread"     # "author": the author's ungated running-mean term
-    refresh_inputs: bool = False  # recompute a layer's output after its update before the next
-    negatives: str = "hybrid"     # "label": the digit with a wrong label (section 3.3)
-    local: str = ""               # locally-connected layers, RF:STRIDE:CHANNELS each ("": dense)
-    goodness_layer1: bool = False  # label runs: the goodness read-out also sums layer 1
-    hard_negatives: bool = False  # label runs: wrong labels drawn as the network prefers them
-    hard_from: str = "goodness"   # "head": as a softmax head trained along the way prefers them
-    hard_head_lr: float = 0.1     # that head's SGD learning rate
-    hard_head_weight_decay: float = 0.0  # and its weight cost (with --optimizer sgd)
-    # the softmax head on the frozen network
-    top_k: int = 3
-    softmax_epochs: int = 50      # 0: no head
-    softmax_lr: float = 0.05
-    softmax_weight_decay: float = 1e-4
-    # data and randomness
-    seed: int = 0
-    n_train: int = None           # None: every training digit not held out by val_size
-    val_size: int = 0
-    # where it runs: "gpu" agrees with "cpu" to float32 rounding, not bit for bit; a run may
-    # be resumed on the other device
-    device: str = "cpu"
-
-    def __post_init__(self):
-        def refuse(name, why):
-            value = getattr(self, name)
-            shown = ",".join(map(str, value)) if isinstance(value, tuple) else value
-            raise ValueError(f"--{name.replace('_', '-')} {shown} {why}")
-        self.layer_sizes = tuple(self.layer_sizes)
-        if self.local:
-            try:
-                sizes = local_layer_sizes(parse_local(self.local))
-            except ValueError as e:
-                raise ValueError(str(e)) from None
-            # the layer sizes follow from the local layers; any other given value is refused
-            if self.layer_sizes == FFConfig.__dataclass_fields__["layer_sizes"].default:
-                self.layer_sizes = sizes
-            elif self.layer_sizes != sizes:
-                refuse("layer_sizes", f"disagrees with --local {self.local}, whose layers "
-                       f"are {','.join(map(str, sizes))}; leave --layer-sizes out")
-        if (len(self.layer_sizes) < 2 or self.layer_sizes[0] != 784
-                or not all(isinstance(n, (int, np.integer)) for n in self.layer_sizes)):
-            refuse("layer_sizes", "must start with 784 (the input) and have at least one "
-                   "layer, e.g. 784,1000,1000,1000,1000")
-        if min(self.layer_sizes) < 1:
-            refuse("layer_sizes", "every layer needs at least 1 unit")
-        for name, choices in (("goodness", GOODNESS_KINDS), ("schedule", SCHEDULES),
-                              ("lr_decay", LR_DECAYS), ("negatives", NEGATIVES),
-                              ("hard_from", HARD_FROM), ("device", DEVICES),
-                              ("optimizer", tuple(OPTIMIZERS)), ("normalize", tuple(NORMALIZE)),
-                              ("init", INITS), ("peer_kind", PEER_KINDS)):
-            if getattr(self, name) not in choices:
-                refuse(name, f"is not one of {', '.join(choices)}")
-        if isinstance(self.val_size, (int, np.integer)) and self.val_size >= N_TRAIN_MAX:
-            refuse("val_size", f"leaves none of the {N_TRAIN_MAX} training digits to train on")
-        if self.n_train is None and isinstance(self.val_size, (int, np.integer)):
-            self.n_train = N_TRAIN_MAX - self.val_size  # a negative val_size is refused below
-        for name, low, strict in (
-                ("n_epochs", 0, False), ("batch_size", 1, False), ("lr", 0, True),
-                ("threshold", 0, True), ("n_blur", 0, False), ("weight_decay", 0, False),
-                ("peer_norm", 0, False), ("top_k", 1, False), ("softmax_epochs", 0, False),
-                ("softmax_lr", 0, True), ("softmax_weight_decay", 0, False), ("seed", 0, False),
-                ("hard_head_lr", 0, True), ("hard_head_weight_decay", 0, False),
-                ("val_size", 0, False), ("n_train", 1, False)):
-            value, kind = getattr(self, name), self.__dataclass_fields__[name].type
-            if kind is int and (isinstance(value, bool)
-                                or not isinstance(value, (int, np.integer))):
-                refuse(name, "must be an integer")
-            if (isinstance(value, bool) or not isinstance(value, (int, float, np.number))
-                    or not np.isfinite(value) or value < low or (strict and value == low)):
-                refuse(name, f"must be {'>' if strict else '>='} {low}")
-        n_layers = len(self.layer_sizes) - 1
-        if self.top_k > n_layers:
-            refuse("top_k", f"exceeds the {n_layers} layers of --layer-sizes")
-        if self.n_train + self.val_size > N_TRAIN_MAX:
-            refuse("n_train", f"and --val-size {self.val_size} together exceed the "
-                   f"{N_TRAIN_MAX} training digits")
-        if self.batch_size > self.n_train:
-            refuse("batch_size", f"exceeds --n-train {self.n_train}")
-        if self.hard_negatives and self.negatives != "label":
-            raise ValueError("--hard-negatives needs --negatives label")
-        if self.hard_from != "goodness" and not self.hard_negatives:
-            refuse("hard_from", "needs --hard-negatives")
-        if self.negatives == "label" and n_layers < 2 and not self.goodness_layer1:
-            refuse("negatives", "reads goodness from layer 2 up: give at least two layers, "
-                   "or --goodness-layer1")
-
-    @property
-    def local_layers(self):
-        return parse_local(self.local)
-
-    @property
-    def first_readout_layer(self):
-        """1-based: the goodness read-out (and the hard-negative head) use this layer up."""
-        return 1 if self.goodness_layer1 else 2
-
-    def layer_threshold(self, n_units):
-        return self.threshold * (n_units if self.goodness == "sum" else 1)
-
-
-def config_default(name):
-    """The default of one FFConfig field: the one place the CLI and the scripts take it from."""
-    return FFConfig.__dataclass_fields__[name].default
-
-
-class TrainingDiverged(RuntimeError):
-    """Training that cannot succeed: a NaN or infinite loss, or a layer whose units all went
-    silent; the CLI prints it as one line and exits 1."""
-
-
-@dataclass
-class FFState:
-    """Everything a run needs to continue: parameters, optimiser, generator and history."""
-    weights: list
-    biases: list
-    opt_w: list   # the optimiser of each layer's weights (Adam or SmoothedSGD)
-    opt_b: list
-    peer_means: list
-    rng: np.random.Generator
-    epochs_done: int = 0
-    history: dict = field(default_factory=lambda: {"loss": [], "accuracy": [], "seconds": []})
-    head: list = None  # [W, b] of the hard-negative head (--hard-from head), else None
-    head_opt: list = None  # its optimisers with --optimizer sgd, else None (plain SGD)
-
-    @classmethod
-    def fresh(cls, cfg, rng):
-        weights, biases = init_network(cfg.layer_sizes, rng,
-                                       local_masks(cfg.local_layers) if cfg.local else None,
-                                       cfg.init)
-        head = head_opt = None
-        if cfg.hard_negatives and cfg.hard_from == "head":
-            n_features = sum(cfg.layer_sizes[cfg.first_readout_layer:])
-            head = [np.zeros((n_features, N_CLASSES), np.float32),
-                    np.zeros(N_CLASSES, np.float32)]
-            if cfg.optimizer == "sgd":
-                head_opt = [SmoothedSGD(head[0], weight_decay=cfg.hard_head_weight_decay),
-                            SmoothedSGD(head[1])]
-        optimizer = OPTIMIZERS[cfg.optimizer]
-        peer_start = 0.5 if cfg.peer_kind == "author" else 0.0  # the author's r starts at 0.5
-        return cls(weights, biases,
-                   [optimizer(W, weight_decay=cfg.weight_decay) for W in weights],
-                   [optimizer(b) for b in biases],
-                   [np.full_like(b, peer_start) for b in biases], rng, head=head,
-                   head_opt=head_opt)
-
-    def to(self, xp):
-        """Every array moved into xp's memory (numpy: the host), in place; returns self."""
-        move = to_host if xp is np else xp.asarray
-        self.weights = [move(W) for W in self.weights]
-        self.biases = [move(b) for b in self.biases]
-        self.peer_means = [move(r) for r in self.peer_means]
-        if self.head is not None:
-            self.head = [move(a) for a in self.head]
-        for opt in self.opt_w + self.opt_b + (self.head_opt or []):
-            opt.to(move)
-        return self
-
-
-def learning_rate(cfg, epoch, fraction):
-    """lr at `fraction` in [0, 1) of epoch `epoch` (0-based; a greedy stage counts its own).
-    linear-half: constant for the first half, then linearly to 0 step by step;
-    linear-half-epochs: the author's, constant within an epoch, (1 + 2 (n - e)) / n in
-    1-based epoch e > n/2, which is linear-half at the epoch's middle."""
-    n = cfg.n_epochs
-    if cfg.lr_decay == "linear-half":
-        return cfg.lr * min(1.0, 2.0 * (1.0 - (epoch + fraction) / n))
-    if cfg.lr_decay == "linear-half-epochs":
-        return cfg.lr * (1.0 if epoch + 1 <= n / 2 else (1 + 2 * (n - epoch - 1)) / n)
-    return cfg.lr
-
-
-def total_epochs(cfg):
-    n_layers = len(cfg.layer_sizes) - 1
-    return cfg.n_epochs * (n_layers if cfg.schedule == "greedy" else 1)
-
-
-def hybrid_batches(x_train, y_train, cfg, state, x):
-    """One epoch of batches: x[:B] real digits, x[B:] hybrids of two other random digits
-    (two independent shuffles, a fresh mask per pair). Yields after filling x."""
-    n, B, rng = len(x_train), cfg.batch_size, state.rng
-    pos, pa, pb = rng.permutation(n), rng.permutation(n), rng.permutation(n)
-    for i in range(n // B):
-        batch = slice(i * B, (i + 1) * B)
-        x[:B] = x_train[pos[batch]]
-        make_hybrid_batch(x_train[pa[batch]], x_train[pb[batch]], rng, cfg.n_blur, out=x[B:])
-        yield
-
-
-def sample_wrong_labels(scores, y, rng):
-    """One wrong label per row, drawn with probability softmax(scores) over the nine labels
-    other than y. scores: (n, 10) host array, e.g. each label's goodness summed over layers
-    (the FF logits up to a constant, so a label the network prefers is drawn more often)."""
-    s = np.array(scores, dtype=np.float64)
-    s[np.arange(len(s)), y] = -np.inf
-    p = np.exp(s - s.max(axis=1, keepdims=True))
-    cdf = np.cumsum(p, axis=1)
-    u = rng.random(len(s)) * cdf[:, -1]
-    wrong = (cdf <= u[:, None]).sum(axis=1)  # the first label whose cdf exceeds u
-    return np.minimum(wrong, N_CLASSES - 1)
-
-
-def head_wrong_labels(state, digits, y, cfg, buf, gain=1.0):
-    """Wrong labels for a batch as the hard-negative head prefers them (the author's Matlab
-    recipe): the head is a linear softmax on the normalised activities, layers
-    cfg.first_readout_layer up, of the digits with the neutral label; the labels are drawn by
-    sample_wrong_labels on its logits, then the head takes one step on the batch: plain SGD
-    at cfg.hard_head_lr, or with --optimizer sgd the author's smoothed step with weight cost,
-    its rate times `gain` (the FF rate's decay). buf: a (B, 784) scratch array.
-    Returns (wrong labels, head errors on the batch)."""
-    embed_labels(digits, None, out=buf)
-    F = extract_features(state.weights, state.biases, buf,
-                         len(cfg.layer_sizes) - cfg.first_readout_layer, norm=cfg.normalize)
-    W, b = state.head
-    _, dW, db, logits = softmax_loss_and_grads(F, y, W, b)
-    logits = to_host(logits)
-    wrong = sample_wrong_labels(logits, y, state.rng)
-    if state.head_opt is None:
-        W -= cfg.hard_head_lr * dW
-        b -= cfg.hard_head_lr * db
-    else:
-        for opt, p, grad in zip(state.head_opt, (W, b), (dW, db)):
-            opt.step(p, grad, cfg.hard_head_lr * gain)
-    return wrong, int(np.sum(logits.argmax(axis=1) != y))
-
-
-def label_batches(x_train, y_train, cfg, state, x):
-    """One epoch of batches: x[:B] digits with their own label, x[B:] the same digits
-    with a wrong label: drawn uniformly from the other nine, or with cfg.hard_negatives as
-    the network prefers them: from the network at the start of the epoch
-    (sample_wrong_labels on the goodness read-out's scores of every training digit), or with
-    cfg.hard_from "head" batch by batch from head_wrong_labels, whose error over the epoch
-    goes into state.history["head_error"]. Yields after filling x."""
-    n, B, rng = len(x_train), cfg.batch_size, state.rng
-    pos = rng.permutation(n)
-    by_head = cfg.hard_negatives and cfg.hard_from == "head"
-    if cfg.hard_negatives and not by_head:
-        scores = goodness_per_label(state.weights, state.biases, x_train, cfg.goodness,
-                                    cfg.first_readout_layer, norm=cfg.normalize)
-        hard = sample_wrong_labels(to_host(scores), y_train, rng)
-    errors = 0
-    for i in range(n // B):
-        rows = pos[i * B:(i + 1) * B]
-        if by_head:
-            gain = learning_rate(cfg, state.epochs_done % cfg.n_epochs, i / (n // B)) / cfg.lr
-            wrong, wrong_guesses = head_wrong_labels(state, x_train[rows], y_train[rows], cfg,
-                                                     x[:B], gain)
-            errors += wrong_guesses
-        elif cfg.hard_negatives:
-            wrong = hard[rows]
-        else:
-            wrong = (y_train[rows] + rng.integers(1, N_CLASSES, B)) % N_CLASSES
-        embed_labels(x_train[rows], y_train[rows], out=x[:B])
-        embed_labels(x_train[rows], wrong, out=x[B:])
-        yield
-    if by_head:
-        state.history.setdefault("head_error", []).append(errors / (n // B * B))
-
-
-BATCHES = {"hybrid": hybrid_batches, "label": label_batches}
-
-
-def train_layer_step(state, l, x_in, cfg, lr, work, learns=True, refresh=False, mask=None):
-    """Layer l's part of one step on x_in, the L2-normalised stacked batch (positives, then
-    as many negatives): forward, FF loss and gradient, Adam on W and b, the peer-norm running
-    mean. A frozen layer (greedy: one below the layer that learns) only runs forward.
-
-    Returns (loss, g, h): loss is NaN for a frozen layer; h is what the layer above sees,
-    the output from before this step's update unless refresh.
-    """
-    W, b = state.weights[l], state.biases[l]
-    if not learns:
-        h = layer_forward(x_in, W, b, out=work.h)
-        return np.nan, goodness(h, cfg.goodness), h
-    h = layer_forward(x_in, W, b, out=work.h)
-    loss, g = ff_loss_and_dz(h, cfg.batch_size, cfg.layer_threshold(W.shape[1]), cfg.goodness,
-                             work.dz)
-    if cfg.peer_norm > 0:
-        peer_loss, state.peer_means[l][...] = PEER[cfg.peer_kind](
-            h, cfg.batch_size, state.peer_means[l], cfg.peer_norm, work.dz)
-        loss += peer_loss
-    dW, db = layer_grads(x_in, work.dz, work.dW, mask)
-    state.opt_w[l].step(W, dW, lr)
-    state.opt_b[l].step(b, db, lr)
-    if refresh:
-        h = layer_forward(x_in, W, b, out=work.h)
-    return loss, g, h
-
-
-def batch_stats(loss, g, n_pos, threshold):
-    """One row of an epoch's sums: the loss, the accuracy of telling positives from negatives
-    at the threshold, and 1 if any unit of the layer was on."""
-    xp = xp_of(g)
-    accuracy = ((g[:n_pos] > threshold).mean() + (g[n_pos:] < threshold).mean()) / 2
-    return xp.stack([xp.asarray(v, dtype=np.float64) for v in (loss, accuracy, g.max() > 0)])
-
-
-def check_loss(loss, epoch, l, batch=None):
-    """TrainingDiverged for a NaN or infinite loss: a batch's on the CPU, an epoch's sum on
-    the GPU (reading a value back every step would stall it)."""
-    if not np.isfinite(loss):
-        where = f"epoch {epoch + 1}, layer {l + 1}" + ("" if batch is None else f", batch {batch + 1}")
-        raise TrainingDiverged(f"FF loss is {loss} in {where}; try a lower --lr")
-
-
-def check_silent(cfg, sums, trained, epoch):
-    """A silent layer has no gradient (ReLU), so it stays silent for good. (A test of
-    "accuracy at chance and loss not falling" was measured to stop tiny runs that were still
-    learning, so only this certain case stops a run.)"""
-    for l in trained:
-        if sums[l, 2] == 0:
-            cause = (f"--lr {cfg.lr} too high" + (f" or --weight-decay {cfg.weight_decay}"
-                                                  if cfg.weight_decay else ""))
-            raise TrainingDiverged(
-                f"layer {l + 1} went silent in epoch {epoch + 1}: every unit was 0 on every "
-                f"batch, so it cannot learn again; likely cause {cause}")
-
-
-def record_epoch(history, means, top, seconds):
-    """Appends an epoch's per-layer means; None for a layer above those trained this epoch
-    (greedy) or a NaN, so JSON holds no NaN."""
-    for key, column in (("loss", means[:, 0]), ("accuracy", means[:, 1])):
-        history[key].append([float(v) if l < top and np.isfinite(v) else None
-                             for l, v in enumerate(column)])
-    history["seconds"].append(seconds)
-
-
-def progress_line(cfg, history, epoch, elapsed, eta):
-    def row(values, fmt):
-        return " ".join("  -  " if v is None else fmt(v) for v in values)
-    return (f"epoch {epoch + 1:3d}/{total_epochs(cfg)}  loss "
-            + row(history["loss"][-1], lambda v: f"{v:.3f}")
-            + ("  real-vs-hybrid acc " if cfg.negatives == "hybrid" else "  pos-vs-neg acc ")
-            + row(history["accuracy"][-1], lambda v: f"{100 * v:.1f}")
-            + (f"  hard-negative head error {100 * history['head_error'][-1]:.1f}%"
-               if history.get("head_error") else "")
-            + f"  {history['seconds'][-1]:.1f} s  elapsed {elapsed:.0f} s  eta {eta:.0f} s")
-
-
-def train_ff(x_train, cfg, state, callback=None, log=print, y_train=None):
-    """Train state in place up to total_epochs(cfg), one progress line per epoch.
-
-    Within a step every layer sees the L2-normalised activities that the layer below had
-    before its own update of this step (one forward pass serves forward and gradient), unless
-    cfg.refresh_inputs. callback(epoch, state) runs after each epoch.
-    """
-    xp = array_module(cfg.device)
-    state.to(xp)
-    x_train = xp.asarray(x_train)  # once per run; the batches are gathered where they train
-    B, n_layers, epochs = cfg.batch_size, len(cfg.layer_sizes) - 1, total_epochs(cfg)
-    n_batches = len(x_train) // B
-    x = xp.empty((2 * B, cfg.layer_sizes[0]), np.float32)  # positives, then negatives
-    inputs = [xp.empty((2 * B, size), np.float32) for size in cfg.layer_sizes[:-1]]
-    work = [LayerWork.allocate(2 * B, n_in, n_out, xp)
-            for n_in, n_out in zip(cfg.layer_sizes[:-1], cfg.layer_sizes[1:])]
-    masks = ([xp.asarray(m) for m in local_masks(cfg.local_layers)] if cfg.local
-             else [None] * n_layers)
-    normalize = NORMALIZE[cfg.normalize]
-    t_start, start_epoch = time.perf_counter(), state.epochs_done
-    for epoch in range(start_epoch, epochs):
-        t0 = time.perf_counter()
-        trained = range(n_layers) if cfg.schedule == "parallel" else [epoch // cfg.n_epochs]
-        top = max(trained) + 1
-        sums = xp.zeros((n_layers, 3))  # per layer: loss, accuracy, batches with a unit on
-        for i, _ in enumerate(BATCHES[cfg.negatives](x_train, y_train, cfg, state, x)):
-            # a greedy stage decays the rate over its own epochs
-            lr = learning_rate(cfg, epoch % cfg.n_epochs, i / n_batches)
-            normalize(x, out=inputs[0])
-            for l in range(top):
-                loss, g, h = train_layer_step(state, l, inputs[l], cfg, lr, work[l], l in trained,
-                                              refresh=cfg.refresh_inputs and l + 1 < top,
-                                              mask=masks[l])
-                if l in trained and xp is np:
-                    check_loss(loss, epoch, l, i)
-                sums[l] += batch_stats(loss, g, B, cfg.layer_threshold(h.shape[1]))
-                if l + 1 < top:
-                    normalize(h, out=inputs[l + 1])
-        sums = to_host(sums)  # the GPU's one wait of the epoch
-        for l in trained:
-            check_loss(sums[l, 0], epoch, l)
-        record_epoch(state.history, sums / n_batches, top, time.perf_counter() - t0)
-        state.epochs_done = epoch + 1
-        elapsed = time.perf_counter() - t_start
-        log(progress_line(cfg, state.history, epoch, elapsed,
-                          eta=elapsed / (epoch + 1 - start_epoch) * (epochs - epoch - 1)), flush=True)
-        check_silent(cfg, sums, trained, epoch)
-        if callback is not None:
-            callback(epoch, state)
-    return state
-
-# -----------------------------------------------------------------------------
-# Softmax head on the frozen network
-
-def extract_features(weights, biases, x, top_k, chunk=2000, norm="l2"):
-    """concat(normalised h_l) over the top_k layers, float32, computed chunk by chunk; each
-    layer's input and each feature block normalised by NORMALIZE[norm]."""
-    sizes = [W.shape[1] for W in weights[-top_k:]]
-    features = xp_of(*weights).empty((len(x), sum(sizes)), np.float32)
-    for start in range(0, len(x), chunk):
-        hs = network_activities(weights, biases, x[start:start + chunk], norm=norm)
-        rows = features[start:start + chunk]
-        col = 0
-        for h in hs[-top_k:]:
-            NORMALIZE[norm](h, out=rows[:, col:col + h.shape[1]])
-            col += h.shape[1]
-    return features
-
-
-def goodness_per_label(weights, biases, x, goodness_kind="mean", first_layer=2, chunk=2000,
-                       norm="l2"):
-    """(n, 10) float64: each digit run once with each label, its goodness summed over the
-    layers from first_layer (1-based) up. The paper leaves out layer 1 (first_layer=2)."""
-    xp = xp_of(*weights)
-    scores = xp.zeros((len(x), N_CLASSES))
-    buf = xp.empty((min(chunk, len(x)), x.shape[1]), np.float32)
-    for start in range(0, len(x), chunk):
-        rows = xp.asarray(x[start:start + chunk])
-        for label in range(N_CLASSES):
-            labelled = embed_labels(rows, np.full(len(rows), label), out=buf[:len(rows)])
-            hs = network_activities(weights, biases, labelled, norm=norm)
-            scores[start:start + len(rows), label] = sum(
-                goodness(h, goodness_kind) for h in hs[first_layer - 1:])
-    return scores
-
-
-def goodness_error_rate(weights, biases, x, y, goodness_kind="mean", first_layer=2, norm="l2"):
-    """Error of predicting the label with the highest accumulated goodness."""
-    scores = goodness_per_label(weights, biases, x, goodness_kind, first_layer, norm=norm)
-    xp = xp_of(scores)
-    return float(xp.mean(xp.argmax(scores, axis=1) != xp.asarray(y)))
-
-
-def softmax_loss_and_grads(F, y, W, b, weight_decay=0.0):
-    """Mean cross-entropy of softmax(F W + b) plus (weight_decay/2)||W||^2, and its gradient.
-
-    dL/dlogits = (softmax - onehot) / n; returns loss, dW, db, logits.
-    """
-    xp = xp_of(F, W)
-    logits = F @ W
-    logits += b
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    p = xp.exp(shifted)
-    p_sum = p.sum(axis=1)
-    rows, y = xp.arange(len(y)), xp.asarray(y)
-    loss = (xp.log(p_sum).mean() - shifted[rows, y].mean()
-            + 0.5 * weight_decay * xp.vdot(W, W))
-    p /= p_sum[:, None]
-    p[rows, y] -= 1
-    p /= len(y)
-    dW = F.T @ p
-    dW += weight_decay * W
-    return loss, dW, p.sum(axis=0), logits
-
-
-def error_rate(F, y, W, b, chunk=10000):
-    xp = xp_of(F, W)
-    y = xp.asarray(y)
-    wrong = sum(int(xp.sum(xp.argmax(F[s:s + chunk] @ W + b, axis=1) != y[s:s + chunk]))
-                for s in range(0, len(y), chunk))
-    return wrong / len(y)
-
-
-def train_softmax(F_train, y_train, F_test, y_test, rng, n_epochs, lr, weight_decay,
-                  batch_size=256, n_classes=10, log=print, F_val=None, y_val=None):
-    """Minibatch SGD on the linear softmax. The per-epoch train error is the running error
-    of the minibatches during the epoch (an extra full pass per epoch would cost as much
-    as the training itself); validation (if given) and test error are exact, after each
-    epoch. Settings are chosen on the validation error, never on the test error.
-    A loss that is NaN or infinite raises TrainingDiverged. The head trains where F_train
-    lives; on the GPU each step waits once to read its loss back, which the head's few steps
-    can afford."""
-    xp = xp_of(F_train)
-    W = xp.zeros((F_train.shape[1], n_classes), np.float32)
-    b = xp.zeros(n_classes, np.float32)
-    hist = {"train_error": [], "test_error": [], "loss": [], "seconds": []}
-    if F_val is not None:
-        hist["val_error"] = []
-    n = len(y_train)
-    for epoch in range(n_epochs):
-        t0 = time.perf_counter()
-        perm = rng.permutation(n)
-        wrong, loss_sum = 0, 0.0
-        for start in range(0, n, batch_size):
-            idx = perm[start:start + batch_size]
-            yb = xp.asarray(y_train[idx])
-            # a diverging head overflows on its way to inf; the check below reports it
-            with np.errstate(over="ignore", invalid="ignore"):
-                loss, dW, db, logits = softmax_loss_and_grads(F_train[idx], yb, W, b,
-                                                              weight_decay)
-            if not xp.isfinite(loss):
-                raise TrainingDiverged(
-                    f"the softmax head's loss is {float(loss)} in head epoch {epoch + 1}; lower "
-                    f"--softmax-lr (now {lr:g}) or --softmax-weight-decay (now {weight_decay:g})")
-            W -= lr * dW
-            b -= lr * db
-            wrong += int(xp.sum(xp.argmax(logits, axis=1) != yb))
-            loss_sum += float(loss) * len(idx)
-        hist["train_error"].append(wrong / n)
-        hist["loss"].append(loss_sum / n)
-        if F_val is not None:
-            hist["val_error"].append(error_rate(F_val, y_val, W, b))
-        hist["test_error"].append(error_rate(F_test, y_test, W, b))
-        hist["seconds"].append(time.perf_counter() - t0)
-        if (epoch + 1) % 5 == 0 or epoch + 1 == n_epochs:
-            val = (f"val error {100 * hist['val_error'][-1]:.2f}%  "
-                   if F_val is not None else "")
-            log(f"softmax epoch {epoch + 1:3d}/{n_epochs}  loss {hist['loss'][-1]:.4f}  "
-                f"train error {100 * hist['train_error'][-1]:.2f}%  {val}"
-                f"test error {100 * hist['test_error'][-1]:.2f}%", flush=True)
-    return W, b, hist
-
-
-# -----------------------------------------------------------------------------
-# Evaluation helpers shared by the figure scripts: fixed digits, goodness, separation
-
-def evaluation_set(x_test, n, rng, n_blur):
-    """n real test digits and n hybrids of test digits, the pairs drawn as in training."""
-    real = x_test[rng.choice(len(x_test), n, replace=n > len(x_test))]
-    a, b = x_test[rng.choice(len(x_test), n)], x_test[rng.choice(len(x_test), n)]
-    hybrids, _ = make_hybrid_batch(a, b, rng, n_blur)
-    return real, hybrids
-
-
-def layer_goodness(weights, biases, x, kind):
-    """Goodness of every layer for raw input rows x: a list of (n,) numpy arrays."""
-    return [to_host(goodness(h, kind)) for h in network_activities(weights, biases, x)]
-
-
-def separation(g_real, g_hybrid):
-    """Difference of the means over the pooled standard deviation (equal group sizes)."""
-    g_real, g_hybrid = np.asarray(g_real, np.float64), np.asarray(g_hybrid, np.float64)
-    pooled = np.sqrt((g_real.var() + g_hybrid.var()) / 2)
-    return (g_real.mean() - g_hybrid.mean()) / pooled
-
-
-def goodness_bins(threshold, n_bins=50):
-    """Log-spaced bins two decades either side of the threshold. Goodness spans orders of
-    magnitude and shifts during training; fixed bins keep GIF frames comparable."""
-    return np.geomspace(threshold / 100, threshold * 100, n_bins + 1)
-
-
-REAL_COLOUR, HYBRID_COLOUR = "tab:blue", "tab:orange"
-
-
-def draw_goodness_histogram(ax, g_real, g_hybrid, threshold, bins):
-    """Real and hybrid goodness on a matplotlib axis, log scale, threshold marked."""
-    # values beyond the bins (a dead layer gives g = 0) are counted in the end bins
-    for g, colour, label in ((g_real, REAL_COLOUR, "real"), (g_hybrid, HYBRID_COLOUR, "hybrid")):
-        ax.hist(np.clip(g, bins[0], bins[-1]), bins=bins, color=colour, alpha=0.55, label=label)
-    ax.axvline(threshold, color="k", linestyle="--", linewidth=1, label="threshold")
-    ax.set_xscale("log")
-    ax.set_xlabel("goodness (log; ends hold the outliers)")
-
-
-# -----------------------------------------------------------------------------
-# Run artefacts: model.npz, history.json, metrics.json, checkpoint.npz
+# Run files: model.npz, history.json, metrics.json (written last), checkpoint.npz
 
 def code_commit():
     """The git commit of this file's repository, "-dirty" if tracked code differs from it
@@ -1376,29 +1492,16 @@ def write_json(path, obj):
 READ_ERRORS = (OSError, ValueError, KeyError, EOFError, TypeError, zipfile.BadZipFile)
 
 
-def damaged(path, e):
+def damaged_error(path, e):
     detail = (str(e).splitlines() or [""])[0]
     return DataError(f"{path} is damaged or not written by this suite "
                      f"({e.__class__.__name__}: {detail})")
 
 
-def run_config(run_dir, raw):
-    """The FFConfig stored in a run's checkpoint or model. Runs saved before the head and
-    data settings were part of it keep those in their args.json."""
-    names = FFConfig.__dataclass_fields__
-    missing = set(names) - set(raw) - {"device"}  # a run from before --device ran on the CPU
-    if missing:
-        path = os.path.join(run_dir, "args.json")
-        try:
-            with open(path) as f:
-                args = json.load(f)
-        except FileNotFoundError:
-            raise DataError(f"{path} is missing, and this run (saved before the configuration "
-                            f"held them) keeps its {', '.join(sorted(missing))} there") from None
-        except (OSError, ValueError) as e:
-            raise damaged(path, e) from None
-        raw = {**{k: args[k] for k in missing if k in args}, **raw}
-    return FFConfig(**{k: v for k, v in raw.items() if k in names})
+def run_config(raw):
+    """The FFConfig stored in a run's checkpoint or model (a field added since the run was
+    saved takes its default)."""
+    return FFConfig(**{k: v for k, v in raw.items() if k in CONFIG_FIELDS})
 
 
 def save_checkpoint(run_dir, cfg, state):
@@ -1430,9 +1533,9 @@ def read_checkpoint_config(run_dir):
     path = checkpoint_path(run_dir)
     try:
         with np.load(path) as z:
-            return run_config(run_dir, json.loads(str(z["config"]))), int(z["epochs_done"])
+            return run_config(json.loads(str(z["config"]))), int(z["epochs_done"])
     except READ_ERRORS as e:
-        raise damaged(path, e) from None
+        raise damaged_error(path, e) from None
 
 
 def load_checkpoint(run_dir):
@@ -1440,7 +1543,7 @@ def load_checkpoint(run_dir):
     path = checkpoint_path(run_dir)
     try:
         with np.load(path) as z:
-            cfg = run_config(run_dir, json.loads(str(z["config"])))
+            cfg = run_config(json.loads(str(z["config"])))
             rng = np.random.default_rng()
             rng.bit_generator.state = json.loads(str(z["rng_state"]))
             state = FFState.fresh(cfg, np.random.default_rng(0))
@@ -1456,7 +1559,7 @@ def load_checkpoint(run_dir):
             for name, opt in zip("Wb", state.head_opt or []):
                 opt.load_state(**{k: z[f"opt_head_{name}_{k}"] for k in opt.state_arrays()})
     except READ_ERRORS as e:
-        raise damaged(path, e) from None
+        raise damaged_error(path, e) from None
     return cfg, state
 
 
@@ -1464,8 +1567,8 @@ RUN_FILES = ("model.npz", "history.json", "metrics.json")
 
 
 def save_run(run_dir, cfg, state, head, softmax_history, metrics):
-    """model.npz, history.json and metrics.json; if one cannot be written, those this call
-    wrote are removed again, so a folder never holds half a run (the checkpoint stays)."""
+    """model.npz, history.json, then metrics.json, each written whole under a temporary name
+    and renamed: a folder holds a finished run exactly when it holds metrics.json."""
     arrays = {"layer_sizes": np.array(cfg.layer_sizes), "config": json.dumps(asdict(cfg))}
     for l, (W, b) in enumerate(zip(state.weights, state.biases)):
         arrays.update({f"W{l}": to_host(W), f"b{l}": to_host(b)})
@@ -1473,24 +1576,13 @@ def save_run(run_dir, cfg, state, head, softmax_history, metrics):
         arrays.update({"softmax_W": to_host(head[0]), "softmax_b": to_host(head[1])})
     history = {"ff": state.history, "softmax": softmax_history, "config": asdict(cfg),
                "environment": environment(cfg.device)}
-    writers = (lambda path: atomic_write(path, lambda f: np.savez(f, **arrays)),
-               lambda path: write_json(path, history), lambda path: write_json(path, metrics))
-    written = []
-    try:
-        for name, write in zip(RUN_FILES, writers):
-            write(os.path.join(run_dir, name))
-            written.append(os.path.join(run_dir, name))
-    except BaseException:
-        for path in written:
-            try:
-                os.remove(path)
-            except OSError:
-                pass
-        raise
+    atomic_write(os.path.join(run_dir, "model.npz"), lambda f: np.savez(f, **arrays))
+    write_json(os.path.join(run_dir, "history.json"), history)
+    write_json(os.path.join(run_dir, "metrics.json"), metrics)
 
 
 def load_run(run_dir):
-    """A saved run: .cfg, .weights, .biases, .head ((W, b) or None), .top_k, .ff_history,
+    """A saved run: .cfg, .weights, .biases, .head ((W, b) or None), .ff_history,
     .softmax_history, .metrics, .environment, .run_dir. A missing or damaged file raises
     DataError."""
     from types import SimpleNamespace
@@ -1500,226 +1592,163 @@ def load_run(run_dir):
         raise DataError(f"{missing[0]} not found: {run_dir} holds no finished run")
     try:
         with np.load(paths[0]) as z:
-            cfg = run_config(run_dir, json.loads(str(z["config"])))
+            cfg = run_config(json.loads(str(z["config"])))
             n_layers = len(cfg.layer_sizes) - 1
             weights = [z[f"W{l}"] for l in range(n_layers)]
             biases = [z[f"b{l}"] for l in range(n_layers)]
             head = (z["softmax_W"], z["softmax_b"]) if "softmax_W" in z else None
     except READ_ERRORS as e:
-        raise damaged(paths[0], e) from None
+        raise damaged_error(paths[0], e) from None
     documents = []
     for path in paths[1:]:
         try:
             with open(path) as f:
                 documents.append(json.load(f))
         except (OSError, ValueError) as e:
-            raise damaged(path, e) from None
+            raise damaged_error(path, e) from None
     history, metrics = documents
     try:
         return SimpleNamespace(cfg=cfg, weights=weights, biases=biases, head=head,
-                               top_k=cfg.top_k, ff_history=history["ff"],
+                               ff_history=history["ff"],
                                softmax_history=history["softmax"],
                                environment=history["environment"], metrics=metrics,
                                run_dir=run_dir)
     except (KeyError, TypeError) as e:
-        raise damaged(paths[1], e) from None
+        raise damaged_error(paths[1], e) from None
 
 
 # -----------------------------------------------------------------------------
-# CLI: flags -> a checked FFConfig and run folder -> run() -> one line per error
+# CLI: flags -> a checked FFConfig and run folder -> run_experiment() -> one line per error
 
 class RunInterrupted(Exception):
     """Ctrl-C during a run; the CLI prints how to continue as one line and exits 130."""
 
 
-def number_arg(kind, low, inclusive=True):
+def parse_option(name, text):
+    """The value of FFConfig field `name` written as `text` on the command line, checked by
+    check_option; argparse turns the error into one line and exit status 2."""
+    kind = CONFIG_FIELDS[name].type
+    try:
+        if kind is tuple:
+            value = tuple(int(s) for s in text.split(","))
+        else:
+            value = kind(text)
+    except ValueError:
+        what = {tuple: "a comma-separated list of integers", int: "an integer",
+                float: "a number"}.get(kind, "a value")
+        raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+    try:
+        check_option(name, value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return value
+
+
+def number_arg(kind, low, above=False):
+    """An argparse type for a script's own numeric flag: a finite `kind` >= low (> low with
+    above)."""
     def parse(text):
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a{'n integer' if kind is int else ' number'}")
-        if not np.isfinite(value) or value < low or (not inclusive and value == low):
-            raise argparse.ArgumentTypeError(f"{text} must be {'>=' if inclusive else '>'} {low}")
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if not math.isfinite(value) or value < low or (above and value == low):
+            raise argparse.ArgumentTypeError(f"{text} must be {'>' if above else '>='} {low}")
         return value
     return parse
 
 
-def layer_sizes_arg(text):
-    try:
-        return tuple(int(s) for s in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers")
+layer_sizes_arg = functools.partial(parse_option, "layer_sizes")
 
 
 def build_parser(resume=True, description=None, parents=()):
-    """The training flags, defaults from FFConfig; a figure script adds its own as parents
-    and leaves out --resume when it cannot continue a run."""
+    """The command line, built from FFConfig's fields: every training flag defaults to None,
+    so a flag that is not None was given. A figure script adds its own flags as parents
+    (they come first) and leaves out --resume when it cannot continue a run."""
     p = argparse.ArgumentParser(description=description or __doc__.split("\n\n")[0],
-                                parents=list(parents),
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    d = config_default
-    p.add_argument("--seed", type=int, default=d("seed"),
-                   help="seeds the network, the batches and the hybrids (and the head's "
-                        "batches, as [seed, 1])")
-    p.add_argument("--n-epochs", type=int, default=d("n_epochs"),
-                   help="FF epochs (per layer with --schedule greedy)")
-    p.add_argument("--layer-sizes", type=layer_sizes_arg,
-                   default=",".join(map(str, d("layer_sizes"))),  # argparse applies the type
-                   help="comma-separated, input first")
-    p.add_argument("--batch-size", type=int, default=d("batch_size"),
-                   help="positives per batch (as many hybrids are added)")
-    p.add_argument("--lr", type=float, default=d("lr"), help="Adam step size of the FF layers")
-    p.add_argument("--threshold", type=float, default=d("threshold"),
-                   help="goodness threshold theta (for --goodness mean)")
-    p.add_argument("--n-train", type=int, default=d("n_train"),
-                   help="use the first N training digits (None: all those not held out "
-                        "by --val-size)")
-    p.add_argument("--val-size", type=int, default=d("val_size"),
-                   help="hold out the last N of the 60000 training digits as a validation "
-                        "split, from FF training and the head; its error is reported beside "
-                        "the test error")
-    p.add_argument("--softmax-epochs", type=int, default=d("softmax_epochs"),
-                   help="epochs of the softmax head; 0 skips the head")
-    p.add_argument("--softmax-lr", type=float, default=d("softmax_lr"),
-                   help="SGD step size of the softmax head")
-    p.add_argument("--softmax-weight-decay", type=float, default=d("softmax_weight_decay"),
-                   help="L2 penalty (wd/2)|W|^2 of the softmax head")
-    p.add_argument("--n-blur", type=int, default=d("n_blur"),
-                   help="blur passes of the hybrid mask")
-    p.add_argument("--top-k", type=int, default=d("top_k"),
-                   help="layers whose activities feed the softmax")
-    p.add_argument("--weight-decay", type=float, default=d("weight_decay"),
-                   help="decoupled weight decay of the FF weights (AdamW: each step "
-                        "multiplies them by 1 - lr * weight_decay)")
-    p.add_argument("--goodness", choices=GOODNESS_KINDS, default=d("goodness"),
-                   help="sum uses threshold * n_units, so both agree on every input")
-    p.add_argument("--peer-norm", type=float, default=d("peer_norm"),
-                   help="peer-normalisation coefficient, 0 = off")
-    p.add_argument("--schedule", choices=SCHEDULES, default=d("schedule"),
-                   help="parallel: every layer learns in every epoch; greedy: layer 1 for "
-                        "--n-epochs, then layer 2, ...")
-    p.add_argument("--lr-decay", choices=LR_DECAYS, default=d("lr_decay"),
-                   help="linear-half: constant, then linearly to 0 over the second half")
-    p.add_argument("--negatives", choices=NEGATIVES, default=d("negatives"),
-                   help="hybrid: hybrid images (section 3.2); label: the digit with a wrong "
-                        "label in its first 10 pixels (section 3.3, supervised)")
-    p.add_argument("--goodness-layer1", action="store_true", default=d("goodness_layer1"),
-                   help="with --negatives label: the goodness read-out also sums layer 1")
-    p.add_argument("--hard-negatives", action="store_true", default=d("hard_negatives"),
-                   help="with --negatives label: each epoch, draw each digit's wrong label "
-                        "with probability softmax(goodness read-out) over the nine wrong "
-                        "labels, from the network at the epoch's start (costs about one "
-                        "forward pass per label over the training digits; see --hard-from)")
-    p.add_argument("--hard-from", choices=HARD_FROM, default=d("hard_from"),
-                   help="with --hard-negatives: goodness: as above; head: as the author's "
-                        "Matlab code does, batch by batch from a linear softmax head on the "
-                        "activities of the digit with the neutral label, trained along with "
-                        "the network (costs about one forward pass over the training digits)")
-    p.add_argument("--hard-head-lr", type=float, default=d("hard_head_lr"),
-                   help="with --hard-from head: that head's SGD learning rate")
-    p.add_argument("--hard-head-weight-decay", type=float, default=d("hard_head_weight_decay"),
-                   help="with --hard-from head and --optimizer sgd: that head's weight cost")
-    p.add_argument("--optimizer", choices=tuple(OPTIMIZERS), default=d("optimizer"),
-                   help="adam; sgd: the author's smoothed-gradient SGD, g = 0.9 g + 0.1 grad, "
-                        "p -= lr (g + weight_decay p) (the hard-negative head then steps the "
-                        "same way, its rate decayed with the FF rate)")
-    p.add_argument("--normalize", choices=tuple(NORMALIZE), default=d("normalize"),
-                   help="each layer's input (and the heads' features): l2 to unit length; rms "
-                        "to a mean square of 1 per component (the author's)")
-    p.add_argument("--init", choices=INITS, default=d("init"),
-                   help="weights N(0, sqrt 2) or N(0, 1/sqrt(fan-in)) (the author's); biases 0")
-    p.add_argument("--peer-kind", choices=PEER_KINDS, default=d("peer_kind"),
-                   help="with --peer-norm: spread: a loss on the spread of the units' running "
-                        "mean activities (gated by the ReLU); author: the author's term "
-                        "coef (r - mean r) added to dL/dz of every positive, ungated, r from 0.5")
-    p.add_argument("--local", default=d("local"), metavar="RF:STRIDE:CHANNELS,...",
-                   help="locally-connected layers instead of dense ones, e.g. "
-                        "10:6:64,2:1:128,2:1:128: each unit sees every channel of an RF x RF "
-                        "block of locations below (the image: 28 x 28, one channel), blocks "
-                        "STRIDE apart, CHANNELS units per location, no weight sharing; the "
-                        "layer sizes follow")
-    p.add_argument("--refresh-inputs", action="store_true", default=d("refresh_inputs"),
-                   help="feed each layer the output of the updated layer below (a second "
-                        "forward pass per layer)")
-    p.add_argument("--device", choices=DEVICES, default=d("device"),
-                   help="gpu: the same code on CuPy arrays (pip install -r "
-                        "requirements-gpu.txt); a resumed run may change it")
-    p.add_argument("--data-dir", help="folder with the four MNIST files (else $MNIST_DIR, "
-                                      "the repository's data/mnist, the cache, a download)")
-    p.add_argument("--out", help="run folder (default runs/<timestamp>-<4 random hex digits>)")
+                                parents=list(parents))
+    training = p.add_argument_group("training (the run's configuration)")
+    for f in dataclasses.fields(FFConfig):
+        meta = f.metadata
+        default = meta["default_text"] or shown(f.default)
+        help_text = f"{meta['help']} (default: {default})"
+        if f.type is bool:
+            training.add_argument(flag(f.name), action="store_const", const=True,
+                                  default=None, help=help_text)
+        else:
+            metavar = meta["metavar"] or ("{" + ",".join(meta["choices"]) + "}"
+                                          if meta["choices"] else f.name.upper())
+            training.add_argument(flag(f.name), type=functools.partial(parse_option, f.name),
+                                  default=None, metavar=metavar, help=help_text)
+    files = p.add_argument_group("data and run folder")
+    files.add_argument("--data-dir", help="folder with the four MNIST files (default: "
+                       "$MNIST_DIR, the repository's data/mnist, the cache, a download)")
+    files.add_argument("--out", help="run folder (default: runs/<timestamp>-<4 random hex "
+                       "digits>)")
     if resume:
-        p.add_argument("--resume", metavar="DIR",
-                       help="continue the run in DIR, to its own --n-epochs unless "
-                            "--n-epochs is given; every other setting is the run's own")
-    p.add_argument("--dry-run", action="store_true",
-                   help="check every flag and output path, print the configuration and exit "
-                        "without loading data or training")
+        files.add_argument("--resume", metavar="DIR",
+                           help="continue the run in DIR, to its own --n-epochs unless "
+                                "--n-epochs is given; every other setting is the run's own")
+    files.add_argument("--dry-run", action="store_true",
+                       help="check every flag and output path, print the configuration and "
+                            "exit without loading data or training")
     return p
 
 
-def given_flags(parser, argv):
-    """The destinations of the flags written on the command line (not left at defaults)."""
-    saved = [(a, a.default) for a in parser._actions]
-    try:
-        for a, _ in saved:
-            a.default = argparse.SUPPRESS
-        return set(vars(parser.parse_known_args(argv)[0]))
-    finally:
-        for a, default in saved:
-            a.default = default
+def flags_given(args):
+    """The FFConfig fields whose flags were written on the command line."""
+    return {name for name in CONFIG_FIELDS if getattr(args, name, None) is not None}
 
 
-def check_writable(path, flag, folder=True):
+def check_writable(path, flag_name, folder=True):
     """Refuse, before anything is loaded or trained, an output path that cannot be written:
     a file where a folder goes (or the reverse), a path below a file, a read-only folder."""
     path = os.path.abspath(path)
     if folder and os.path.exists(path) and not os.path.isdir(path):
-        raise SettingsError(f"{flag} {path} is a file, not a folder")
+        raise SettingsError(f"{flag_name} {path} is a file, not a folder")
     if not folder and os.path.isdir(path):
-        raise SettingsError(f"{flag} {path} is a folder; give the path of a file")
+        raise SettingsError(f"{flag_name} {path} is a folder; give the path of a file")
     existing = path if folder else os.path.dirname(path)
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing):
-        raise SettingsError(f"{flag} {path} lies below {existing}, which is a file")
+        raise SettingsError(f"{flag_name} {path} lies below {existing}, which is a file")
     try:  # a real write: permissions alone miss read-only file systems (and root)
         fd, probe = tempfile.mkstemp(prefix=".tmp-probe-", dir=existing)
         os.close(fd)
         os.remove(probe)
     except OSError as e:
-        raise SettingsError(f"{flag} {path}: cannot write in {existing} ({e.strerror or e})")
+        raise SettingsError(f"{flag_name} {path}: cannot write in {existing} ({e.strerror or e})")
 
 
-def show(value):
-    return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+RESUME_MAY_CHANGE = ("n_epochs", "device")  # a GPU run can continue on the CPU and back
 
 
-def settle_args(args, parser, argv=None, default_out=None):
+def prepare_run(args, parser, default_out=None):
     """Adds args.config (a checked FFConfig) and args.run_dir, before anything is loaded.
 
-    A new run: the flags make the configuration; the folder is --out, else default_out(args)
-    (a figure script's), else runs/<timestamp>-<random>, which never collides. --resume:
-    the configuration is the run's own; a flag that contradicts it is refused, except
-    --n-epochs and --device (default: the run's own) and --data-dir. --device gpu without a
-    usable GPU raises SettingsError. A bad value exits 2 through
-    parser.error; an unusable path or a contradiction raises SettingsError."""
-    given = given_flags(parser, argv)
-    names = list(FFConfig.__dataclass_fields__)
+    A new run: the given flags over FFConfig's defaults; the folder is --out, else
+    default_out(args) (a figure script's), else runs/<timestamp>-<random>, which never
+    collides. --resume: the configuration is the run's own; a flag that contradicts it is
+    refused, except those in RESUME_MAY_CHANGE and --data-dir. --device gpu without a usable
+    GPU raises SettingsError. A bad value exits 2 through parser.error; an unusable path or
+    a contradiction raises SettingsError."""
+    given = flags_given(args)
     if getattr(args, "resume", None):
         if args.out and os.path.abspath(args.out) != os.path.abspath(args.resume):
             parser.error("--resume writes into its own folder; leave out --out")
         stored, done = read_checkpoint_config(args.resume)
-        free = ("n_epochs", "device")  # a GPU run can continue on the CPU and back
-        for name in names:
-            if name not in free and name in given and getattr(args, name) != getattr(stored, name):
+        for name in sorted(given - set(RESUME_MAY_CHANGE)):
+            if getattr(args, name) != getattr(stored, name):
                 raise SettingsError(
-                    f"--{name.replace('_', '-')} {show(getattr(args, name))} contradicts the "
-                    f"run in {args.resume}, which has {show(getattr(stored, name))}; --resume "
-                    "keeps the run's own settings (only --n-epochs, --device and --data-dir may be "
+                    f"{flag(name)} {shown(getattr(args, name))} contradicts the run in "
+                    f"{args.resume}, which has {shown(getattr(stored, name))}; --resume keeps "
+                    "the run's own settings (only --n-epochs, --device and --data-dir may be "
                     "given)")
         try:
-            cfg = dataclasses.replace(stored, **{name: getattr(args, name) if name in given
-                                                 else getattr(stored, name) for name in free})
+            cfg = dataclasses.replace(stored, **{name: getattr(args, name)
+                                                 for name in given & set(RESUME_MAY_CHANGE)})
         except ValueError as e:
             parser.error(str(e))
         if total_epochs(cfg) < done:
@@ -1732,7 +1761,7 @@ def settle_args(args, parser, argv=None, default_out=None):
         check_writable(run_dir, "--resume")
     else:
         try:
-            cfg = FFConfig(**{name: getattr(args, name) for name in names})
+            cfg = FFConfig(**{name: getattr(args, name) for name in given})
         except ValueError as e:
             parser.error(str(e))
         run_dir = args.out or (default_out(args) if default_out else None)
@@ -1749,14 +1778,14 @@ def settle_args(args, parser, argv=None, default_out=None):
         resumed = getattr(args, "resume", None) and "device" not in given
         raise SettingsError(problem + ("; --device cpu continues the run on the CPU"
                                        if resumed else ""))
-    args.config, args.run_dir, args.given = cfg, run_dir, given
+    args.config, args.run_dir = cfg, run_dir
     return args
 
 
 def parse_args(argv=None, parser=None):
-    """Parsed and settled training flags (see settle_args)."""
+    """Parsed and prepared training flags (see prepare_run)."""
     parser = parser or build_parser()
-    return settle_args(parser.parse_args(argv), parser, argv)
+    return prepare_run(parser.parse_args(argv), parser)
 
 
 def print_dry_run(args, **outputs):
@@ -1769,15 +1798,39 @@ def print_dry_run(args, **outputs):
 
 @dataclass
 class RunResult:
-    """What run() did: the metrics (also in metrics.json), the configuration, the folder."""
+    """What run_experiment() did: the metrics (also in metrics.json), the configuration,
+    the folder."""
     metrics: dict
     config: FFConfig
     run_dir: str
 
 
-def run(args, log=print, callback=None):
-    """The whole experiment for settled CLI args (see settle_args). callback(epoch, state)
-    runs after each FF epoch, once its checkpoint is saved."""
+def label_read_outs(state, cfg, splits, log=print):
+    """A label run's read-outs on each (name, x, y) of splits, as metrics: the paper's (the
+    label whose input gives the most goodness) and, with a hard-negative head, the author's
+    (that head on the neutral label)."""
+    metrics, t0 = {}, time.perf_counter()
+    first, n_layers = cfg.first_readout_layer, len(cfg.layer_sizes) - 1
+    for name, xs, ys in splits:
+        metrics[f"goodness_{name}_error"] = goodness_error_rate(
+            state.weights, state.biases, xs, ys, cfg.goodness, first, cfg.normalize)
+        if state.head is not None:
+            F = extract_features(state.weights, state.biases, embed_labels(xs, None),
+                                 n_layers - first + 1, norm=cfg.normalize)
+            metrics[f"hard_head_{name}_error"] = error_rate(F, ys, *state.head)
+    metrics["goodness_seconds"] = time.perf_counter() - t0
+    for key, what in (("goodness", "goodness read-out"),
+                      ("hard_head", "hard-negative head on the neutral label")):
+        if f"{key}_test_error" in metrics:
+            log(f"{what}: " + "  ".join(f"{name} error {100 * metrics[f'{key}_{name}_error']:.2f}%"
+                                        for name, _, _ in splits), flush=True)
+    return metrics
+
+
+def run_experiment(args, log=print, callback=None):
+    """The whole experiment for prepared CLI args (see prepare_run): FF training with a
+    checkpoint after every epoch, the read-outs, the run files. callback(epoch, state) runs
+    after each FF epoch, once its checkpoint is saved."""
     cfg, run_dir = args.config, args.run_dir
     saved = [0]  # epochs in the last checkpoint written
 
@@ -1816,54 +1869,19 @@ def run(args, log=print, callback=None):
         train_ff(x_train, cfg, state, callback=after_epoch, log=log, y_train=y_train)
         ff_seconds = sum(state.history["seconds"])
         head, softmax_history, metrics = None, None, {}
+        splits = [s for s in (("val", x_val, y_val), ("test", x_test, y_test)) if len(s[1])]
         if cfg.negatives == "label":
-            # the paper's read-out: the label whose input gives the most goodness
-            t1 = time.perf_counter()
-            first, n_layers = cfg.first_readout_layer, len(cfg.layer_sizes) - 1
-            for name, xs, ys in (("val", x_val, y_val), ("test", x_test, y_test)):
-                if len(xs):
-                    metrics[f"goodness_{name}_error"] = goodness_error_rate(
-                        state.weights, state.biases, xs, ys, cfg.goodness, first, cfg.normalize)
-                    if state.head is not None:  # the author's read-out: the head trained along
-                        F = extract_features(state.weights, state.biases, embed_labels(xs, None),
-                                             n_layers - first + 1, norm=cfg.normalize)
-                        metrics[f"hard_head_{name}_error"] = error_rate(F, ys, *state.head)
-                        del F
-            metrics["goodness_seconds"] = time.perf_counter() - t1
-            for key, what in (("goodness", "goodness read-out"),
-                              ("hard_head", "hard-negative head on the neutral label")):
-                if f"{key}_test_error" in metrics:
-                    log(f"{what}: " + "  ".join(
-                        f"{name} error {100 * metrics[f'{key}_{name}_error']:.2f}%"
-                        for name in ("val", "test") if f"{key}_{name}_error" in metrics),
-                        flush=True)
-            # the softmax read-out sees each digit once, with the neutral label
-            x_train, x_val, x_test = (embed_labels(a, None) for a in (x_train, x_val, x_test))
+            metrics.update(label_read_outs(state, cfg, splits, log))
         if cfg.softmax_epochs > 0:
-            t1 = time.perf_counter()
-            norm = cfg.normalize
-            F_train = extract_features(state.weights, state.biases, x_train, cfg.top_k, norm=norm)
-            F_test = extract_features(state.weights, state.biases, x_test, cfg.top_k, norm=norm)
-            F_val = (extract_features(state.weights, state.biases, x_val, cfg.top_k, norm=norm)
-                     if len(x_val) else None)
-            feature_seconds = time.perf_counter() - t1
-            W, b, softmax_history = train_softmax(
-                F_train, y_train, F_test, y_test, np.random.default_rng([cfg.seed, 1]),
-                cfg.softmax_epochs, cfg.softmax_lr, cfg.softmax_weight_decay, log=log,
-                F_val=F_val, y_val=y_val if len(x_val) else None)
-            head = (W, b)
-            if F_val is not None:
-                metrics["val_error"] = error_rate(F_val, y_val, W, b)
-            metrics.update(test_error=error_rate(F_test, y_test, W, b),
-                           train_error=error_rate(F_train, y_train, W, b),
-                           softmax_seconds=time.perf_counter() - t1,
-                           feature_seconds=feature_seconds)
-            del F_train, F_test, F_val
+            head, softmax_history, head_metrics = fit_head(
+                state.weights, state.biases, cfg, (x_train, y_train), splits, log)
+            metrics.update(head_metrics)
         last = lambda key: state.history[key][-1] if state.history[key] else None
-        metrics.update(real_vs_hybrid_accuracy=last("accuracy"), ff_loss=last("loss"),
-                       ff_seconds=ff_seconds, ff_epochs=state.epochs_done,
+        metrics.update(ff_loss=last("loss"), ff_seconds=ff_seconds, ff_epochs=state.epochs_done,
                        total_seconds=time.perf_counter() - t0, peak_rss_mib=peak_rss_mib(),
                        run_dir=run_dir)
+        metrics["real_vs_hybrid_accuracy" if cfg.negatives == "hybrid"
+                else "pos_vs_neg_accuracy"] = last("accuracy")
         try:
             save_run(run_dir, cfg, state, head, softmax_history, metrics)
         except OSError as e:
@@ -1871,13 +1889,21 @@ def run(args, log=print, callback=None):
                             f"{recovery()}, fits the head again and saves the run") from None
     except KeyboardInterrupt:
         raise RunInterrupted(f"interrupted; {recovery()}") from None
-    if "test_error" in metrics:
-        val = (f"val error {100 * metrics['val_error']:.2f}%  "
-               if "val_error" in metrics else "")
-        log(f"{val}test error {100 * metrics['test_error']:.2f}%  train error "
-            f"{100 * metrics['train_error']:.2f}%  FF {ff_seconds:.0f} s  "
-            f"softmax {metrics['softmax_seconds']:.1f} s  -> {run_dir}")
+    log(final_line(metrics, ff_seconds, run_dir))
     return RunResult(metrics, cfg, run_dir)
+
+
+def final_line(metrics, ff_seconds, run_dir):
+    """The run's last line: the goodness read-out first for a label run (the paper's
+    metric), then the softmax head's errors."""
+    parts = []
+    for key, what in (("goodness_{}_error", "goodness read-out"),
+                      ("hard_head_{}_error", "hard-negative head"), ("{}_error", "softmax head")):
+        errors = [f"{split} error {100 * metrics[key.format(split)]:.2f}%"
+                  for split in ("val", "test", "train") if key.format(split) in metrics]
+        if errors:
+            parts.append(f"{what}: " + "  ".join(errors))
+    return "; ".join(parts + [f"FF {ff_seconds:.0f} s -> {run_dir}"])
 
 
 def exit_status(body):
@@ -1902,7 +1928,7 @@ def main(argv=None):
         if args.dry_run:
             print_dry_run(args)
         else:
-            run(args)
+            run_experiment(args)
         return 0
     return exit_status(body)
 

@@ -29,7 +29,7 @@ def own_flags():
         "<gif folder>/run unless --out says otherwise")
     group.add_argument("--snapshot-every", type=ff.number_arg(int, 1), default=1, metavar="K",
                        help="draw a frame every K FF epochs (and after the last)")
-    group.add_argument("--fps", type=ff.number_arg(float, 0, inclusive=False), default=5.0,
+    group.add_argument("--fps", type=ff.number_arg(float, 0, above=True), default=5.0,
                        help="frames per second")
     group.add_argument("--hold-final", type=ff.number_arg(int, 0), default=10,
                        help="the last frame stays on screen this many frame times longer")
@@ -42,8 +42,9 @@ def own_flags():
 
 def render_frame(cfg, state, epoch, real, hybrids, bins):
     """One frame as an (height, width, 3) uint8 array; the network is state's, now."""
-    g_real = ff.layer_goodness(state.weights, state.biases, real, cfg.goodness)
-    g_hybrid = ff.layer_goodness(state.weights, state.biases, hybrids, cfg.goodness)
+    kind, norm = cfg.goodness, cfg.normalize
+    g_real = ff.layer_goodness(state.weights, state.biases, real, kind, norm)
+    g_hybrid = ff.layer_goodness(state.weights, state.biases, hybrids, kind, norm)
     n_layers, total = len(state.weights), ff.total_epochs(cfg)
     fig = Figure(figsize=(9, 6), dpi=80)
     canvas = FigureCanvasAgg(fig)
@@ -102,7 +103,7 @@ def main(argv=None):
         args = parser.parse_args(argv)
         args.resume = None
         ff.check_writable(args.gif, "--gif", folder=False)
-        ff.settle_args(args, parser, argv, default_out=lambda a: os.path.join(
+        ff.prepare_run(args, parser, default_out=lambda a: os.path.join(
             os.path.dirname(a.gif) or ".", "run"))
         if args.dry_run:
             ff.print_dry_run(args, gif=args.gif, n_eval=args.n_eval)
@@ -128,7 +129,7 @@ def animate(args):
         frames.append(render_frame(cfg, state, epoch, real, hybrids, bins))
         print(f"frame {len(frames)}: epoch {epoch + 1}/{total}", flush=True)
 
-    ff.run(args, callback=snapshot)
+    ff.run_experiment(args, callback=snapshot)
     # Pillow merges identical consecutive frames into one longer frame anyway, so the hold is
     # written as the last frame's duration rather than as copies. One frame takes one number:
     # Pillow 13 fails on a list of one duration.

@@ -124,7 +124,7 @@ def classifier_curves_figure(run):
                        label="paper, 4x2000 MLP: 1.37%")
     ax_softmax.set_ylim(bottom=0)
     ax_softmax.set(xlabel="softmax epoch", ylabel="error (%)",
-                   title=f"Linear softmax on the top {run.top_k} layers")
+                   title=f"Linear softmax on the top {run.cfg.top_k} layers")
     ax_softmax.legend(fontsize=8)
     fig.tight_layout()
     return fig
@@ -204,8 +204,8 @@ def confusion_figure(y_true, y_pred):
 
 def draw_label_run(run, x_test, y_test, rng, n_eval, outdir):
     """The label run's figures; returns its numbers for figure_numbers.json."""
-    first = 1 if run.cfg.goodness_layer1 else 2
-    scores = ff.goodness_per_label(run.weights, run.biases, x_test, run.cfg.goodness, first)
+    scores = ff.goodness_per_label(run.weights, run.biases, x_test, run.cfg.goodness,
+                                   run.cfg.first_readout_layer, norm=run.cfg.normalize)
     predicted = scores.argmax(axis=1)
     pick = rng.choice(len(x_test), 8, replace=False)
     save_png(label_goodness_figure(scores[pick], x_test[pick], y_test[pick]),
@@ -214,10 +214,11 @@ def draw_label_run(run, x_test, y_test, rng, n_eval, outdir):
     # goodness histograms: the right label against a wrong one drawn uniformly
     digits = rng.choice(len(x_test), n_eval, replace=n_eval > len(x_test))
     wrong = (y_test[digits] + rng.integers(1, ff.N_CLASSES, n_eval)) % ff.N_CLASSES
-    g_right = ff.layer_goodness(run.weights, run.biases,
-                                ff.embed_labels(x_test[digits], y_test[digits]), run.cfg.goodness)
-    g_wrong = ff.layer_goodness(run.weights, run.biases,
-                                ff.embed_labels(x_test[digits], wrong), run.cfg.goodness)
+    cfg = run.cfg
+    g_right = ff.layer_goodness(run.weights, run.biases, ff.embed_labels(
+        x_test[digits], y_test[digits]), cfg.goodness, cfg.normalize)
+    g_wrong = ff.layer_goodness(run.weights, run.biases, ff.embed_labels(
+        x_test[digits], wrong), cfg.goodness, cfg.normalize)
     fig = goodness_figure(run, g_right, g_wrong)
     for ax in fig.axes:
         if ax.get_legend() is not None:
@@ -250,8 +251,9 @@ def draw(run, x_test, y_test, rng, n_eval, outdir):
     save_png(hybrid_examples_figure(x_test, y_test, rng, run.cfg.n_blur),
              os.path.join(outdir, "hybrid_examples.png"))
     real, hybrids = ff.evaluation_set(x_test, n_eval, rng, run.cfg.n_blur)
-    g_real = ff.layer_goodness(run.weights, run.biases, real, run.cfg.goodness)
-    g_hybrid = ff.layer_goodness(run.weights, run.biases, hybrids, run.cfg.goodness)
+    kind, norm = run.cfg.goodness, run.cfg.normalize
+    g_real = ff.layer_goodness(run.weights, run.biases, real, kind, norm)
+    g_hybrid = ff.layer_goodness(run.weights, run.biases, hybrids, kind, norm)
     save_png(goodness_figure(run, g_real, g_hybrid),
              os.path.join(outdir, "goodness_distributions.png"))
     save_png(classifier_curves_figure(run), os.path.join(outdir, "classifier_curves.png"))
@@ -281,28 +283,27 @@ def main(argv=None):
         args = parser.parse_args(argv)
         ff.check_writable(args.outdir, "--outdir")
         if args.run:
-            training_flags = set(vars(ff.build_parser().parse_args([])))
-            ignored = (ff.given_flags(parser, argv) & training_flags) - {"seed", "data_dir",
-                                                                          "dry_run"}
+            ignored = ((ff.flags_given(args) - {"seed"})
+                       | {name for name in ("out", "resume") if getattr(args, name)})
             if ignored:
                 raise ff.SettingsError("--run draws a saved run; drop the training flags "
-                                       + ", ".join("--" + k.replace("_", "-")
-                                                   for k in sorted(ignored)))
+                                       + ", ".join(ff.flag(k) for k in sorted(ignored)))
+            seed = 0 if args.seed is None else args.seed
             run = ff.load_run(args.run)  # a damaged run is refused before anything is drawn
             if args.dry_run:
                 print(json.dumps({"run": args.run, "config": dataclasses.asdict(run.cfg),
                                   "outdir": args.outdir, "n_eval": args.n_eval}, indent=1))
                 return 0
         else:
-            ff.settle_args(args, parser, argv,
-                           default_out=lambda a: os.path.join(a.outdir, "run"))
+            ff.prepare_run(args, parser, default_out=lambda a: os.path.join(a.outdir, "run"))
+            seed = args.config.seed
             if args.dry_run:
                 ff.print_dry_run(args, outdir=args.outdir, n_eval=args.n_eval)
                 return 0
-            run = ff.load_run(ff.run(args).run_dir)
+            run = ff.load_run(ff.run_experiment(args).run_dir)
         _, _, x_test, y_test = ff.load_mnist(args.data_dir)
         # a stream of its own, apart from training's (seed) and the softmax head's ([seed, 1])
-        draw(run, x_test, y_test, np.random.default_rng([args.seed, 2]), args.n_eval,
+        draw(run, x_test, y_test, np.random.default_rng([seed, 2]), args.n_eval,
              args.outdir)
         return 0
     return ff.exit_status(body)

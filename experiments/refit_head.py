@@ -12,29 +12,28 @@ import dataclasses
 import json
 import os
 import sys
-import time
 
-import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import ff_hybrid_mnist as ff  # noqa: E402
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    d = ff.config_default
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    d = {name: f.default for name, f in ff.CONFIG_FIELDS.items()}
     p.add_argument("--run", required=True, help="saved run whose head is refitted")
-    p.add_argument("--softmax-epochs", type=ff.number_arg(int, 1), default=d("softmax_epochs"),
-                   help="epochs of the new head")
-    p.add_argument("--softmax-lr", type=ff.number_arg(float, 0, inclusive=False),
-                   default=d("softmax_lr"), help="SGD step size of the new head")
+    p.add_argument("--softmax-epochs", type=ff.number_arg(int, 1), default=d["softmax_epochs"],
+                   help="epochs of the new head (default: %(default)s)")
+    p.add_argument("--softmax-lr", type=ff.number_arg(float, 0, above=True),
+                   default=d["softmax_lr"], help="SGD step size of the new head "
+                   "(default: %(default)s)")
     p.add_argument("--softmax-weight-decay", type=ff.number_arg(float, 0),
-                   default=d("softmax_weight_decay"), help="L2 penalty of the new head")
+                   default=d["softmax_weight_decay"], help="L2 penalty of the new head "
+                   "(default: %(default)s)")
     p.add_argument("--top-k", type=ff.number_arg(int, 1), help="default: the run's own")
     p.add_argument("--val-size", type=ff.number_arg(int, 0), help="default: the run's own")
-    p.add_argument("--seed", type=int, default=d("seed"),
-                   help="seeds the head's batches (as [seed, 1])")
+    p.add_argument("--seed", type=ff.number_arg(int, 0), default=d["seed"],
+                   help="seeds the head's batches, as [seed, 1] (default: %(default)s)")
     p.add_argument("--dry-run", action="store_true",
                    help="check the flags and the run, print the settings, exit")
     return p
@@ -47,7 +46,7 @@ def main(argv=None):
         run = ff.load_run(args.run)
         # the run's configuration with this refit's head settings, checked as a whole
         cfg = dataclasses.replace(
-            run.cfg, top_k=args.top_k or run.top_k, seed=args.seed,
+            run.cfg, top_k=args.top_k or run.cfg.top_k, seed=args.seed,
             softmax_epochs=args.softmax_epochs, softmax_lr=args.softmax_lr,
             softmax_weight_decay=args.softmax_weight_decay,
             val_size=run.cfg.val_size if args.val_size is None else args.val_size)
@@ -56,31 +55,24 @@ def main(argv=None):
     except ff.DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    top_k, val_size = cfg.top_k, cfg.val_size
     if args.dry_run:
         print(json.dumps({"run": args.run, "config": dataclasses.asdict(cfg)}, indent=1))
         return 0
     x_train, y_train, x_test, y_test = ff.load_mnist()
-    x_fit, y_fit, x_val, y_val = ff.split_validation(x_train, y_train, val_size,
+    x_fit, y_fit, x_val, y_val = ff.split_validation(x_train, y_train, cfg.val_size,
                                                      run.cfg.n_train)
-    if run.cfg.negatives == "label":  # the softmax read-out sees the neutral label
-        x_fit, x_val, x_test = (ff.embed_labels(a, None) for a in (x_fit, x_val, x_test))
-    t0 = time.perf_counter()
-    F_fit = ff.extract_features(run.weights, run.biases, x_fit, top_k)
-    F_test = ff.extract_features(run.weights, run.biases, x_test, top_k)
-    F_val = ff.extract_features(run.weights, run.biases, x_val, top_k) if val_size else None
-    W, b, hist = ff.train_softmax(F_fit, y_fit, F_test, y_test,
-                                  np.random.default_rng([args.seed, 1]), args.softmax_epochs,
-                                  args.softmax_lr, args.softmax_weight_decay,
-                                  F_val=F_val, y_val=y_val if val_size else None,
-                                  log=lambda *a, **k: print(*a, file=sys.stderr, **k))
-    result = {"run": args.run, "top_k": top_k, "softmax_epochs": args.softmax_epochs,
-              "softmax_lr": args.softmax_lr, "softmax_weight_decay": args.softmax_weight_decay,
-              "val_size": val_size,
-              "val_error": ff.error_rate(F_val, y_val, W, b) if val_size else None,
-              "test_error": ff.error_rate(F_test, y_test, W, b),
-              "train_error": ff.error_rate(F_fit, y_fit, W, b),
-              "seconds": time.perf_counter() - t0, "environment": ff.environment()}
+    splits = [s for s in (("val", x_val, y_val), ("test", x_test, y_test)) if len(s[1])]
+    try:
+        _, _, metrics = ff.fit_head(run.weights, run.biases, cfg, (x_fit, y_fit), splits,
+                                    log=lambda *a, **k: print(*a, file=sys.stderr, **k))
+    except ff.TrainingDiverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    result = {"run": args.run, "top_k": cfg.top_k, "softmax_epochs": cfg.softmax_epochs,
+              "softmax_lr": cfg.softmax_lr, "softmax_weight_decay": cfg.softmax_weight_decay,
+              "val_size": cfg.val_size, "val_error": metrics.get("val_error"),
+              "test_error": metrics["test_error"], "train_error": metrics["train_error"],
+              "seconds": metrics["softmax_seconds"], "environment": ff.environment()}
     print(json.dumps(result))
     return 0
 

@@ -30,7 +30,7 @@ def test_end_to_end_artefacts_and_reload(tmp_path, capsys):
     assert len(run.metrics["real_vs_hybrid_accuracy"]) == 3
     # the stored test error is reproduced from the saved weights alone
     _, _, x_test, y_test = ff.load_mnist()
-    F = ff.extract_features(run.weights, run.biases, x_test, run.top_k)
+    F = ff.extract_features(run.weights, run.biases, x_test, run.cfg.top_k)
     assert ff.error_rate(F, y_test, *run.head) == run.metrics["test_error"]
     assert run.metrics["test_error"] < 0.9  # better than chance after a few epochs
 
@@ -44,9 +44,12 @@ def test_end_to_end_artefacts_and_reload(tmp_path, capsys):
     (["--n-train", "60001"], "60000"),
     (["--threshold", "0"], "> 0"),
     (["--lr", "-0.1"], "> 0"),
-    (["--lr", "nan"], "> 0"),
+    (["--lr", "nan"], "must be a finite number"),
+    (["--lr", "1e400"], "must be a finite number"),
+    (["--seed", "100000000000000000000000000"], "below 2^63"),
+    (["--n-epochs", "100000000000000000000000000"], "below 2^63"),
     (["--top-k", "5"], "exceeds"),
-    (["--goodness", "max"], "invalid choice"),
+    (["--goodness", "max"], "is not one of"),
 ])
 def test_bad_flags_exit_2(flags, words, capsys):
     with pytest.raises(SystemExit) as e:
@@ -84,7 +87,7 @@ def test_resume_ends_with_the_same_numbers(tmp_path, extra):
             raise Interrupted
 
     with pytest.raises(Interrupted):
-        ff.run(ff.parse_args(flags + ["--out", str(tmp_path / "cut")]),
+        ff.run_experiment(ff.parse_args(flags + ["--out", str(tmp_path / "cut")]),
                callback=stop_after_first_epoch, log=lambda *a, **k: None)
     assert ff.load_checkpoint(str(tmp_path / "cut"))[1].epochs_done == 1
     assert ff.main(["--resume", str(tmp_path / "cut"), "--n-epochs", "3"]) == 0

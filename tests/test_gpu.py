@@ -79,7 +79,7 @@ def test_a_gpu_run_is_read_and_continued_on_the_cpu(tmp_path, monkeypatch, capsy
     mnist = ff.load_mnist()
     monkeypatch.setattr(ff, "load_mnist", lambda data_dir=None: mnist)  # read it once
     flags = TINY + ["--softmax-epochs", "0", "--n-epochs", "2", "--n-train", "300"]
-    full = ff.run(ff.parse_args(flags + ["--out", str(tmp_path / "full")]), **QUIET)
+    full = ff.run_experiment(ff.parse_args(flags + ["--out", str(tmp_path / "full")]), **QUIET)
 
     class Stop(Exception):
         pass
@@ -87,7 +87,7 @@ def test_a_gpu_run_is_read_and_continued_on_the_cpu(tmp_path, monkeypatch, capsy
     def stop(epoch, state):
         raise Stop
     with pytest.raises(Stop):
-        ff.run(ff.parse_args(flags + ["--out", str(tmp_path / "cut")]), callback=stop, **QUIET)
+        ff.run_experiment(ff.parse_args(flags + ["--out", str(tmp_path / "cut")]), callback=stop, **QUIET)
     as_if_run_on_the_gpu(tmp_path / "cut")
     assert ff.read_checkpoint_config(str(tmp_path / "cut"))[0].device == "gpu"
     # without --device it would continue on the GPU, which this machine lacks
@@ -182,7 +182,7 @@ def test_tiny_gpu_run_end_to_end_writes_host_files(tmp_path):
 @needs_gpu
 def test_resume_on_the_gpu_equals_an_uninterrupted_gpu_run(tmp_path):
     flags = TINY + ["--n-epochs", "2", "--device", "gpu"]
-    full = ff.run(ff.parse_args(flags + ["--out", str(tmp_path / "full")]), **QUIET)
+    full = ff.run_experiment(ff.parse_args(flags + ["--out", str(tmp_path / "full")]), **QUIET)
 
     class Stop(Exception):
         pass
@@ -191,7 +191,7 @@ def test_resume_on_the_gpu_equals_an_uninterrupted_gpu_run(tmp_path):
         assert isinstance(state.weights[0], cupy.ndarray)  # it really trains on the GPU
         raise Stop
     with pytest.raises(Stop):
-        ff.run(ff.parse_args(flags + ["--out", str(tmp_path / "cut")]), callback=stop, **QUIET)
+        ff.run_experiment(ff.parse_args(flags + ["--out", str(tmp_path / "cut")]), callback=stop, **QUIET)
     assert ff.main(["--resume", str(tmp_path / "cut")]) == 0  # the run's own device: gpu
     resumed, full = ff.load_run(str(tmp_path / "cut")), ff.load_run(full.run_dir)
     for got, want in zip(resumed.weights + list(resumed.head), full.weights + list(full.head)):

@@ -55,7 +55,8 @@ def test_tiny_label_run_predicts_by_goodness(hard):
     x_train, y_train, x_test, y_test = ff.load_mnist()
     cfg = ff.FFConfig(layer_sizes=(784, 100, 100, 100), n_epochs=2, batch_size=50,
                       negatives="label", hard_negatives=bool(hard),
-                      hard_from="head" if hard == "head" else "goodness", hard_head_lr=1.0)
+                      hard_from="head" if hard == "head" else "goodness",
+                      hard_head_lr=1.0 if hard == "head" else 0.1)
     state = ff.FFState.fresh(cfg, np.random.default_rng(0))
     ff.train_ff(x_train[:3000], cfg, state, log=lambda *a, **k: None, y_train=y_train[:3000])
     if hard == "head":  # its error on the digits it was trained on, epoch by epoch
