@@ -31,3 +31,27 @@ def layer_step(x, W, b, n_pos, threshold, goodness_kind="mean", peer_coef=0.0, p
 def mnist():
     """(x_train, y_train, x_test, y_test), read once for the whole session."""
     return ff.load_mnist()
+
+TINY = ["--layer-sizes", "784,40,30,20", "--n-train", "600", "--batch-size", "50",
+        "--softmax-epochs", "2", "--top-k", "2"]  # a whole run in about a second
+QUIET = {"log": lambda *a, **k: None}
+
+
+def one_line(err):
+    """err, after checking that it is one 'error: ...' line and no traceback."""
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert "Traceback" not in err
+    return err
+
+
+class StopTraining(Exception):
+    """Raised by an epoch callback to stop a run the way a kill would, checkpoint kept."""
+
+
+def run_cut_after(out, flags, epochs=1):
+    """Start the run of `flags` in folder `out` and stop it after `epochs` FF epochs."""
+    def stop(epoch, state):
+        if epoch + 1 >= epochs:
+            raise StopTraining
+    with pytest.raises(StopTraining):
+        ff.run_experiment(ff.parse_args(flags + ["--out", str(out)]), callback=stop, **QUIET)

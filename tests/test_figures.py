@@ -8,11 +8,9 @@ import numpy as np
 import pytest
 
 import ff_hybrid_mnist as ff
-import make_ff_hybrid_mnist_gif as gif
 import visualize_ff_hybrid_mnist as viz
+from conftest import TINY
 
-TINY = ["--layer-sizes", "784,32,32,32", "--n-train", "500", "--batch-size", "50",
-        "--softmax-epochs", "2"]
 PNGS = ("hybrid_examples.png", "goodness_distributions.png", "classifier_curves.png",
         "weights_layer1.png")
 
@@ -67,19 +65,6 @@ def test_separation_is_mean_gap_over_pooled_std():
     assert ff.separation(real, hybrid) == pytest.approx(4.0 / np.sqrt(0.5))
 
 
-def test_gif_has_a_frame_per_snapshot_and_holds_the_last(tmp_path):
-    path = tmp_path / "anim" / "training.gif"
-    argv = TINY + ["--n-epochs", "3", "--snapshot-every", "2", "--hold-final", "3",
-                   "--fps", "5", "--n-eval", "100", "--gif", str(path)]
-    assert gif.main(argv) == 0
-    frames = iio.imread(path, index=None)
-    # snapshots after epoch 2 (every 2) and epoch 3 (the last)
-    assert frames.shape == (2, 480, 720, 3)
-    assert frames[-1].std() > 5 and not np.array_equal(frames[0], frames[1])
-    durations = [iio.immeta(path, index=i)["duration"] for i in range(len(frames))]
-    assert durations == [200, 200 * (1 + 3)]  # 1/fps, then the final frame held 3 more
-    assert iio.immeta(path)["loop"] == 0
-    assert os.path.isfile(tmp_path / "anim" / "run" / "model.npz")  # run saved beside the GIF
 
 
 def test_top_units_by_norm_picks_the_largest_columns_largest_first():

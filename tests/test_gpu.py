@@ -8,19 +8,14 @@ import numpy as np
 import pytest
 
 import ff_hybrid_mnist as ff
+from conftest import QUIET, TINY, one_line
 import visualize_ff_hybrid_mnist as viz
 
 GPU_PROBLEM = ff.gpu_problem()
 needs_gpu = pytest.mark.skipif(GPU_PROBLEM is not None, reason=GPU_PROBLEM or "")
 cupy = ff.cupy
-TINY = ["--layer-sizes", "784,40,30,20", "--n-train", "600", "--batch-size", "50",
-        "--softmax-epochs", "2", "--top-k", "2"]
-QUIET = {"log": lambda *a, **k: None}
 
 
-def one_line(err):
-    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
-    return err
 
 
 def moved_apart(got, want, start):

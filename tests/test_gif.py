@@ -1,0 +1,52 @@
+"""The GIF of training: one frame per snapshot, the last held, its output path checked before
+anything trains, and the script built on the module alone."""
+import ast
+import os
+
+import imageio.v3 as iio
+import numpy as np
+import pytest
+
+import ff_hybrid_mnist as ff
+import make_ff_hybrid_mnist_gif as gif
+from conftest import TINY, one_line
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_gif_has_a_frame_per_snapshot_and_holds_the_last(tmp_path):
+    path = tmp_path / "anim" / "training.gif"
+    argv = TINY + ["--n-epochs", "3", "--snapshot-every", "2", "--hold-final", "3",
+                   "--fps", "5", "--n-eval", "100", "--gif", str(path)]
+    assert gif.main(argv) == 0
+    frames = iio.imread(path, index=None)
+    # snapshots after epoch 2 (every 2) and epoch 3 (the last)
+    assert frames.shape == (2, 480, 720, 3)
+    assert frames[-1].std() > 5 and not np.array_equal(frames[0], frames[1])
+    durations = [iio.immeta(path, index=i)["duration"] for i in range(len(frames))]
+    assert durations == [200, 200 * (1 + 3)]  # 1/fps, then the final frame held 3 more
+    assert iio.immeta(path)["loop"] == 0
+    assert os.path.isfile(tmp_path / "anim" / "run" / "model.npz")  # run saved beside the GIF
+
+
+def test_gif_with_one_frame(tmp_path):
+    path = tmp_path / "one.gif"
+    assert gif.main(TINY + ["--n-epochs", "1", "--n-eval", "20", "--gif", str(path)]) == 0
+    assert iio.imread(path, index=None).shape[0] == 1
+
+
+def test_gif_path_is_checked_before_training(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(ff, "load_mnist", lambda *a: pytest.fail("loaded data"))
+    (tmp_path / "file").write_text("x")
+    for path, words in ((tmp_path, "is a folder"), (tmp_path / "file" / "a.gif", "below")):
+        assert gif.main(TINY + ["--gif", str(path)]) == 2
+        assert words in one_line(capsys.readouterr().err)
+
+
+def test_gif_script_imports_the_module_only():
+    with open(os.path.join(ROOT, "make_ff_hybrid_mnist_gif.py")) as f:
+        tree = ast.parse(f.read())
+    names = {a.name for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom))
+             for a in node.names} | {node.module for node in ast.walk(tree)
+                                     if isinstance(node, ast.ImportFrom)}
+    assert "ff_hybrid_mnist" in names and "visualize_ff_hybrid_mnist" not in names
