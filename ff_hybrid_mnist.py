@@ -21,6 +21,7 @@ speed -> run files -> CLI. Every function takes its array module from its argume
 import argparse
 import dataclasses
 import datetime
+import fcntl
 import functools
 import gzip
 import hashlib
@@ -28,6 +29,7 @@ import json
 import math
 import os
 import platform
+import signal
 import sys
 import tempfile
 import time
@@ -350,7 +352,7 @@ LR_DECAYS = ("none", "linear-half", "linear-half-epochs")
 NEGATIVES = ("hybrid", "label")
 HARD_FROM = ("goodness", "head")
 DEVICES = ("cpu", "gpu")
-N_TRAIN_MAX = 60000  # digits in the MNIST training set
+N_TRAIN_MAX, N_TEST = 60000, 10000  # digits in the MNIST training and test sets
 
 
 @dataclass
@@ -661,12 +663,25 @@ def batch_stats(loss, g, n_pos, threshold):
     return xp.stack([xp.asarray(v, dtype=np.float64) for v in (loss, accuracy, g.max() > 0)])
 
 
-def check_loss(loss, epoch, l, batch=None):
+def check_loss(cfg, loss, epoch, l, batch=None):
     """TrainingDiverged for a NaN or infinite loss: a batch's on the CPU, an epoch's sum on
     the GPU (reading a value back every step would stall it)."""
     if not np.isfinite(loss):
         where = f"epoch {epoch + 1}, layer {l + 1}" + ("" if batch is None else f", batch {batch + 1}")
-        raise TrainingDiverged(f"FF loss is {loss} in {where}; try a lower --lr")
+        raise TrainingDiverged(f"FF loss is {loss} in {where}; {likely_cause(cfg)}")
+
+
+def likely_cause(cfg):
+    """The settings that could have made the loss overflow: those far outside the range the
+    experiments use, else the learning rate."""
+    far = [f"{flag(name)} {shown(getattr(cfg, name))}" for name, limit in
+           (("threshold", 1e3), ("peer_norm", 1e2), ("lr", 1.0)) if getattr(cfg, name) > limit]
+    if cfg.weight_decay * cfg.lr >= 1:
+        far.append(f"--weight-decay {cfg.weight_decay} (with --lr {cfg.lr} it flips the "
+                   "weights' sign every step)")
+    if far:
+        return "out of the usual range: " + ", ".join(far)
+    return f"try a lower --lr (now {cfg.lr})"
 
 
 def check_silent(cfg, sums, trained, epoch):
@@ -738,13 +753,13 @@ def train_ff(x_train, cfg, state, callback=None, log=print, y_train=None):
                                               refresh=cfg.refresh_inputs and l + 1 < n_active,
                                               mask=masks[l])
                 if l in trained and xp is np:
-                    check_loss(loss, epoch, l, i)
+                    check_loss(cfg, loss, epoch, l, i)
                 sums[l] += batch_stats(loss, g, B, cfg.layer_threshold(h.shape[1]))
                 if l + 1 < n_active:
                     normalize(h, out=inputs[l + 1])
         sums = to_host(sums)  # the GPU's one wait of the epoch
         for l in trained:
-            check_loss(sums[l, 0], epoch, l)
+            check_loss(cfg, sums[l, 0], epoch, l)
         record_epoch(state.history, sums / n_batches, n_active, time.perf_counter() - t0)
         state.epochs_done = epoch + 1
         elapsed = time.perf_counter() - t_start
@@ -929,8 +944,13 @@ def head_wrong_labels(state, digits, y, cfg, buf, gain=1.0):
     F = extract_features(state.weights, state.biases, buf,
                          len(cfg.layer_sizes) - cfg.first_readout_layer, norm=cfg.normalize)
     W, b = state.head
-    _, dW, db, logits = softmax_loss_and_grads(F, y, W, b)
+    with np.errstate(over="ignore", invalid="ignore"):
+        loss, dW, db, logits = softmax_loss_and_grads(F, y, W, b)
     logits = to_host(logits)
+    # a cross-entropy of 1e4 nats (it starts at log 10) means the head has blown up
+    if not float(loss) < 1e4:
+        raise TrainingDiverged(f"the hard-negative head's loss is {float(loss):.3g}; lower "
+                               f"--hard-head-lr (now {cfg.hard_head_lr:g})")
     wrong = sample_wrong_labels(logits, y, state.rng)
     if state.head_opt is None:
         W -= cfg.hard_head_lr * dW
@@ -1608,20 +1628,121 @@ def load_run(run_dir):
             raise damaged_error(path, e) from None
     history, metrics = documents
     try:
-        return SimpleNamespace(cfg=cfg, weights=weights, biases=biases, head=head,
-                               ff_history=history["ff"],
-                               softmax_history=history["softmax"],
-                               environment=history["environment"], metrics=metrics,
-                               run_dir=run_dir)
-    except (KeyError, TypeError) as e:
+        check_history(history, len(weights))
+        run = SimpleNamespace(cfg=cfg, weights=weights, biases=biases, head=head,
+                              ff_history=history["ff"], softmax_history=history["softmax"],
+                              environment=history["environment"], metrics=metrics,
+                              run_dir=run_dir)
+    except (KeyError, TypeError, ValueError) as e:
         raise damaged_error(paths[1], e) from None
+    try:
+        bad = [k for k, v in metrics.items() if k.endswith("_error")
+               and not (v is None or isinstance(v, (int, float)) and not isinstance(v, bool))]
+        if not isinstance(metrics, dict) or bad:
+            raise ValueError(f"{bad[0]} is {metrics[bad[0]]!r}, not a number" if bad
+                             else "not a JSON object")
+    except (AttributeError, ValueError) as e:
+        raise damaged_error(paths[2], e) from None
+    return run
+
+
+def check_history(history, n_layers):
+    """ValueError unless history.json's curves are what the figures read: per epoch one
+    number (or null) per layer for the FF loss and accuracy, and equally long lists of
+    numbers for the softmax head."""
+    def numbers(values, what):
+        if not isinstance(values, list) or not all(
+                v is None or isinstance(v, (int, float)) and not isinstance(v, bool)
+                for v in values):
+            raise ValueError(f"{what} is not a list of numbers")
+    for key in ("loss", "accuracy"):
+        rows = history["ff"][key]
+        if not isinstance(rows, list):
+            raise ValueError(f"ff.{key} is not a list")
+        for row in rows:
+            numbers(row, f"ff.{key}")
+            if len(row) != n_layers:
+                raise ValueError(f"ff.{key} has a row of {len(row)} values for {n_layers} layers")
+    numbers(history["ff"]["seconds"], "ff.seconds")
+    head = history["softmax"]
+    if head is not None:
+        lengths = set()
+        for key, values in head.items():
+            numbers(values, f"softmax.{key}")
+            lengths.add(len(values))
+        if len(lengths) > 1:
+            raise ValueError("softmax curves of different lengths")
 
 
 # -----------------------------------------------------------------------------
 # CLI: flags -> a checked FFConfig and run folder -> run_experiment() -> one line per error
 
 class RunInterrupted(Exception):
-    """Ctrl-C during a run; the CLI prints how to continue as one line and exits 130."""
+    """Ctrl-C (exit status 130) or SIGTERM (143) during a run; the CLI prints what was kept
+    and how to continue as one line."""
+
+    def __init__(self, message, status=130):
+        super().__init__(message)
+        self.status = status
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what timeout, batch schedulers and docker stop send), handled like Ctrl-C."""
+
+
+def raise_terminated(signum, frame):
+    raise Terminated
+
+
+def machine_memory():
+    """Bytes of physical memory, or None where the system does not say."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def memory_needed(cfg):
+    """Bytes a run needs at its peak, roughly: per weight the value, its gradient buffer and
+    the optimiser's state (Adam 2 arrays, SGD 1; a locally-connected layer's mask 1 more);
+    the batch's inputs, activities and dL/dz of every layer; the images; the head's
+    features of every training, validation and test digit."""
+    sizes = cfg.layer_sizes
+    n_weights = sum(a * b for a, b in zip(sizes[:-1], sizes[1:]))
+    per_weight = 2 + {"adam": 2, "sgd": 1}[cfg.optimizer] + (1 if cfg.local else 0)
+    batch = 3 * 2 * cfg.batch_size * sum(sizes)
+    images = 2 * (N_TRAIN_MAX + N_TEST) * sizes[0]
+    features = ((cfg.n_train + cfg.val_size + N_TEST) * sum(sizes[-cfg.top_k:])
+                if cfg.softmax_epochs else 0)
+    return 4 * (per_weight * n_weights + batch + images + features)
+
+
+def holds_run(run_dir):
+    return any(os.path.exists(os.path.join(run_dir, f)) for f in ("model.npz", "checkpoint.npz"))
+
+
+def lock_run_folder(run_dir):
+    """An exclusive lock on run_dir, held until the returned file is closed (or the process
+    ends, however it ends): a second process on the same folder is refused at once. Also
+    removes the temporary files a killed write left behind."""
+    os.makedirs(run_dir, exist_ok=True)
+    f = open(os.path.join(run_dir, ".lock"), "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        other = f.read().strip()
+        f.close()
+        raise SettingsError(f"{run_dir} is in use by another run (process "
+                            f"{other or 'unknown'}); wait for it to end or give another --out")
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    for name in os.listdir(run_dir):
+        if name.startswith(".tmp-"):
+            os.remove(os.path.join(run_dir, name))
+    return f
 
 
 def parse_option(name, text):
@@ -1769,10 +1890,15 @@ def prepare_run(args, parser, default_out=None):
             stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
             run_dir = os.path.join("runs", f"{stamp}-{os.urandom(2).hex()}")
         check_writable(run_dir, "--out")
-        if (args.out or default_out) and any(os.path.exists(os.path.join(run_dir, f))
-                                             for f in ("model.npz", "checkpoint.npz")):
-            raise SettingsError(f"{run_dir} already holds a run; use --resume {run_dir} "
-                                "or another --out")
+        if (args.out or default_out) and holds_run(run_dir):
+            raise SettingsError(f"{run_dir} already holds a run; "
+                                + (f"use --resume {run_dir} or another --out"
+                                   if hasattr(args, "resume") else "give another --out"))
+    needed, have = memory_needed(cfg), machine_memory()
+    if have and needed > have:
+        raise SettingsError(f"the run needs about {needed / 2 ** 30:.0f} GiB for weights, "
+                            f"optimiser state and buffers; this machine has "
+                            f"{have / 2 ** 30:.0f} GiB")
     problem = cfg.device == "gpu" and gpu_problem()
     if problem:
         resumed = getattr(args, "resume", None) and "device" not in given
@@ -1792,6 +1918,7 @@ def print_dry_run(args, **outputs):
     """What a run would use, one JSON value per line, for --dry-run."""
     for key, value in {"config": asdict(args.config), "run_dir": args.run_dir,
                        "resume": getattr(args, "resume", None), "data_dir": args.data_dir,
+                       "memory_gib": round(memory_needed(args.config) / 2 ** 30, 2),
                        **outputs}.items():
         print(f"{key}: {json.dumps(value)}")
 
@@ -1850,8 +1977,12 @@ def run_experiment(args, log=print, callback=None):
         if callback is not None:
             callback(epoch, state)
 
+    lock = lock_run_folder(run_dir)
     try:
-        if args.resume:
+        resume = getattr(args, "resume", None)
+        if not resume and holds_run(run_dir):  # another process may have started it meanwhile
+            raise SettingsError(f"{run_dir} already holds a run; use another --out")
+        if resume:
             state = load_checkpoint(run_dir)[1]
             saved[0] = state.epochs_done
             log(f"resuming {run_dir} after epoch {state.epochs_done}")
@@ -1860,7 +1991,6 @@ def run_experiment(args, log=print, callback=None):
         x_train, y_train, x_test, y_test = load_mnist(args.data_dir)
         x_train, y_train, x_val, y_val = split_validation(x_train, y_train, cfg.val_size,
                                                           cfg.n_train)
-        os.makedirs(run_dir, exist_ok=True)
         write_json(os.path.join(run_dir, "args.json"), asdict(cfg))
         log(f"run folder {run_dir}; {len(x_train)} training digits; layers "
             f"{'-'.join(map(str, cfg.layer_sizes))}; {total_epochs(cfg)} FF epochs")
@@ -1887,8 +2017,12 @@ def run_experiment(args, log=print, callback=None):
         except OSError as e:
             raise DataError(f"could not save the run in {run_dir} ({e.strerror or e}); "
                             f"{recovery()}, fits the head again and saves the run") from None
-    except KeyboardInterrupt:
-        raise RunInterrupted(f"interrupted; {recovery()}") from None
+    except KeyboardInterrupt as e:
+        terminated = isinstance(e, Terminated)
+        raise RunInterrupted(f"{'terminated' if terminated else 'interrupted'}; {recovery()}",
+                             143 if terminated else 130) from None
+    finally:
+        lock.close()
     log(final_line(metrics, ff_seconds, run_dir))
     return RunResult(metrics, cfg, run_dir)
 
@@ -1907,15 +2041,21 @@ def final_line(metrics, ff_seconds, run_dir):
 
 
 def exit_status(body):
-    """body() -> exit status; the errors a user can act on become one line on stderr."""
+    """body() -> exit status; the errors a user can act on become one line on stderr.
+    SIGTERM is handled like Ctrl-C from here on."""
+    try:
+        signal.signal(signal.SIGTERM, raise_terminated)
+    except ValueError:  # not the main thread: leave the signal alone
+        pass
     try:
         return body()
     except SettingsError as e:
         error, status = e, 2
     except RunInterrupted as e:
-        error, status = e, 130
-    except KeyboardInterrupt:  # outside training (loading, drawing): nothing to continue
-        error, status = "interrupted", 130
+        error, status = e, e.status
+    except KeyboardInterrupt as e:  # outside training (loading, drawing): nothing to continue
+        terminated = isinstance(e, Terminated)
+        error, status = ("terminated" if terminated else "interrupted"), 143 if terminated else 130
     except (DataError, TrainingDiverged, OSError) as e:
         error, status = e, 1
     print(f"error: {error}", file=sys.stderr)

@@ -2,11 +2,13 @@
 
     python3 make_ff_hybrid_mnist_gif.py --n-epochs 20 --n-train 10000 --gif viz/ff_hybrid_mnist.gif
 
-Takes the training CLI's flags (not --resume: the GIF shows a run from its first epoch),
-trains with ff_hybrid_mnist.run (the run is saved beside the GIF, in <gif folder>/run, unless
---out says otherwise) and after every --snapshot-every epochs, and after the last, draws a frame: a fixed real test digit and a fixed hybrid with
-their goodness, the goodness histograms of a fixed evaluation set per layer on fixed bins,
-and the per-layer FF loss so far with the current epoch marked.
+Takes the training CLI's flags (not --resume: the GIF shows a run from its first epoch; not
+--negatives label: its frames show hybrids), trains with ff_hybrid_mnist.run_experiment (the
+run is saved in --out, default runs/<timestamp>-<hex>, and the GIF, unless --gif, in the run
+folder as training.gif) and after every --snapshot-every epochs, and after the last, draws a
+frame: a fixed real test digit and a fixed hybrid with their goodness, the goodness
+histograms of a fixed evaluation set per layer on fixed bins, and the per-layer FF loss so
+far with the current epoch marked.
 """
 
 import argparse
@@ -25,16 +27,15 @@ import ff_hybrid_mnist as ff
 def own_flags():
     own = argparse.ArgumentParser(add_help=False)
     group = own.add_argument_group(
-        "animation", "--seed also seeds the evaluation set; the run is saved in "
-        "<gif folder>/run unless --out says otherwise")
+        "animation", "--seed also seeds the evaluation set; the run is saved in --out "
+        "(default runs/<timestamp>-<hex>)")
     group.add_argument("--snapshot-every", type=ff.number_arg(int, 1), default=1, metavar="K",
                        help="draw a frame every K FF epochs (and after the last)")
     group.add_argument("--fps", type=ff.number_arg(float, 0, above=True), default=5.0,
                        help="frames per second")
     group.add_argument("--hold-final", type=ff.number_arg(int, 0), default=10,
                        help="the last frame stays on screen this many frame times longer")
-    group.add_argument("--gif", default=os.path.join("viz", "ff_hybrid_mnist.gif"),
-                       help="path of the GIF")
+    group.add_argument("--gif", help="path of the GIF (default: <run folder>/training.gif)")
     group.add_argument("--n-eval", type=ff.number_arg(int, 2), default=500,
                        help="real test digits and as many hybrids for the histograms")
     return own
@@ -101,10 +102,14 @@ def main(argv=None):
 
     def body():
         args = parser.parse_args(argv)
-        args.resume = None
+        if args.negatives == "label":
+            raise ff.SettingsError("--negatives label: the GIF's frames show hybrids and their "
+                                   "goodness; draw a label run with visualize_ff_hybrid_mnist.py")
+        if args.n_eval > ff.N_TEST:
+            raise ff.SettingsError(f"--n-eval {args.n_eval} exceeds the {ff.N_TEST} test digits")
+        ff.prepare_run(args, parser)
+        args.gif = args.gif or os.path.join(args.run_dir, "training.gif")
         ff.check_writable(args.gif, "--gif", folder=False)
-        ff.prepare_run(args, parser, default_out=lambda a: os.path.join(
-            os.path.dirname(a.gif) or ".", "run"))
         if args.dry_run:
             ff.print_dry_run(args, gif=args.gif, n_eval=args.n_eval)
             return 0

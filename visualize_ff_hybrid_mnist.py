@@ -6,8 +6,9 @@
 Writes hybrid_examples.png, goodness_distributions.png, classifier_curves.png,
 weights_layer1.png and figure_numbers.json (the numbers the README quotes) into --outdir.
 Without --run it first trains a whole run with the training CLI's flags (by default the full
-SPEC run, 30 epochs on 60000 digits), saved by ff_hybrid_mnist.run into <outdir>/run, and
-draws from that saved run. Nothing here re-derives the model: activities, goodness, masks,
+SPEC run, 30 epochs on 60000 digits), saved by ff_hybrid_mnist.run_experiment into --out
+(default runs/<timestamp>-<hex>), and draws from that saved run. Without --outdir the
+figures go into <run folder>/figures: the committed figures in viz/ change only when asked. Nothing here re-derives the model: activities, goodness, masks,
 hybrids and the evaluation set all come from ff_hybrid_mnist.
 """
 
@@ -35,11 +36,11 @@ def own_flags():
     own = argparse.ArgumentParser(add_help=False)
     group = own.add_argument_group(
         "figures", "--seed also seeds the digits and masks drawn. WITHOUT --run THIS TRAINS A "
-        "WHOLE RUN FIRST with the flags above (default: the full SPEC run), saved in "
-        "<outdir>/run unless --out or --resume says otherwise")
+        "WHOLE RUN FIRST with the training flags below (default: the full SPEC run), saved "
+        "in --out (default runs/<timestamp>-<hex>)")
     group.add_argument("--run", metavar="DIR",
                        help="saved run to draw; without it, train one with the flags above")
-    group.add_argument("--outdir", default="viz", help="folder for the figures")
+    group.add_argument("--outdir", help="folder for the figures (default: <run folder>/figures)")
     group.add_argument("--n-eval", type=ff.number_arg(int, 2), default=1000,
                        help="real test digits and as many hybrids for the goodness histograms")
     return own
@@ -51,7 +52,10 @@ def own_flags():
 def save_png(fig, path):
     """Render with Agg into a temporary file beside path, then rename (ff.atomic_write)."""
     FigureCanvasAgg(fig)
-    ff.atomic_write(path, lambda f: fig.savefig(f, format="png"))
+    try:
+        ff.atomic_write(path, lambda f: fig.savefig(f, format="png"))
+    except OSError as e:
+        raise ff.DataError(f"could not write {path} ({e.strerror or e})") from None
     print(f"wrote {path}", flush=True)
 
 
@@ -268,7 +272,9 @@ def draw(run, x_test, y_test, rng, n_eval, outdir):
     print("separation real vs hybrid: " + "  ".join(
         f"L{l + 1} {s:.1f} sigma" for l, s in enumerate(numbers["separation_sigma"])))
     error = numbers["test_error"]
-    print("final test error: " + ("no softmax head" if error is None else f"{100 * error:.2f}%"))
+    print("final test error: " + (f"{100 * error:.2f}%" if error is not None else
+                                  "no softmax head" if run.head is None else
+                                  "not in metrics.json"))
     return numbers
 
 
@@ -281,7 +287,10 @@ def main(argv=None):
 
     def body():
         args = parser.parse_args(argv)
-        ff.check_writable(args.outdir, "--outdir")
+        if args.n_eval > ff.N_TEST:
+            raise ff.SettingsError(f"--n-eval {args.n_eval} exceeds the {ff.N_TEST} test digits")
+        if args.outdir:
+            ff.check_writable(args.outdir, "--outdir")
         if args.run:
             ignored = ((ff.flags_given(args) - {"seed"})
                        | {name for name in ("out", "resume") if getattr(args, name)})
@@ -290,13 +299,16 @@ def main(argv=None):
                                        + ", ".join(ff.flag(k) for k in sorted(ignored)))
             seed = 0 if args.seed is None else args.seed
             run = ff.load_run(args.run)  # a damaged run is refused before anything is drawn
+            args.outdir = args.outdir or os.path.join(args.run, "figures")
             if args.dry_run:
                 print(json.dumps({"run": args.run, "config": dataclasses.asdict(run.cfg),
                                   "outdir": args.outdir, "n_eval": args.n_eval}, indent=1))
                 return 0
         else:
-            ff.prepare_run(args, parser, default_out=lambda a: os.path.join(a.outdir, "run"))
+            ff.prepare_run(args, parser)
             seed = args.config.seed
+            args.outdir = args.outdir or os.path.join(args.run_dir, "figures")
+            ff.check_writable(args.outdir, "--outdir")
             if args.dry_run:
                 ff.print_dry_run(args, outdir=args.outdir, n_eval=args.n_eval)
                 return 0

@@ -8,7 +8,7 @@ real-vs-hybrid accuracy of each layer: how hard the negatives are.
 """
 
 import argparse
-import json
+import sys
 
 import matplotlib
 
@@ -16,6 +16,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from plot_threshold_sweep import option  # noqa: E402
+from records import RecordsError, check_out, finished, main_of, read_records  # noqa: E402
 
 
 def main(argv=None):
@@ -23,11 +24,16 @@ def main(argv=None):
     p.add_argument("results", nargs="+", help="JSON-lines files written by sweep.py")
     p.add_argument("--out", default="viz/blur_sweep.png")
     args = p.parse_args(argv)
-    records = [r for path in args.results for r in map(json.loads, open(path))
-               if r.get("rc") == 0 and r["metrics"].get("val_error") is not None]
+    return main_of(lambda: plot(args))
+
+
+def plot(args):
+    check_out(args.out)
+    records = [r for r in finished(read_records(args.results))
+               if r["metrics"].get("val_error") is not None]
     rows = sorted(records, key=lambda r: option(r["args"], "--n-blur", 6))
     if len(rows) < 2:
-        p.error("need at least two finished runs with a validation split")
+        raise RecordsError("need at least two finished runs with a validation split")
     n_blur = [option(r["args"], "--n-blur", 6) for r in rows]
     val = [100 * r["metrics"]["val_error"] for r in rows]
     test = [100 * r["metrics"]["test_error"] for r in rows]
@@ -58,4 +64,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -10,12 +10,14 @@ validation error. Runs without a validation split (older sweeps) are listed, unr
 """
 
 import argparse
-import json
+import sys
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+from records import RecordsError, check_out, finished, main_of, read_records  # noqa: E402
 
 
 def option(args, name, default):
@@ -23,16 +25,6 @@ def option(args, name, default):
     if name not in args:
         return default
     return type(default)(args[len(args) - 1 - args[::-1].index(name) + 1])
-
-
-def read(paths):
-    records = []
-    for path in paths:
-        for line in open(path):
-            r = json.loads(line)
-            if r["rc"] == 0:
-                records.append(r)
-    return records
 
 
 def val_error(r):
@@ -79,7 +71,14 @@ def main(argv=None):
     p.add_argument("results", nargs="+")
     p.add_argument("--out", default="viz/threshold_sweep.png")
     args = p.parse_args(argv)
-    records = read(args.results)
+    return main_of(lambda: plot(args))
+
+
+def plot(args):
+    check_out(args.out)
+    records = finished(read_records(args.results))
+    if not records:
+        raise RecordsError("no finished run in the results: nothing to plot")
     print(markdown_table(records))
     series = {}
     for r in records:
@@ -92,6 +91,9 @@ def main(argv=None):
             continue
         series.setdefault(option(a, "--n-epochs", 30), []).append(
             (option(a, "--threshold", 2.0), 100 * val_error(r), 100 * r["metrics"]["test_error"]))
+    if not any(len(pts) >= 2 for pts in series.values()):
+        raise RecordsError("no two runs of the same budget that differ in --threshold alone: "
+                           "nothing to plot")
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     untrained = [r for r in records if option(r["args"], "--n-epochs", 30) == 0
                  and val_error(r) is not None]
@@ -110,11 +112,16 @@ def main(argv=None):
         for t, v, _ in pts:
             ax.annotate(f"{v:.2f}", (t, v), textcoords="offset points", xytext=(0, -14),
                         ha="center", fontsize=8)
+    plotted = [r for r in records if option(r["args"], "--n-epochs", 30) in series]
+    seeds = ", ".join(sorted({str(option(r["args"], "--seed", 0)) for r in plotted}))
+    held_out = ", ".join(sorted({f"{option(r['args'], '--val-size', 0):,}" for r in plotted}))
     ax.axvline(2.0, color="grey", lw=0.8, ls=":")
     ax.set_xscale("log", base=2)
     ax.set(xlabel="goodness threshold theta (mean of h^2); reference: 2",
            ylabel="error (%), head on the top 3 layers",
-           title="784-500x4, seed 0, 10,000 training digits held out for validation")
+           title=f"784-500x4, seed{'s' if ',' in seeds else ''} {seeds}, {held_out} training "
+                 "digits held out "
+                 "for validation")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(args.out, dpi=100)
@@ -122,4 +129,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -58,14 +58,14 @@ def main(argv=None):
     if args.dry_run:
         print(json.dumps({"run": args.run, "config": dataclasses.asdict(cfg)}, indent=1))
         return 0
-    x_train, y_train, x_test, y_test = ff.load_mnist()
-    x_fit, y_fit, x_val, y_val = ff.split_validation(x_train, y_train, cfg.val_size,
-                                                     run.cfg.n_train)
-    splits = [s for s in (("val", x_val, y_val), ("test", x_test, y_test)) if len(s[1])]
     try:
+        x_train, y_train, x_test, y_test = ff.load_mnist()
+        x_fit, y_fit, x_val, y_val = ff.split_validation(x_train, y_train, cfg.val_size,
+                                                         run.cfg.n_train)
+        splits = [s for s in (("val", x_val, y_val), ("test", x_test, y_test)) if len(s[1])]
         _, _, metrics = ff.fit_head(run.weights, run.biases, cfg, (x_fit, y_fit), splits,
                                     log=lambda *a, **k: print(*a, file=sys.stderr, **k))
-    except ff.TrainingDiverged as e:
+    except (ff.DataError, ff.TrainingDiverged) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     result = {"run": args.run, "top_k": cfg.top_k, "softmax_epochs": cfg.softmax_epochs,

@@ -8,22 +8,17 @@ settings are chosen on it; test error is reported beside it.
     python3 experiments/summarize.py experiments/results/spec-budget.jsonl
 """
 import argparse
-import json
 import re
 import statistics
+import sys
 
-
-def read(paths):
-    records = []
-    for path in paths:
-        for line in open(path):
-            records.append(json.loads(line))
-    return records
+from records import RecordsError, finished as finished_runs, main_of, read_records
 
 
 COLUMNS = [  # (heading, key in metrics)
     ("val error", "val_error"), ("test error", "test_error"),
     ("goodness val error", "goodness_val_error"), ("goodness test error", "goodness_test_error"),
+    ("head-along val error", "hard_head_val_error"), ("head-along test error", "hard_head_test_error"),
 ]
 
 
@@ -32,12 +27,14 @@ def pct(x):
 
 
 def table(records):
-    finished = [r for r in records if r.get("rc") == 0]
+    finished = finished_runs(records)
+    if not finished:
+        raise RecordsError("no finished run with metrics in the results")
     cols = [(h, k) for h, k in COLUMNS if any(k in r["metrics"] for r in finished)]
     head = "| run | " + " | ".join(h for h, _ in cols) + " | FF s | commit |"
     lines = [head, "|---" * (len(cols) + 3) + "|"]
     for r in records:
-        if r.get("rc") != 0:
+        if r not in finished:
             lines.append(f"| {r['label']} | {r.get('status', 'failed')} (rc {r.get('rc')}) |"
                          + " |" * (len(cols) + 1))
             continue
@@ -66,8 +63,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("results", nargs="+", help="JSON-lines files written by sweep.py")
     args = p.parse_args(argv)
-    print(table(read(args.results)))
+    return main_of(lambda: print(table(read_records(args.results))))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -17,7 +17,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_gif_has_a_frame_per_snapshot_and_holds_the_last(tmp_path):
     path = tmp_path / "anim" / "training.gif"
     argv = TINY + ["--n-epochs", "3", "--snapshot-every", "2", "--hold-final", "3",
-                   "--fps", "5", "--n-eval", "100", "--gif", str(path)]
+                   "--fps", "5", "--n-eval", "100", "--gif", str(path),
+                   "--out", str(tmp_path / "anim" / "run")]
     assert gif.main(argv) == 0
     frames = iio.imread(path, index=None)
     # snapshots after epoch 2 (every 2) and epoch 3 (the last)
@@ -31,7 +32,8 @@ def test_gif_has_a_frame_per_snapshot_and_holds_the_last(tmp_path):
 
 def test_gif_with_one_frame(tmp_path):
     path = tmp_path / "one.gif"
-    assert gif.main(TINY + ["--n-epochs", "1", "--n-eval", "20", "--gif", str(path)]) == 0
+    assert gif.main(TINY + ["--n-epochs", "1", "--n-eval", "20", "--gif", str(path),
+                            "--out", str(tmp_path / "run")]) == 0
     assert iio.imread(path, index=None).shape[0] == 1
 
 
@@ -39,7 +41,7 @@ def test_gif_path_is_checked_before_training(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(ff, "load_mnist", lambda *a: pytest.fail("loaded data"))
     (tmp_path / "file").write_text("x")
     for path, words in ((tmp_path, "is a folder"), (tmp_path / "file" / "a.gif", "below")):
-        assert gif.main(TINY + ["--gif", str(path)]) == 2
+        assert gif.main(TINY + ["--gif", str(path), "--out", str(tmp_path / "run")]) == 2
         assert words in one_line(capsys.readouterr().err)
 
 

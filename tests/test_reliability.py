@@ -6,6 +6,10 @@ import json
 import os
 import re
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -13,7 +17,7 @@ import pytest
 import ff_hybrid_mnist as ff
 import make_ff_hybrid_mnist_gif as gif
 import visualize_ff_hybrid_mnist as viz
-from conftest import TINY, one_line
+from conftest import QUIET, TINY, one_line
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -247,3 +251,195 @@ def test_each_figure_script_lists_only_what_it_accepts():
     assert "--resume" not in gif.build_parser().format_help()
     assert "--resume" in viz.build_parser().format_help()
     assert "TRAINS A WHOLE RUN FIRST" in " ".join(viz.build_parser().format_help().split())
+    # their own flags come first, in their own group, before the training flags
+    for module, own in ((viz, "--outdir"), (gif, "--snapshot-every")):
+        text = module.build_parser().format_help()
+        assert text.index(own) < text.index("--layer-sizes N,N,...\n")
+    text = ff.build_parser().format_help()
+    assert text.count("(default: runs/") == 1 and "(default: )" not in text
+    assert "(default: dense layers)" in text
+
+
+# -- two processes, signals, leftovers -----------------------------------------------------
+
+def start_training(out, *extra):
+    """The training CLI as a real process, long enough to be caught running."""
+    return subprocess.Popen([sys.executable, os.path.join(ROOT, "ff_hybrid_mnist.py")] + TINY
+                            + ["--n-epochs", "400", "--softmax-epochs", "0", "--out", str(out),
+                               *extra], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def wait_for(path, process, timeout=60):
+    deadline = time.time() + timeout
+    while not os.path.exists(path):
+        assert process.poll() is None, process.stderr.read()
+        assert time.time() < deadline, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+def test_a_second_process_on_the_same_folder_is_refused_and_sigterm_keeps_the_checkpoint(
+        tmp_path):
+    out = tmp_path / "run"
+    first = start_training(out)
+    try:
+        wait_for(out / "checkpoint.npz", first)
+        second = subprocess.run([sys.executable, os.path.join(ROOT, "ff_hybrid_mnist.py")]
+                                + TINY + ["--out", str(out)], capture_output=True, text=True,
+                                timeout=60)
+        assert second.returncode == 2
+        err = one_line(second.stderr)
+        assert "already holds a run" in err or f"process {first.pid}" in err
+        resumed = subprocess.run([sys.executable, os.path.join(ROOT, "ff_hybrid_mnist.py"),
+                                  "--resume", str(out)], capture_output=True, text=True,
+                                 timeout=60)
+        assert resumed.returncode == 2
+        assert f"in use by another run (process {first.pid})" in one_line(resumed.stderr)
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(timeout=60) == 143
+        err = one_line(first.stderr.read())
+        assert err.startswith("error: terminated; the checkpoint after epoch")
+        assert f"--resume {out} continues from it" in err
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert not (out / "metrics.json").exists()
+    (out / ".tmp-left-by-a-killed-write").write_bytes(b"half")
+    assert ff.main(["--resume", str(out), "--n-epochs", str(ff.load_checkpoint(str(out))[1].epochs_done + 1)]) == 0
+    assert not [n for n in os.listdir(out) if n.startswith(".tmp-")]
+    assert ff.load_run(str(out)).metrics["ff_epochs"] >= 2
+
+
+def test_a_run_started_in_a_folder_another_process_just_filled_is_refused(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ff.parse_args(TINY + ["--n-epochs", "1", "--out", str(out)])
+    assert ff.main(TINY + ["--n-epochs", "1", "--out", str(out)]) == 0  # the other process
+    capsys.readouterr()
+    with pytest.raises(ff.SettingsError, match="already holds a run"):
+        ff.run_experiment(args, **QUIET)
+
+
+# -- input that used to give a traceback or be ignored ------------------------------------
+
+def test_a_network_too_big_for_the_machine_is_refused_before_anything_is_allocated(capsys):
+    assert ff.main(["--layer-sizes", "784,200000,200000,200000", "--dry-run"]) == 2
+    err = one_line(capsys.readouterr().err)
+    assert re.search(r"needs about \d+ GiB for weights, optimiser state and buffers; this "
+                     r"machine has \d+ GiB", err)
+    assert ff.main(["--dry-run", "--out", "x"]) == 0
+    assert re.search(r"memory_gib: \d+\.\d+", capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"goodness_layer1": True}, "--goodness-layer1 needs --negatives label"),
+    ({"hard_head_lr": 0.5}, "--hard-head-lr 0.5 needs --hard-from head"),
+    ({"negatives": "label", "hard_negatives": True, "hard_from": "head",
+      "hard_head_weight_decay": 0.01}, "needs --hard-from head and --optimizer sgd"),
+    ({"peer_kind": "author"}, "--peer-kind author needs --peer-norm above 0"),
+    ({"seed": 2 ** 70}, "below 2^63"),
+    ({"lr": float("inf")}, "--lr inf must be a finite number"),
+])
+def test_a_flag_that_would_be_ignored_or_cannot_work_is_refused(change, words):
+    with pytest.raises(ValueError) as e:
+        ff.FFConfig(**change)
+    assert words in str(e.value)
+
+
+def test_an_overflowing_loss_names_the_setting_out_of_range():
+    assert "--threshold 1e+308" in ff.likely_cause(ff.FFConfig(threshold=1e308))
+    assert "--peer-norm 1e+300" in ff.likely_cause(ff.FFConfig(peer_norm=1e300))
+    assert "--weight-decay" in ff.likely_cause(ff.FFConfig(weight_decay=1e10))
+    assert "try a lower --lr" in ff.likely_cause(ff.FFConfig())
+
+
+def test_a_diverging_hard_negative_head_stops_in_one_line(tmp_path, capsys):
+    flags = TINY + ["--negatives", "label", "--hard-negatives", "--hard-from", "head",
+                    "--hard-head-lr", "1e30", "--n-epochs", "2", "--out", str(tmp_path / "r")]
+    assert ff.main(flags) == 1
+    assert "--hard-head-lr" in one_line(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("document, change, words", [
+    ("history.json", lambda h: h["ff"].update(loss="six"), "ff.loss is not a list"),
+    ("history.json", lambda h: h["ff"]["loss"][0].pop(), "a row of 2 values for 3 layers"),
+    ("metrics.json", lambda m: m.update(test_error="six"), "test_error is 'six'"),
+])
+def test_figures_of_a_damaged_run_are_refused_before_any_png(tmp_path, finished, document,
+                                                             change, words, capsys):
+    run = copy_of(finished, tmp_path)
+    doc = json.loads((run / document).read_text())
+    change(doc)
+    (run / document).write_text(json.dumps(doc))
+    assert viz.main(["--run", str(run), "--outdir", str(tmp_path / "figs")]) == 1
+    err = one_line(capsys.readouterr().err)
+    assert document in err and words in err
+    assert not (tmp_path / "figs").exists() or not os.listdir(tmp_path / "figs")
+
+
+def test_figure_scripts_write_into_the_run_folder_unless_told(tmp_path, finished, capsys):
+    assert viz.main(["--run", str(finished), "--dry-run"]) == 0
+    assert json.loads(capsys.readouterr().out)["outdir"] == os.path.join(str(finished),
+                                                                         "figures")
+    assert gif.main(TINY + ["--out", str(tmp_path / "g"), "--dry-run"]) == 0
+    assert f'gif: "{tmp_path / "g" / "training.gif"}"' in capsys.readouterr().out
+    assert viz.main(TINY + ["--out", str(tmp_path / "v"), "--dry-run"]) == 0
+    assert f'outdir: "{tmp_path / "v" / "figures"}"' in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--negatives", "label"], "--negatives label"),
+    (["--n-eval", "20000"], "exceeds the 10000 test digits"),
+])
+def test_the_gif_script_refuses_what_it_would_draw_wrongly(tmp_path, flags, words, capsys):
+    assert gif.main(TINY + ["--out", str(tmp_path / "g"), "--dry-run"] + flags) == 2
+    assert words in one_line(capsys.readouterr().err)
+
+
+def test_the_gif_script_does_not_advise_a_flag_it_lacks(finished, capsys):
+    assert gif.main(TINY + ["--out", str(finished)]) == 2
+    err = one_line(capsys.readouterr().err)
+    assert "already holds a run" in err and "--resume" not in err
+
+
+# -- the experiment scripts -----------------------------------------------------------------
+
+def run_script(name, *args):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "experiments", name), *map(str, args)],
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("content, words", [
+    (None, "cannot be read"), ("not json\n", "not a JSON record"),
+    ("\n\n", "no finished run"), ('{"label": "a", "rc": 1}\n', "no finished run"),
+])
+def test_summaries_and_plots_refuse_unusable_results_in_one_line(tmp_path, content, words):
+    path = tmp_path / "results.jsonl"
+    if content is not None:
+        path.write_text(content)
+    for script in ("summarize.py", "plot_threshold_sweep.py", "plot_blur_sweep.py"):
+        extra = [] if script == "summarize.py" else ["--out", tmp_path / "plot.png"]
+        done = run_script(script, path, *extra)
+        assert done.returncode == 1, script
+        assert words in one_line(done.stderr) or "need at least two" in done.stderr, script
+    assert not (tmp_path / "plot.png").exists()
+
+
+def test_a_plot_into_a_missing_folder_is_refused(tmp_path):
+    done = run_script("plot_blur_sweep.py", os.path.join(ROOT, "experiments", "results",
+                                                         "sweep-val-blur.jsonl"),
+                      "--out", tmp_path / "no" / "plot.png")
+    assert done.returncode == 1 and "does not exist" in one_line(done.stderr)
+
+
+def test_refit_head_of_a_diverging_head_or_damaged_data_is_one_line(tmp_path, finished):
+    done = run_script("refit_head.py", "--run", finished, "--softmax-lr", "1e30",
+                      "--softmax-epochs", "1")
+    assert done.returncode == 1 and "softmax head's loss" in one_line(done.stderr.splitlines()[-1] + "\n")
+    bad = tmp_path / "mnist"
+    bad.mkdir()
+    for name, _ in ff.MNIST_FILES.values():
+        (bad / name).write_bytes(b"\x00\x00\x08\x03 damaged")
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "refit_head.py"),
+                           "--run", str(finished)], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "MNIST_DIR": str(bad)})
+    assert done.returncode == 1 and "SHA-256" in one_line(done.stderr)
