@@ -396,33 +396,33 @@ def run_sweep(ns):
     for label, _ in configs:
         if label in recorded:
             print(f"{label:24s} finished earlier: recorded in {ns.results}", flush=True)
-    with open_results(ns.results) as results:
-        if not todo:
-            return 0
-        out_dir = os.path.abspath(ns.out_dir)  # the same path on every worker
-        try:
-            os.makedirs(out_dir, exist_ok=True)
-        except OSError as e:
-            raise ff.SettingsError(f"--out-dir {ns.out_dir}: {e.strerror or e}") from None
-        token = os.urandom(4).hex()  # names this sweep's tasks, event and log lines
-        job = argparse.Namespace(
-            out_dir=out_dir, threads=ns.threads, resume=ns.resume, refit_top_k=ns.refit_top_k,
-            commit=ff.code_commit(), deadline=time.time() + ns.start_within, token=token,
-            topic=f"ff-sweep-{token}", stop_event=f"ff-sweep-stop-{token}",
-            train_script=os.path.join(ROOT, "ff_hybrid_mnist.py"),
-            refit_script=os.path.join(HERE, "refit_head.py"))
-        client, cluster = connect(ns)
-        try:
+    if not todo:
+        return 0
+    token = os.urandom(4).hex()  # names this sweep's tasks, event and log lines
+    job = argparse.Namespace(
+        out_dir=os.path.abspath(ns.out_dir),  # the same path on every worker
+        threads=ns.threads, resume=ns.resume, refit_top_k=ns.refit_top_k,
+        commit=ff.code_commit(), deadline=time.time() + ns.start_within, token=token,
+        topic=f"ff-sweep-{token}", stop_event=f"ff-sweep-stop-{token}",
+        train_script=os.path.join(ROOT, "ff_hybrid_mnist.py"),
+        refit_script=os.path.join(HERE, "refit_head.py"))
+    client, cluster = connect(ns)
+    try:
+        with open_results(ns.results) as results:
+            try:
+                os.makedirs(job.out_dir, exist_ok=True)
+            except OSError as e:
+                raise ff.SettingsError(f"--out-dir {ns.out_dir}: {e.strerror or e}") from None
             where = (f"the cluster at {ns.scheduler} ({len(client.scheduler_info()['workers'])} "
                      "workers now)" if ns.scheduler else f"{ns.jobs} local worker processes")
             print(f"{len(todo)} runs on {where}, {ns.threads} BLAS threads each", flush=True)
             if client.run_on_scheduler(dashboard_served):
                 print(f"dashboard: {client.dashboard_link}", flush=True)
             return collect(client, todo, job, results)
-        finally:
-            client.close()
-            if cluster is not None:
-                cluster.close()
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
 
 
 def build_parser():

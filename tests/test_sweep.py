@@ -238,7 +238,7 @@ def test_an_unreachable_scheduler_is_one_line_and_exit_2(tmp_path, capsys):
     assert status == 2 and time.time() - t0 < 10
     err = capsys.readouterr().err
     assert err.startswith("error: cannot reach the scheduler at tcp://127.0.0.1:9") and err.count("\n") == 1
-    assert not os.path.exists(tmp_path / "runs" / "a")
+    assert not os.path.exists(tmp_path / "runs") and not os.path.exists(tmp_path / "r.jsonl")
 
 
 @pytest.mark.parametrize("text, says", [
@@ -283,7 +283,9 @@ def test_resume_skips_a_cut_short_last_line_with_a_warning(tmp_path, capsys):
     captured = capsys.readouterr()
     assert "warning: " + str(results) + ":2 is not a whole record" in captured.err
     assert "a                        finished earlier" in captured.out
-    assert results.read_text() == whole + "\n" + whole[:20] + "\n"
+    with sweep.open_results(str(results)) as f:
+        sweep.write_record(f, {"label": "b"})
+    assert results.read_text() == whole + "\n" + whole[:20] + "\n" + '{"label": "b"}\n'
 
 
 def test_sweep_resume_goes_on_from_the_checkpoint_and_skips_recorded_runs(tmp_path, capsys):
