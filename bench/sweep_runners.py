@@ -87,7 +87,7 @@ def main():
         print(f"  {name}: " + "  ".join(f"{s:.2f}" for s in seconds[name])
               + f"   median {statistics.median(seconds[name]):.2f}")
     ratios = [n / o for n, o in zip(seconds["new"], seconds["old"])]
-    print(f"  new/old, sitting by sitting: " + "  ".join(f"{r:.2f}" for r in ratios)
+    print("  new/old, sitting by sitting: " + "  ".join(f"{r:.2f}" for r in ratios)
           + f"   median {statistics.median(ratios):.2f}")
     print("\nwall_seconds of each run (median over sittings), old -> new:")
     for label in records["old"][0]:
