@@ -59,6 +59,7 @@ def main():
     with open(old_script, "w") as f:
         f.write(subprocess.run(["git", "-C", ROOT, "show", f"{ns.old}:experiments/sweep.py"],
                                capture_output=True, text=True, check=True).stdout)
+    load = os.getloadavg()[0]
     work = tempfile.mkdtemp(prefix="sweep-runners-")
     try:
         with open(os.path.join(work, "list.txt"), "w") as f:
@@ -79,7 +80,8 @@ def main():
     print(f"# old: experiments/sweep.py at {ns.old} (threads); new: experiments/sweep.py at "
           f"{records['new'][0]['th2']['commit']} (Dask LocalCluster)")
     print(f"# sweep list ({len(records['new'][0])} runs), --jobs 2 --threads 1, "
-          f"{os.cpu_count()} CPUs shared with other work:")
+          f"{os.cpu_count()} CPUs shared with other work (load average {load:.1f} at the start, "
+          f"{os.getloadavg()[0]:.1f} at the end):")
     for line in SWEEP_LIST.splitlines():
         print(f"#   {line}")
     print("\nwall-clock of a whole sitting, seconds (client start to exit):")
