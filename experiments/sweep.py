@@ -315,7 +315,7 @@ def report(record, refit_top_k):
           + f"test error {'-' if err is None else f'{100 * err:.2f}%'}"
           + (f"  top-{refit_top_k} {100 * record['refit_test_error']:.2f}%"
              if "refit_test_error" in record else "")
-          + (f"  ({status})" if status == "interrupted" else ""), flush=True)
+          + (f"  ({status})" if status != "finished" else ""), flush=True)
 
 
 def collect(client, todo, job, results):
