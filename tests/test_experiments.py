@@ -1,43 +1,15 @@
-"""The experiment scripts: the sweep runner records what each run measured, and refuses
-configuration files it would misread."""
+"""The experiment scripts: the threshold and blur plots read sweep records, and the
+goodness read-out errors match the run's own (the sweep runner: tests/test_sweep.py)."""
 import json
 import os
 import sys
 
 import numpy as np
-import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "experiments"))
 import plot_threshold_sweep  # noqa: E402
-import sweep  # noqa: E402
 
 TINY = "--layer-sizes 784,30,20 --n-epochs 1 --n-train 300 --batch-size 50 --softmax-epochs 2 --top-k 1"
-
-
-def test_sweep_records_each_run_and_its_refit(tmp_path):
-    cfg = tmp_path / "cfg.txt"
-    cfg.write_text(f"# two tiny runs\n\na {TINY}\nb {TINY} --threshold 8\n")
-    results = tmp_path / "r.jsonl"
-    sweep.main([str(cfg), "--jobs", "2", "--threads", "1", "--refit-top-k", "2",
-                "--out-dir", str(tmp_path / "runs"), "--results", str(results)])
-    records = {r["label"]: r for r in map(json.loads, results.read_text().splitlines())}
-    assert set(records) == {"a", "b"}
-    for label, r in records.items():
-        assert r["rc"] == 0 and r["refit_rc"] == 0 and r["refit_top_k"] == 2
-        saved = json.load(open(tmp_path / "runs" / label / "metrics.json"))
-        assert r["metrics"]["test_error"] == saved["test_error"]
-        assert 0 <= r["refit_test_error"] <= 1
-    assert json.load(open(tmp_path / "runs" / "b" / "args.json"))["threshold"] == 8
-    table = plot_threshold_sweep.markdown_table(list(records.values()))
-    assert "`--layer-sizes 784,30,20" in table and "--threshold 8" in table
-
-
-@pytest.mark.parametrize("text", ["a --out x\n", "a --lr 0.1\na --lr 0.2\n", "a --resume x\n"])
-def test_sweep_refuses_out_resume_and_repeated_labels(tmp_path, text):
-    cfg = tmp_path / "cfg.txt"
-    cfg.write_text(text)
-    with pytest.raises(ValueError):
-        sweep.read_configs(str(cfg))
 
 
 def test_pairs_keeps_flag_values_together():
@@ -59,34 +31,6 @@ def test_blur_plot_reads_sweep_records(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert (tmp_path / "b.png").stat().st_size > 1000
     assert "n_blur  6: val error 4.00%  test error 5.00%" in printed
-
-
-def test_sweep_resume_goes_on_from_the_checkpoint_and_skips_recorded_runs(tmp_path, capsys):
-    """A run cut after its first epoch, continued by `sweep --resume`, ends with the numbers
-    of an uninterrupted run; running the sweep again leaves the recorded runs alone."""
-    out, results = tmp_path / "runs", tmp_path / "r.jsonl"
-    flags = TINY.split() + ["--n-epochs", "2"]
-    first = tmp_path / "first.txt"
-    first.write_text(f"cut {TINY}\n")  # 1 epoch, checkpointed, BLAS threads as below
-    sweep.main([str(first), "--threads", "1", "--out-dir", str(out),
-                "--results", str(tmp_path / "first.jsonl")])
-    for name in ("metrics.json", "model.npz"):  # as if killed before the end
-        os.remove(out / "cut" / name)
-    cfg = tmp_path / "cfg.txt"
-    cfg.write_text(f"base {' '.join(flags)}\ncut\nfull\n")
-    argv = [str(cfg), "--threads", "1", "--resume", "--out-dir", str(out), "--results", str(results)]
-    assert sweep.main(argv[:1] + ["--dry-run"] + argv[1:]) == 0
-    sweep.main(argv)
-    records = {r["label"]: r for r in map(json.loads, results.read_text().splitlines())}
-    assert records["cut"]["resumed"] and not records["full"]["resumed"]
-    assert records["cut"]["metrics"]["ff_loss"] == records["full"]["metrics"]["ff_loss"]
-    assert records["cut"]["metrics"]["test_error"] == records["full"]["metrics"]["test_error"]
-    log = (out / "cut.log").read_text()  # the first sitting's lines are kept
-    assert "epoch   1/1" in log and "resuming" in log
-    capsys.readouterr()
-    sweep.main(argv)
-    assert len(results.read_text().splitlines()) == 2
-    assert capsys.readouterr().out.count("finished earlier") == 2
 
 
 def test_goodness_errors_match_the_runs_own_read_out(tmp_path, capsys):
