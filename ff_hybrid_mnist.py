@@ -1335,9 +1335,12 @@ def gpu_problem():
     """Why --device gpu cannot run here, in one line; None when CuPy can use a GPU."""
     if cupy is None:
         return ("--device gpu needs CuPy, which is not installed "
-                "(pip install -r requirements-gpu.txt)")
-    try:  # a device, its driver and the kernel compiler must all answer
+                "(pip install -r requirements-gpu.txt, or use the CuPy a GPU machine has)")
+    try:  # a device, its driver, the kernel compiler (NVRTC) and cuBLAS must all answer
         int((cupy.arange(2) + 1).sum())
+        a = cupy.ones((4, 4), np.float32)
+        float((a @ a).sum())
+        adam_kernel()(a, 1.0, 0.9, 0.999, 0.01, 1e-8, 0.0, a.copy(), a.copy(), a.copy())
     except Exception as e:  # no driver, no device, a CUDA mismatch: each raises its own kind
         detail = (str(e).splitlines() or [""])[0]
         return (f"--device gpu: CuPy {cupy.__version__} cannot use a GPU here "

@@ -152,7 +152,11 @@ def test_adam_kernel_matches_numpy_adam():
             if t == 19:
                 np.testing.assert_allclose(cupy.asnumpy(p_gpu), p_cpu, rtol=1e-5, atol=1e-6)
                 np.testing.assert_allclose(cupy.asnumpy(opt_gpu.v_acc), opt_cpu.v_acc, rtol=1e-5)
-        assert opt_gpu.t == opt_cpu.t and not cupy.asnumpy(opt_gpu.m_acc).any()
+        # 0.9^240 leaves m near 1e-10, above the flush bound: compare with the CPU's moments
+        assert opt_gpu.t == opt_cpu.t
+        np.testing.assert_allclose(cupy.asnumpy(opt_gpu.m_acc), opt_cpu.m_acc, rtol=1e-4,
+                                   atol=1e-30)
+        np.testing.assert_array_equal(cupy.asnumpy(opt_gpu.v_acc) == 0, opt_cpu.v_acc == 0)
         np.testing.assert_allclose(cupy.asnumpy(p_gpu), p_cpu, rtol=1e-5, atol=1e-6)
 
 

@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# The GPU session's one prepared script, for a machine where CuPy is already installed (it
+# installs nothing): the GPU tests, the epoch benchmark at two widths, then real runs in the
+# time left, everything written into OUT. At most 9 minutes in all (BUDGET_S, default 540),
+# so that one run and one rerun fit in 15 minutes of device time.
+#
+#   bash bench/gpu_check.sh OUT            # on the GPU machine
+#   bash bench/gpu_check.sh OUT --dry-run  # here: every command checked on the CPU, quickly
+#
+# Each step gets what is left of the budget as its timeout and is skipped when less is left
+# than it needs; OUT/steps.txt says what ran, how long it took and its exit status. Run
+# folders are OUT/runs/NAME; each finished one holds its metrics.json.
+set -uo pipefail
+out=${1:?usage: bash bench/gpu_check.sh OUT [--dry-run]}
+dry=${2:-}
+cd "$(dirname "$0")/.."
+mkdir -p "$out/runs"
+budget=${BUDGET_S:-540}
+start=$(date +%s)
+left() { echo $(( budget - ($(date +%s) - start) )); }
+
+step() {  # step NAME NEEDS_S COMMAND...: run it if NEEDS_S seconds are left
+  local name=$1 needs=$2; shift 2
+  if [ "$dry" != "--dry-run" ] && [ "$(left)" -lt "$needs" ]; then
+    echo "$name skipped: $(left) s left, needs $needs" | tee -a "$out/steps.txt"
+    return
+  fi
+  local t0; t0=$(date +%s)
+  timeout "$(( $(left) > 5 ? $(left) : 5 ))" "$@" > "$out/$name.log" 2>&1
+  local rc=$?
+  echo "$name rc $rc $(( $(date +%s) - t0 )) s" | tee -a "$out/steps.txt"
+}
+
+train() {  # train NAME NEEDS_S FLAGS...: a training run on the GPU (--dry-run: checked here)
+  local name=$1 needs=$2; shift 2
+  if [ "$dry" = "--dry-run" ]; then
+    step "$name" 0 python3 ff_hybrid_mnist.py "$@" --device cpu --out "$out/runs/$name" --dry-run
+  else
+    step "$name" "$needs" python3 ff_hybrid_mnist.py "$@" --device gpu --out "$out/runs/$name"
+  fi
+}
+
+if [ "$dry" = "--dry-run" ]; then
+  step tests 0 python3 -m pytest -q --collect-only tests/test_gpu.py
+  step bench-1000 0 python3 bench/bench_epoch.py --layer-sizes 784,50,50 --n-train 1000 \
+    --epochs 1 --repeats 1 --part-steps 2
+else
+  python3 -c "import ff_hybrid_mnist as ff; print(ff.gpu_problem() or 'gpu ok')" \
+    | tee "$out/gpu_problem.txt"
+  step tests 120 python3 -m pytest -q -rs tests/test_gpu.py
+  step bench-1000 60 python3 bench/bench_epoch.py --device gpu --layer-sizes 784,1000,1000,1000,1000
+  step bench-2000 60 python3 bench/bench_epoch.py --device gpu --layer-sizes 784,2000,2000,2000,2000
+fi
+
+# the reference configuration, 3 seeds, against the CPU's 4.68 +- 0.07% (spec-budget.jsonl)
+for s in 0 1 2; do
+  train "ref-s$s" 60 --seed "$s"
+done
+# the supervised recipe as released, 784-1000x3, 100 epochs (experiments/sweep_recipe_1000x3.txt)
+for s in 0 1 2; do
+  train "recipe-s$s" 150 --negatives label --hard-negatives --hard-from head --optimizer sgd \
+    --normalize rms --init fan-in --goodness sum --threshold 1 --peer-norm 0.06 \
+    --peer-kind author --lr 0.005 --weight-decay 0.002 --lr-decay linear-half-epochs \
+    --hard-head-lr 0.1 --hard-head-weight-decay 0.003 --layer-sizes 784,1000,1000,1000 \
+    --batch-size 100 --n-epochs 100 --val-size 10000 --softmax-epochs 0 --seed "$s"
+done
+# 784-2000x4 at the paper's 100 epochs with the small budget's choices (batch 50, 2 blur passes)
+for s in 0 1 2; do
+  train "paper100-s$s" 300 --layer-sizes 784,2000,2000,2000,2000 --n-epochs 100 \
+    --batch-size 50 --n-blur 2 --threshold 8 --softmax-lr 2 --top-k 4 --val-size 10000 \
+    --seed "$s"
+done
+echo "done in $(( $(date +%s) - start )) s" | tee -a "$out/steps.txt"
