@@ -66,9 +66,11 @@ def main(argv=None):
     if run.cfg.negatives == "label":  # the softmax read-out sees the neutral label
         x_fit, x_val, x_test = (ff.embed_labels(a, None) for a in (x_fit, x_val, x_test))
     t0 = time.perf_counter()
-    F_fit = ff.extract_features(run.weights, run.biases, x_fit, top_k)
-    F_test = ff.extract_features(run.weights, run.biases, x_test, top_k)
-    F_val = ff.extract_features(run.weights, run.biases, x_val, top_k) if val_size else None
+    local = run.cfg.local
+    F_fit = ff.extract_features(run.weights, run.biases, x_fit, top_k, local=local)
+    F_test = ff.extract_features(run.weights, run.biases, x_test, top_k, local=local)
+    F_val = (ff.extract_features(run.weights, run.biases, x_val, top_k, local=local)
+             if val_size else None)
     W, b, hist = ff.train_softmax(F_fit, y_fit, F_test, y_test,
                                   np.random.default_rng([args.seed, 1]), args.softmax_epochs,
                                   args.softmax_lr, args.softmax_weight_decay,
