@@ -586,16 +586,16 @@ def local_weight_grad(fields, dz, dW):
 def local_blocks(W, index):
     """The entries of a dense (n_in, n_units) matrix inside each location's receptive field,
     as the blocks (locations, fan_in, channels) of a locally-connected layer."""
-    n_loc = len(index)
-    return W.reshape(len(W), n_loc, -1)[index, np.arange(n_loc)[:, None]]
+    xp, n_loc = xp_of(W), len(index)
+    return W.reshape(len(W), n_loc, -1)[xp.asarray(index), xp.arange(n_loc)[:, None]]
 
 
 def local_dense(blocks, index, n_in):
     """The dense (n_in, n_units) matrix of a locally-connected layer, 0 outside the receptive
     fields: the masked form (tests, the weight figure)."""
-    n_loc, _, channels = blocks.shape
-    W = np.zeros((n_in, n_loc, channels), blocks.dtype)
-    W[index, np.arange(n_loc)[:, None]] = blocks
+    xp, (n_loc, _, channels) = xp_of(blocks), blocks.shape
+    W = xp.zeros((n_in, n_loc, channels), blocks.dtype)
+    W[xp.asarray(index), xp.arange(n_loc)[:, None]] = blocks
     return W.reshape(n_in, n_loc * channels)
 
 
