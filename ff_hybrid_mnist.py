@@ -115,10 +115,12 @@ def rms_normalize(x, out=None, eps=1e-8):
 NORMALIZE = {"l2": l2_normalize, "rms": rms_normalize}
 
 
-def layer_forward(x_normed, W, b, out=None):
-    """h = ReLU(x W + b) for normalised rows x."""
+def layer_forward(x_normed, W, b, out=None, index=None, fields=None):
+    """h = ReLU(x W + b) for normalised rows x. A locally-connected layer gives its receptive
+    fields (index, from local_index) and W as its blocks: x W is then local_product."""
     xp = xp_of(x_normed, W)
-    h = xp.matmul(x_normed, W, out=out)
+    h = (xp.matmul(x_normed, W, out=out) if index is None
+         else local_product(x_normed, W, index, out, fields))
     h += b
     return xp.maximum(h, 0, out=h)
 
@@ -186,61 +188,71 @@ def peer_author(h, n_pos, peer_mean, coef, dz):
 PEER = {"spread": peer_spread, "author": peer_author}
 
 
-def layer_grads(x_normed, dz, dW, mask=None):
-    """dL/dW = x^T dL/dz into dW, and dL/db. A locally-connected layer (mask: 1 where an input
-    feeds a unit, 0 elsewhere) is a dense layer whose weights outside the mask are 0 and
-    stay 0: its gradient is the dense one times the mask, and the optimiser leaves a weight
-    with zero gradient, state and value at 0."""
+def layer_grads(x_normed, dz, dW, index=None, fields=None):
+    """dL/dW = x^T dL/dz into dW, and dL/db. A locally-connected layer (index given) has
+    weights only inside its receptive fields: dW is its blocks (local_weight_grad), from the
+    fields of x its forward pass gathered (fields; gathered again when None)."""
     xp = xp_of(x_normed, dz)
-    xp.matmul(x_normed.T, dz, out=dW)
-    if mask is not None:
-        dW *= mask
+    if index is None:
+        xp.matmul(x_normed.T, dz, out=dW)
+    else:
+        local_weight_grad(local_fields(x_normed, index) if fields is None else fields, dz, dW)
     return dW, dz.sum(axis=0)
 
 
 @dataclass
 class LayerWork:
-    """Buffers reused by every step of one layer: activities, dL/dz and dL/dW."""
+    """Buffers reused by every step of one layer: activities, dL/dz and dL/dW (and a
+    locally-connected layer's receptive fields of its input, gathered by the forward pass)."""
     h: np.ndarray
     dz: np.ndarray
     dW: np.ndarray
+    fields: np.ndarray = None
 
     @classmethod
-    def allocate(cls, n_rows, n_in, n_out, xp=np):
+    def allocate(cls, n_rows, n_in, n_out, xp=np, index=None):
+        W_shape = (n_in, n_out) if index is None else index.shape + (n_out // len(index),)
+        fields = None if index is None else xp.empty((n_rows,) + index.shape, np.float32)
         return cls(xp.empty((n_rows, n_out), np.float32), xp.empty((n_rows, n_out), np.float32),
-                   xp.empty((n_in, n_out), np.float32))
+                   xp.empty(W_shape, np.float32), fields)
 
 
 INITS = ("sqrt2", "fan-in")
 
 
-def init_network(layer_sizes, rng, masks=None, init="sqrt2"):
+def init_network(layer_sizes, rng, indexes=None, init="sqrt2"):
     """Biases 0; weights N(0, sqrt 2) ("sqrt2") or N(0, 1/sqrt(n_in)) ("fan-in", the author's).
     sqrt2: a unit-norm input gives z ~ N(0, 2), so the mean goodness starts near 1, just
     below the threshold of 2, where the loss is not flat. fan-in: an RMS-normalised input
     (squared length n_in) gives z ~ N(0, 1), half the threshold of a summed goodness.
-    A locally-connected layer keeps only the weights inside its mask, scaled up by
-    sqrt(n_in / fan_in) so that an input spread evenly gives the dense layer's z."""
+    A locally-connected layer (indexes: its receptive fields) keeps only the dense draw's
+    weights inside its fields, as blocks, scaled up by sqrt(n_in / fan_in) so that an input
+    spread evenly gives the dense layer's z: the values the masked dense form had."""
     weights, biases = [], []
-    masks = masks or [None] * (len(layer_sizes) - 1)
-    for n_in, n_out, mask in zip(layer_sizes[:-1], layer_sizes[1:], masks):
+    indexes = indexes or [None] * (len(layer_sizes) - 1)
+    for n_in, n_out, index in zip(layer_sizes[:-1], layer_sizes[1:], indexes):
         W = rng.standard_normal((n_in, n_out)) * (np.sqrt(2.0) if init == "sqrt2"
                                                   else 1 / np.sqrt(n_in))
-        if mask is not None:
-            W *= mask * np.sqrt(n_in / mask.sum(axis=0))
+        if index is not None:  # the factor in float32, as the masked form computed it
+            W = local_blocks(W, index) * np.sqrt(np.float32(n_in) / np.float32(index.shape[1]))
         weights.append(W.astype(np.float32))
         biases.append(np.zeros(n_out, np.float32))
     return weights, biases
 
 
-def network_activities(weights, biases, x, n_layers=None, norm="l2"):
+def network_activities(weights, biases, x, n_layers=None, norm="l2", local=""):
     """Activities h of each layer (or the first n_layers) for raw input rows x, each layer's
     input normalised by NORMALIZE[norm], computed where the weights live (host rows are
-    copied there)."""
-    x = xp_of(x, *weights).asarray(x)
+    copied there). local: the run's --local, whose layers' weights are blocks."""
+    xp = xp_of(x, *weights)
+    if not local and any(W.ndim == 3 for W in weights):
+        raise ValueError("locally-connected weights (blocks) need local=cfg.local")
+    x = xp.asarray(x)
+    indexes = ([xp.asarray(i) for i in local_index(parse_local(local))] if local
+               else [None] * len(weights))
     hs = []
-    for W, b in list(zip(weights, biases))[:n_layers]:
-        x = layer_forward(NORMALIZE[norm](x), W, b)
+    for W, b, index in list(zip(weights, biases, indexes))[:n_layers]:
+        x = layer_forward(NORMALIZE[norm](x), W, b, index=index)
         hs.append(x)
     return hs
 
@@ -564,7 +576,7 @@ class FFState:
     @classmethod
     def fresh(cls, cfg, rng):
         weights, biases = init_network(cfg.layer_sizes, rng,
-                                       local_masks(cfg.local_layers) if cfg.local else None,
+                                       local_index(cfg.local_layers) if cfg.local else None,
                                        cfg.init)
         head = head_opt = None
         if cfg.hard_negatives and cfg.hard_from == "head":
@@ -628,30 +640,31 @@ def hybrid_batches(x_train, y_train, cfg, state, x):
         yield
 
 
-def train_layer_step(state, l, x_in, cfg, lr, work, learns=True, refresh=False, mask=None):
-    """Layer l's part of one step on x_in, the L2-normalised stacked batch (positives, then
-    as many negatives): forward, FF loss and gradient, Adam on W and b, the peer-norm running
-    mean. A frozen layer (greedy: one below the layer that learns) only runs forward.
+def train_layer_step(state, l, x_in, cfg, lr, work, learns=True, refresh=False, index=None):
+    """Layer l's part of one step on x_in, the normalised stacked batch (positives, then as
+    many negatives): forward, FF loss and gradient, the optimiser on W and b, the peer-norm
+    running mean. A frozen layer (greedy: one below the layer that learns) only runs forward.
+    index: a locally-connected layer's receptive fields (its weights are then blocks).
 
     Returns (loss, g, h): loss is NaN for a frozen layer; h is what the layer above sees,
     the output from before this step's update unless refresh.
     """
     W, b = state.weights[l], state.biases[l]
     if not learns:
-        h = layer_forward(x_in, W, b, out=work.h)
+        h = layer_forward(x_in, W, b, out=work.h, index=index, fields=work.fields)
         return np.nan, goodness(h, cfg.goodness), h
-    h = layer_forward(x_in, W, b, out=work.h)
-    loss, g = ff_loss_and_dz(h, cfg.batch_size, cfg.layer_threshold(W.shape[1]), cfg.goodness,
+    h = layer_forward(x_in, W, b, out=work.h, index=index, fields=work.fields)
+    loss, g = ff_loss_and_dz(h, cfg.batch_size, cfg.layer_threshold(h.shape[1]), cfg.goodness,
                              work.dz)
     if cfg.peer_norm > 0:
         peer_loss, state.peer_means[l][...] = PEER[cfg.peer_kind](
             h, cfg.batch_size, state.peer_means[l], cfg.peer_norm, work.dz)
         loss += peer_loss
-    dW, db = layer_grads(x_in, work.dz, work.dW, mask)
+    dW, db = layer_grads(x_in, work.dz, work.dW, index, work.fields)
     state.opt_w[l].step(W, dW, lr)
     state.opt_b[l].step(b, db, lr)
     if refresh:
-        h = layer_forward(x_in, W, b, out=work.h)
+        h = layer_forward(x_in, W, b, out=work.h, index=index, fields=work.fields)
     return loss, g, h
 
 
@@ -733,10 +746,10 @@ def train_ff(x_train, cfg, state, callback=None, log=print, y_train=None):
     n_batches = len(x_train) // B
     x = xp.empty((2 * B, cfg.layer_sizes[0]), np.float32)  # positives, then negatives
     inputs = [xp.empty((2 * B, size), np.float32) for size in cfg.layer_sizes[:-1]]
-    work = [LayerWork.allocate(2 * B, n_in, n_out, xp)
-            for n_in, n_out in zip(cfg.layer_sizes[:-1], cfg.layer_sizes[1:])]
-    masks = ([xp.asarray(m) for m in local_masks(cfg.local_layers)] if cfg.local
-             else [None] * n_layers)
+    indexes = ([xp.asarray(i) for i in local_index(cfg.local_layers)] if cfg.local
+               else [None] * n_layers)
+    work = [LayerWork.allocate(2 * B, n_in, n_out, xp, index)
+            for n_in, n_out, index in zip(cfg.layer_sizes[:-1], cfg.layer_sizes[1:], indexes)]
     normalize = NORMALIZE[cfg.normalize]
     t_start, start_epoch = time.perf_counter(), state.epochs_done
     for epoch in range(start_epoch, epochs):
@@ -751,7 +764,7 @@ def train_ff(x_train, cfg, state, callback=None, log=print, y_train=None):
             for l in range(n_active):
                 loss, g, h = train_layer_step(state, l, inputs[l], cfg, lr, work[l], l in trained,
                                               refresh=cfg.refresh_inputs and l + 1 < n_active,
-                                              mask=masks[l])
+                                              index=indexes[l])
                 if l in trained and xp is np:
                     check_loss(cfg, loss, epoch, l, i)
                 sums[l] += batch_stats(loss, g, B, cfg.layer_threshold(h.shape[1]))
@@ -774,13 +787,13 @@ def train_ff(x_train, cfg, state, callback=None, log=print, y_train=None):
 # -----------------------------------------------------------------------------
 # Softmax head on the frozen network
 
-def extract_features(weights, biases, x, top_k, chunk=2000, norm="l2"):
+def extract_features(weights, biases, x, top_k, chunk=2000, norm="l2", local=""):
     """concat(normalised h_l) over the top_k layers, float32, computed chunk by chunk; each
     layer's input and each feature block normalised by NORMALIZE[norm]."""
-    sizes = [W.shape[1] for W in weights[-top_k:]]
+    sizes = [len(b) for b in biases[-top_k:]]
     features = xp_of(*weights).empty((len(x), sum(sizes)), np.float32)
     for start in range(0, len(x), chunk):
-        hs = network_activities(weights, biases, x[start:start + chunk], norm=norm)
+        hs = network_activities(weights, biases, x[start:start + chunk], norm=norm, local=local)
         rows = features[start:start + chunk]
         col = 0
         for h in hs[-top_k:]:
@@ -879,7 +892,8 @@ def fit_head(weights, biases, cfg, fit, splits, log=print):
         x_fit = embed_labels(x_fit, None)
         splits = [(name, embed_labels(x, None), y) for name, x, y in splits]
     t0 = time.perf_counter()
-    features = lambda x: extract_features(weights, biases, x, cfg.top_k, norm=cfg.normalize)
+    features = lambda x: extract_features(weights, biases, x, cfg.top_k, norm=cfg.normalize,
+                                          local=cfg.local)
     F_fit = features(x_fit)
     F = {name: features(x) for name, x, _ in splits}
     y = {name: labels for name, _, labels in splits}
@@ -942,7 +956,8 @@ def head_wrong_labels(state, digits, y, cfg, buf, gain=1.0):
     Returns (wrong labels, head errors on the batch)."""
     embed_labels(digits, None, out=buf)
     F = extract_features(state.weights, state.biases, buf,
-                         len(cfg.layer_sizes) - cfg.first_readout_layer, norm=cfg.normalize)
+                         len(cfg.layer_sizes) - cfg.first_readout_layer, norm=cfg.normalize,
+                         local=cfg.local)
     W, b = state.head
     with np.errstate(over="ignore", invalid="ignore"):
         loss, dW, db, logits = softmax_loss_and_grads(F, y, W, b)
@@ -973,7 +988,7 @@ def label_batches(x_train, y_train, cfg, state, x):
     by_head = cfg.hard_negatives and cfg.hard_from == "head"
     if cfg.hard_negatives and not by_head:
         scores = goodness_per_label(state.weights, state.biases, x_train, cfg.goodness,
-                                    cfg.first_readout_layer, norm=cfg.normalize)
+                                    cfg.first_readout_layer, norm=cfg.normalize, local=cfg.local)
         hard = sample_wrong_labels(to_host(scores), y_train, rng)
     errors = 0
     for i in range(n // B):
@@ -995,7 +1010,7 @@ def label_batches(x_train, y_train, cfg, state, x):
 
 
 def goodness_per_label(weights, biases, x, goodness_kind="mean", first_layer=2, chunk=2000,
-                       norm="l2"):
+                       norm="l2", local=""):
     """(n, 10) float64: each digit run once with each label, its goodness summed over the
     layers from first_layer (1-based) up. The paper leaves out layer 1 (first_layer=2)."""
     xp = xp_of(*weights)
@@ -1005,15 +1020,17 @@ def goodness_per_label(weights, biases, x, goodness_kind="mean", first_layer=2, 
         rows = xp.asarray(x[start:start + chunk])
         for label in range(N_CLASSES):
             labelled = embed_labels(rows, np.full(len(rows), label), out=buf[:len(rows)])
-            hs = network_activities(weights, biases, labelled, norm=norm)
+            hs = network_activities(weights, biases, labelled, norm=norm, local=local)
             scores[start:start + len(rows), label] = sum(
                 goodness(h, goodness_kind) for h in hs[first_layer - 1:])
     return scores
 
 
-def goodness_error_rate(weights, biases, x, y, goodness_kind="mean", first_layer=2, norm="l2"):
+def goodness_error_rate(weights, biases, x, y, goodness_kind="mean", first_layer=2, norm="l2",
+                        local=""):
     """Error of predicting the label with the highest accumulated goodness."""
-    scores = goodness_per_label(weights, biases, x, goodness_kind, first_layer, norm=norm)
+    scores = goodness_per_label(weights, biases, x, goodness_kind, first_layer, norm=norm,
+                                local=local)
     xp = xp_of(scores)
     return float(xp.mean(xp.argmax(scores, axis=1) != xp.asarray(y)))
 
@@ -1071,6 +1088,79 @@ def local_masks(local, side=28):
     return masks
 
 
+# A locally-connected layer is computed location by location: its weights are blocks
+# (locations, fan_in, channels), one per grid location, holding exactly the weights of
+# local_masks' dense form that lie inside the mask, in the same unit order.
+
+def local_index(local, side=28):
+    """The receptive fields of each locally-connected layer as an int array (locations,
+    fan_in): row l lists, in increasing order, the input columns that the units at grid
+    location l see (the rows of local_masks' mask that are 1 in their columns), so that
+    x[:, index[l]] is location l's input."""
+    indexes, grid, below = [], side, 1
+    for rf, stride, channels in local:
+        out = (grid - rf) // stride + 1
+        columns = np.arange(grid * grid * below).reshape(grid, grid, below)
+        indexes.append(np.stack([columns[i * stride:i * stride + rf, j * stride:j * stride + rf]
+                                 .ravel() for i in range(out) for j in range(out)]))
+        grid, below = out, channels
+    return indexes
+
+
+def local_fields(x, index, out=None):
+    """The receptive fields of rows x, (rows, locations, fan_in): x[:, index], into out."""
+    xp = xp_of(x)
+    out = xp.empty((len(x),) + index.shape, x.dtype) if out is None else out
+    if xp is np:  # numpy's default mode, "raise", writes through a temporary copy of out
+        return np.take(x, index, axis=1, out=out, mode="clip")
+    return xp.take(x, index, axis=1, out=out)
+
+
+def local_product(x, blocks, index, out=None, fields=None):
+    """x W of a locally-connected layer: each location's receptive field of x (gathered into
+    fields) times that location's (fan_in, channels) block, one batched product
+    (locations, rows, fan_in) x (locations, fan_in, channels) written through a transposed
+    view straight into the (rows, locations * channels) output."""
+    xp = xp_of(x, blocks)
+    n_loc, _, channels = blocks.shape
+    fields = local_fields(x, index, out=fields)
+    out = xp.empty((len(x), n_loc * channels), x.dtype) if out is None else out
+    xp.matmul(fields.transpose(1, 0, 2), blocks,
+              out=out.reshape(len(x), n_loc, channels).transpose(1, 0, 2))
+    return out
+
+
+def local_weight_grad(fields, dz, dW):
+    """dL/dW of a locally-connected layer into its blocks dW: at each location, the
+    receptive field's x^T times that location's dL/dz, one batched product."""
+    n_loc, _, channels = dW.shape
+    return xp_of(dz).matmul(fields.transpose(1, 2, 0),
+                            dz.reshape(len(dz), n_loc, channels).transpose(1, 0, 2), out=dW)
+
+
+def local_blocks(W, index):
+    """The entries of a dense (n_in, n_units) matrix inside each location's receptive field,
+    as the blocks (locations, fan_in, channels) of a locally-connected layer."""
+    xp, n_loc = xp_of(W), len(index)
+    return W.reshape(len(W), n_loc, -1)[xp.asarray(index), xp.arange(n_loc)[:, None]]
+
+
+def local_dense(blocks, index, n_in):
+    """The dense (n_in, n_units) matrix of a locally-connected layer, 0 outside the receptive
+    fields: the masked form (tests, the weight figure)."""
+    xp, (n_loc, _, channels) = xp_of(blocks), blocks.shape
+    W = xp.zeros((n_in, n_loc, channels), blocks.dtype)
+    W[xp.asarray(index), xp.arange(n_loc)[:, None]] = blocks
+    return W.reshape(n_in, n_loc * channels)
+
+
+def local_stored(a, index):
+    """A locally-connected layer's weights (or their optimiser state) as read from a file:
+    a dense (n_in, n_units) array, as runs saved before the block form stored them, is
+    gathered into blocks; anything else is returned as it is."""
+    return local_blocks(a, index) if index is not None and a.ndim == 2 else a
+
+
 # -----------------------------------------------------------------------------
 # Figure helpers shared by the figure scripts: fixed digits, goodness, separation
 
@@ -1082,9 +1172,10 @@ def evaluation_set(x_test, n, rng, n_blur):
     return real, hybrids
 
 
-def layer_goodness(weights, biases, x, kind, norm="l2"):
+def layer_goodness(weights, biases, x, kind, norm="l2", local=""):
     """Goodness of every layer for raw input rows x: a list of (n,) numpy arrays."""
-    return [to_host(goodness(h, kind)) for h in network_activities(weights, biases, x, norm=norm)]
+    return [to_host(goodness(h, kind))
+            for h in network_activities(weights, biases, x, norm=norm, local=local)]
 
 
 def separation(g_real, g_hybrid):
@@ -1572,11 +1663,14 @@ def load_checkpoint(run_dir):
             state = FFState.fresh(cfg, np.random.default_rng(0))
             state.rng, state.epochs_done = rng, int(z["epochs_done"])
             state.history = json.loads(str(z["history"]))
-            for l in range(len(state.weights)):
-                state.weights[l][...], state.biases[l][...] = z[f"W{l}"], z[f"b{l}"]
+            indexes = local_index(cfg.local_layers) if cfg.local else [None] * len(state.weights)
+            for l, index in enumerate(indexes):
+                state.weights[l][...] = local_stored(z[f"W{l}"], index)
+                state.biases[l][...] = z[f"b{l}"]
                 state.peer_means[l][...] = z[f"peer{l}"]
                 for name, opt in (("W", state.opt_w[l]), ("b", state.opt_b[l])):
-                    opt.load_state(**{k: z[f"opt_{name}{l}_{k}"] for k in opt.state_arrays()})
+                    opt.load_state(**{k: local_stored(z[f"opt_{name}{l}_{k}"], index)
+                                      for k in opt.state_arrays()})
             if state.head is not None:
                 state.head[0][...], state.head[1][...] = z["head_W"], z["head_b"]
             for name, opt in zip("Wb", state.head_opt or []):
@@ -1617,7 +1711,8 @@ def load_run(run_dir):
         with np.load(paths[0]) as z:
             cfg = run_config(json.loads(str(z["config"])))
             n_layers = len(cfg.layer_sizes) - 1
-            weights = [z[f"W{l}"] for l in range(n_layers)]
+            indexes = local_index(cfg.local_layers) if cfg.local else [None] * n_layers
+            weights = [local_stored(z[f"W{l}"], indexes[l]) for l in range(n_layers)]
             biases = [z[f"b{l}"] for l in range(n_layers)]
             head = (z["softmax_W"], z["softmax_b"]) if "softmax_W" in z else None
     except READ_ERRORS as e:
@@ -1707,13 +1802,17 @@ def machine_memory():
 
 def memory_needed(cfg):
     """Bytes a run needs at its peak, roughly: per weight the value, its gradient buffer and
-    the optimiser's state (Adam 2 arrays, SGD 1; a locally-connected layer's mask 1 more);
-    the batch's inputs, activities and dL/dz of every layer; the images; the head's
-    features of every training, validation and test digit."""
-    sizes = cfg.layer_sizes
-    n_weights = sum(a * b for a, b in zip(sizes[:-1], sizes[1:]))
-    per_weight = 2 + {"adam": 2, "sgd": 1}[cfg.optimizer] + (1 if cfg.local else 0)
-    batch = 3 * 2 * cfg.batch_size * sum(sizes)
+    the optimiser's state (Adam 2 arrays, SGD 1); the batch's inputs, activities and dL/dz
+    of every layer (and a locally-connected layer's receptive fields); the images; the
+    head's features of every training, validation and test digit."""
+    sizes, rows = cfg.layer_sizes, 2 * cfg.batch_size
+    if cfg.local:  # each location's (fan_in, channels) block
+        fields = [index.size for index in local_index(cfg.local_layers)]
+        n_weights = sum(f * c for f, (_, _, c) in zip(fields, cfg.local_layers))
+    else:
+        fields, n_weights = [0], sum(a * b for a, b in zip(sizes[:-1], sizes[1:]))
+    per_weight = 2 + {"adam": 2, "sgd": 1}[cfg.optimizer]
+    batch = 3 * rows * sum(sizes) + rows * sum(fields)
     images = 2 * (N_TRAIN_MAX + N_TEST) * sizes[0]
     features = ((cfg.n_train + cfg.val_size + N_TEST) * sum(sizes[-cfg.top_k:])
                 if cfg.softmax_epochs else 0)
@@ -1943,10 +2042,10 @@ def label_read_outs(state, cfg, splits, log=print):
     first, n_layers = cfg.first_readout_layer, len(cfg.layer_sizes) - 1
     for name, xs, ys in splits:
         metrics[f"goodness_{name}_error"] = goodness_error_rate(
-            state.weights, state.biases, xs, ys, cfg.goodness, first, cfg.normalize)
+            state.weights, state.biases, xs, ys, cfg.goodness, first, cfg.normalize, cfg.local)
         if state.head is not None:
             F = extract_features(state.weights, state.biases, embed_labels(xs, None),
-                                 n_layers - first + 1, norm=cfg.normalize)
+                                 n_layers - first + 1, norm=cfg.normalize, local=cfg.local)
             metrics[f"hard_head_{name}_error"] = error_rate(F, ys, *state.head)
     metrics["goodness_seconds"] = time.perf_counter() - t0
     for key, what in (("goodness", "goodness read-out"),

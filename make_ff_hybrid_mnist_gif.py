@@ -43,9 +43,9 @@ def own_flags():
 
 def render_frame(cfg, state, epoch, real, hybrids, bins):
     """One frame as an (height, width, 3) uint8 array; the network is state's, now."""
-    kind, norm = cfg.goodness, cfg.normalize
-    g_real = ff.layer_goodness(state.weights, state.biases, real, kind, norm)
-    g_hybrid = ff.layer_goodness(state.weights, state.biases, hybrids, kind, norm)
+    kind, norm, local = cfg.goodness, cfg.normalize, cfg.local
+    g_real = ff.layer_goodness(state.weights, state.biases, real, kind, norm, local)
+    g_hybrid = ff.layer_goodness(state.weights, state.biases, hybrids, kind, norm, local)
     n_layers, total = len(state.weights), ff.total_epochs(cfg)
     fig = Figure(figsize=(9, 6), dpi=80)
     canvas = FigureCanvasAgg(fig)
@@ -78,7 +78,7 @@ def render_frame(cfg, state, epoch, real, hybrids, bins):
     for l in range(n_layers):
         ax = fig.add_subplot(grid[1, l])
         ff.draw_goodness_histogram(ax, g_real[l], g_hybrid[l],
-                                    cfg.layer_threshold(state.weights[l].shape[1]), bins[l])
+                                    cfg.layer_threshold(cfg.layer_sizes[l + 1]), bins[l])
         ax.set_title(f"layer {l + 1}: {ff.separation(g_real[l], g_hybrid[l]):.1f} sigma",
                      fontsize=10)
         ax.xaxis.label.set_fontsize(7)

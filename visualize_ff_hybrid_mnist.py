@@ -85,7 +85,7 @@ def goodness_figure(run, g_real, g_hybrid):
     fig = Figure(figsize=(3.6 * n_layers, 3.6), dpi=100)
     axes = np.atleast_1d(fig.subplots(1, n_layers))
     for l, ax in enumerate(axes):
-        threshold = run.cfg.layer_threshold(run.weights[l].shape[1])
+        threshold = run.cfg.layer_threshold(run.cfg.layer_sizes[l + 1])
         ff.draw_goodness_histogram(ax, g_real[l], g_hybrid[l], threshold,
                                    ff.goodness_bins(threshold))
         ax.set_title(f"layer {l + 1}: separation {ff.separation(g_real[l], g_hybrid[l]):.1f} sigma")
@@ -139,6 +139,15 @@ def top_units_by_norm(W, k=16):
     weight norm, largest first."""
     norms = np.linalg.norm(W, axis=0)
     return np.argsort(-norms, kind="stable")[:k]
+
+
+def first_layer_weights(run):
+    """Layer 1's weights as a dense (784, n_units) matrix (a locally-connected layer's blocks
+    are spread into it, 0 outside each unit's receptive field)."""
+    W = run.weights[0]
+    if not run.cfg.local:
+        return W
+    return ff.local_dense(W, ff.local_index(run.cfg.local_layers)[0], run.cfg.layer_sizes[0])
 
 
 def weights_figure(W, k=16, label_pixels=False):
@@ -208,8 +217,9 @@ def confusion_figure(y_true, y_pred):
 
 def draw_label_run(run, x_test, y_test, rng, n_eval, outdir):
     """The label run's figures; returns its numbers for figure_numbers.json."""
-    scores = ff.goodness_per_label(run.weights, run.biases, x_test, run.cfg.goodness,
-                                   run.cfg.first_readout_layer, norm=run.cfg.normalize)
+    cfg = run.cfg
+    scores = ff.goodness_per_label(run.weights, run.biases, x_test, cfg.goodness,
+                                   cfg.first_readout_layer, norm=cfg.normalize, local=cfg.local)
     predicted = scores.argmax(axis=1)
     pick = rng.choice(len(x_test), 8, replace=False)
     save_png(label_goodness_figure(scores[pick], x_test[pick], y_test[pick]),
@@ -218,11 +228,10 @@ def draw_label_run(run, x_test, y_test, rng, n_eval, outdir):
     # goodness histograms: the right label against a wrong one drawn uniformly
     digits = rng.choice(len(x_test), n_eval, replace=n_eval > len(x_test))
     wrong = (y_test[digits] + rng.integers(1, ff.N_CLASSES, n_eval)) % ff.N_CLASSES
-    cfg = run.cfg
     g_right = ff.layer_goodness(run.weights, run.biases, ff.embed_labels(
-        x_test[digits], y_test[digits]), cfg.goodness, cfg.normalize)
+        x_test[digits], y_test[digits]), cfg.goodness, cfg.normalize, cfg.local)
     g_wrong = ff.layer_goodness(run.weights, run.biases, ff.embed_labels(
-        x_test[digits], wrong), cfg.goodness, cfg.normalize)
+        x_test[digits], wrong), cfg.goodness, cfg.normalize, cfg.local)
     fig = goodness_figure(run, g_right, g_wrong)
     for ax in fig.axes:
         if ax.get_legend() is not None:
@@ -247,7 +256,7 @@ def draw(run, x_test, y_test, rng, n_eval, outdir):
                    **draw_label_run(run, x_test, y_test, rng, n_eval, outdir),
                    "test_error": run.metrics.get("test_error")}
         save_png(classifier_curves_figure(run), os.path.join(outdir, "classifier_curves.png"))
-        save_png(weights_figure(run.weights[0], label_pixels=True),
+        save_png(weights_figure(first_layer_weights(run), label_pixels=True),
                  os.path.join(outdir, "weights_layer1.png"))
         ff.write_json(os.path.join(outdir, "figure_numbers.json"), numbers)
         print(f"goodness read-out: test error {100 * numbers['goodness_test_error']:.2f}%")
@@ -255,13 +264,16 @@ def draw(run, x_test, y_test, rng, n_eval, outdir):
     save_png(hybrid_examples_figure(x_test, y_test, rng, run.cfg.n_blur),
              os.path.join(outdir, "hybrid_examples.png"))
     real, hybrids = ff.evaluation_set(x_test, n_eval, rng, run.cfg.n_blur)
-    kind, norm = run.cfg.goodness, run.cfg.normalize
-    g_real = ff.layer_goodness(run.weights, run.biases, real, kind, norm)
-    g_hybrid = ff.layer_goodness(run.weights, run.biases, hybrids, kind, norm)
+    cfg = run.cfg
+    g_real = ff.layer_goodness(run.weights, run.biases, real, cfg.goodness, cfg.normalize,
+                               cfg.local)
+    g_hybrid = ff.layer_goodness(run.weights, run.biases, hybrids, cfg.goodness, cfg.normalize,
+                                 cfg.local)
     save_png(goodness_figure(run, g_real, g_hybrid),
              os.path.join(outdir, "goodness_distributions.png"))
     save_png(classifier_curves_figure(run), os.path.join(outdir, "classifier_curves.png"))
-    save_png(weights_figure(run.weights[0]), os.path.join(outdir, "weights_layer1.png"))
+    save_png(weights_figure(first_layer_weights(run)),
+             os.path.join(outdir, "weights_layer1.png"))
 
     numbers = {"run": run.run_dir, "n_eval": n_eval,
                "separation_sigma": [float(ff.separation(r, h)) for r, h in zip(g_real, g_hybrid)],

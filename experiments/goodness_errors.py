@@ -34,7 +34,8 @@ def main(argv=None):
         for name, (x, y) in splits.items():
             if len(x):
                 out[f"goodness_{name}_error"] = ff.goodness_error_rate(
-                    run.weights, run.biases, x, y, cfg.goodness, cfg.first_readout_layer)
+                    run.weights, run.biases, x, y, cfg.goodness, cfg.first_readout_layer,
+                    norm=cfg.normalize, local=cfg.local)
         print(json.dumps(out))
         return 0
     return ff.exit_status(measure)

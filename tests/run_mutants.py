@@ -45,8 +45,18 @@ MUTANTS = {  # name -> (text in ff_hybrid_mnist.py, its replacement, and so on)
         "embed_labels(x_train[rows], y_train[rows], out=x[B:])",
         "embed_labels(x_train[rows], wrong, out=x[B:])",
         "embed_labels(x_train[rows], wrong, out=x[:B])"),
-    "locally-connected: gradient not masked": (
-        "    if mask is not None:\n        dW *= mask\n", ""),
+    "locally-connected: grid locations transposed": (
+        "columns[i * stride:i * stride + rf, j * stride:j * stride + rf]",
+        "columns[j * stride:j * stride + rf, i * stride:i * stride + rf]"),
+    "locally-connected: weight gradient mixes locations": (
+        "dz.reshape(len(dz), n_loc, channels).transpose(1, 0, 2), out=dW)",
+        "dz.reshape(n_loc, len(dz), channels), out=dW)"),
+    "locally-connected: init not scaled to the fan-in": (
+        "W = local_blocks(W, index) * np.sqrt(np.float32(n_in) / np.float32(index.shape[1]))",
+        "W = local_blocks(W, index)"),
+    "locally-connected: masked-form files read as blocks": (
+        "return local_blocks(a, index) if index is not None and a.ndim == 2 else a",
+        "return a"),
     "label negatives: label pixels not written": (
         "    if labels is not None:\n        out[xp.arange(len(out)), xp.asarray(labels)] = LABEL_ON\n",
         ""),

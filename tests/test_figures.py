@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import ff_hybrid_mnist as ff
+import make_ff_hybrid_mnist_gif as gif
 import visualize_ff_hybrid_mnist as viz
 from conftest import TINY
 
@@ -93,3 +94,21 @@ def test_label_run_figures_show_the_goodness_read_out(tmp_path):
     # the confusion matrix counts the same predictions as the run's own read-out
     numbers = read_numbers(outdir)
     assert numbers["goodness_test_error"] == ff.load_run(run_dir).metrics["goodness_test_error"]
+
+
+def test_locally_connected_run_is_drawn(tmp_path):
+    """The figures read a locally-connected run's blocks: layer 1's weights are drawn as
+    28 x 28 images, 0 outside each unit's receptive field."""
+    local = ["--local", "10:6:4,2:1:5", "--top-k", "2", "--n-train", "500", "--batch-size", "50",
+             "--softmax-epochs", "2", "--n-epochs", "1"]
+    run_dir, outdir = str(tmp_path / "run"), str(tmp_path / "viz")
+    assert viz.main(local + ["--out", run_dir, "--outdir", outdir, "--n-eval", "200"]) == 0
+    for name in PNGS:
+        assert iio.imread(os.path.join(outdir, name))[..., :3].std() > 5, f"{name} is blank"
+    assert len(read_numbers(outdir)["separation_sigma"]) == 2
+    W = viz.first_layer_weights(ff.load_run(run_dir))
+    assert W.shape == (784, 64) and (W[ff.local_masks(ff.parse_local("10:6:4"))[0] == 0] == 0).all()
+    path = tmp_path / "anim" / "training.gif"
+    assert gif.main(local + ["--n-eval", "100", "--gif", str(path),
+                             "--out", str(tmp_path / "anim" / "run")]) == 0
+    assert iio.imread(path, index=None).shape[0] == 1

@@ -136,6 +136,28 @@ def test_one_training_step_on_the_gpu_matches_the_cpu(changes):
 
 
 @needs_gpu
+def test_a_locally_connected_epoch_on_the_gpu_matches_the_cpu():
+    """The block form on CuPy arrays: the gathered fields, the batched products (forward and
+    dW) and the features read through the same forward pass."""
+    x_train = ff.load_mnist()[0][:100]
+    result = {}
+    for device in ("cpu", "gpu"):
+        cfg = ff.FFConfig(local="10:6:4,2:1:5", top_k=2, n_epochs=1, batch_size=50,
+                          n_train=100, device=device)
+        state = ff.FFState.fresh(cfg, np.random.default_rng(0))
+        start = [W.copy() for W in state.weights]
+        ff.train_ff(x_train, cfg, state, **QUIET)
+        assert isinstance(state.weights[0], cupy.ndarray if device == "gpu" else np.ndarray)
+        F = ff.extract_features(state.weights, state.biases, x_train, 2, local=cfg.local)
+        result[device] = ([ff.to_host(W) for W in state.weights], state.history, ff.to_host(F))
+    (w_cpu, h_cpu, f_cpu), (w_gpu, h_gpu, f_gpu) = result["cpu"], result["gpu"]
+    for l in range(2):
+        assert moved_apart(w_gpu[l], w_cpu[l], start[l]) < 1e-4, f"layer {l + 1}"
+    np.testing.assert_allclose(h_gpu["loss"], h_cpu["loss"], rtol=1e-5)
+    np.testing.assert_allclose(f_gpu, f_cpu, rtol=1e-4, atol=1e-5)
+
+
+@needs_gpu
 def test_adam_kernel_matches_numpy_adam():
     rng = np.random.default_rng(4)
     p0 = rng.standard_normal((37, 11)).astype(np.float32)
