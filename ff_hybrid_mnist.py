@@ -1698,6 +1698,61 @@ def save_run(run_dir, cfg, state, head, softmax_history, metrics):
     write_json(os.path.join(run_dir, "metrics.json"), metrics)
 
 
+def machine_memory():
+    """Bytes of physical memory, or None where the system does not say."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def memory_needed(cfg):
+    """Bytes a run needs at its peak, roughly: per weight the value, its gradient buffer and
+    the optimiser's state (Adam 2 arrays, SGD 1); the batch's inputs, activities and dL/dz
+    of every layer (and a locally-connected layer's receptive fields); the images; the
+    head's features of every training, validation and test digit."""
+    sizes, rows = cfg.layer_sizes, 2 * cfg.batch_size
+    if cfg.local:  # each location's (fan_in, channels) block
+        fields = [index.size for index in local_index(cfg.local_layers)]
+        n_weights = sum(f * c for f, (_, _, c) in zip(fields, cfg.local_layers))
+    else:
+        fields, n_weights = [0], sum(a * b for a, b in zip(sizes[:-1], sizes[1:]))
+    per_weight = 2 + {"adam": 2, "sgd": 1}[cfg.optimizer]
+    batch = 3 * rows * sum(sizes) + rows * sum(fields)
+    images = 2 * (N_TRAIN_MAX + N_TEST) * sizes[0]
+    features = ((cfg.n_train + cfg.val_size + N_TEST) * sum(sizes[-cfg.top_k:])
+                if cfg.softmax_epochs else 0)
+    return 4 * (per_weight * n_weights + batch + images + features)
+
+
+def holds_run(run_dir):
+    return any(os.path.exists(os.path.join(run_dir, f)) for f in ("model.npz", "checkpoint.npz"))
+
+
+def lock_run_folder(run_dir):
+    """An exclusive lock on run_dir, held until the returned file is closed (or the process
+    ends, however it ends): a second process on the same folder is refused at once. Also
+    removes the temporary files a killed write left behind."""
+    os.makedirs(run_dir, exist_ok=True)
+    f = open(os.path.join(run_dir, ".lock"), "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        other = f.read().strip()
+        f.close()
+        raise SettingsError(f"{run_dir} is in use by another run (process "
+                            f"{other or 'unknown'}); wait for it to end or give another --out")
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    for name in os.listdir(run_dir):
+        if name.startswith(".tmp-"):
+            os.remove(os.path.join(run_dir, name))
+    return f
+
+
 def load_run(run_dir):
     """A saved run: .cfg, .weights, .biases, .head ((W, b) or None), .ff_history,
     .softmax_history, .metrics, .environment, .run_dir. A missing or damaged file raises
@@ -1790,61 +1845,6 @@ class Terminated(KeyboardInterrupt):
 
 def raise_terminated(signum, frame):
     raise Terminated
-
-
-def machine_memory():
-    """Bytes of physical memory, or None where the system does not say."""
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
-def memory_needed(cfg):
-    """Bytes a run needs at its peak, roughly: per weight the value, its gradient buffer and
-    the optimiser's state (Adam 2 arrays, SGD 1); the batch's inputs, activities and dL/dz
-    of every layer (and a locally-connected layer's receptive fields); the images; the
-    head's features of every training, validation and test digit."""
-    sizes, rows = cfg.layer_sizes, 2 * cfg.batch_size
-    if cfg.local:  # each location's (fan_in, channels) block
-        fields = [index.size for index in local_index(cfg.local_layers)]
-        n_weights = sum(f * c for f, (_, _, c) in zip(fields, cfg.local_layers))
-    else:
-        fields, n_weights = [0], sum(a * b for a, b in zip(sizes[:-1], sizes[1:]))
-    per_weight = 2 + {"adam": 2, "sgd": 1}[cfg.optimizer]
-    batch = 3 * rows * sum(sizes) + rows * sum(fields)
-    images = 2 * (N_TRAIN_MAX + N_TEST) * sizes[0]
-    features = ((cfg.n_train + cfg.val_size + N_TEST) * sum(sizes[-cfg.top_k:])
-                if cfg.softmax_epochs else 0)
-    return 4 * (per_weight * n_weights + batch + images + features)
-
-
-def holds_run(run_dir):
-    return any(os.path.exists(os.path.join(run_dir, f)) for f in ("model.npz", "checkpoint.npz"))
-
-
-def lock_run_folder(run_dir):
-    """An exclusive lock on run_dir, held until the returned file is closed (or the process
-    ends, however it ends): a second process on the same folder is refused at once. Also
-    removes the temporary files a killed write left behind."""
-    os.makedirs(run_dir, exist_ok=True)
-    f = open(os.path.join(run_dir, ".lock"), "a+")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        f.seek(0)
-        other = f.read().strip()
-        f.close()
-        raise SettingsError(f"{run_dir} is in use by another run (process "
-                            f"{other or 'unknown'}); wait for it to end or give another --out")
-    f.seek(0)
-    f.truncate()
-    f.write(f"{os.getpid()}\n")
-    f.flush()
-    for name in os.listdir(run_dir):
-        if name.startswith(".tmp-"):
-            os.remove(os.path.join(run_dir, name))
-    return f
 
 
 def parse_option(name, text):
