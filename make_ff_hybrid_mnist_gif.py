@@ -141,9 +141,18 @@ def animate(args):
     frame_ms = 1000 / args.fps
     durations = [frame_ms] * (len(frames) - 1) + [frame_ms * (1 + args.hold_final)]
     os.makedirs(os.path.dirname(args.gif) or ".", exist_ok=True)
-    ff.atomic_write(args.gif, lambda f: iio.imwrite(
-        f, np.stack(frames), extension=".gif",
-        duration=durations if len(frames) > 1 else durations[0], loop=0))
+    # a failed write (a full disk) is one line naming the file; the writer's own clean-up
+    # would otherwise print "Exception ignored" tracebacks as its objects are collected
+    hook, sys.unraisablehook = sys.unraisablehook, lambda unraisable: None
+    try:
+        ff.atomic_write(args.gif, lambda f: iio.imwrite(
+            f, np.stack(frames), extension=".gif",
+            duration=durations if len(frames) > 1 else durations[0], loop=0))
+    except OSError as e:
+        raise ff.DataError(f"could not write {args.gif} ({e.strerror or e}); the run is "
+                           f"saved in {args.run_dir}") from None
+    finally:
+        sys.unraisablehook = hook
     print(f"wrote {args.gif}: {len(frames)} frames, "
           f"{os.path.getsize(args.gif) / 1e6:.1f} MB", flush=True)
     return 0

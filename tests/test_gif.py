@@ -1,6 +1,7 @@
 """The GIF of training: one frame per snapshot, the last held, its output path checked before
 anything trains, and the script built on the module alone."""
 import ast
+import errno
 import os
 
 import imageio.v3 as iio
@@ -52,3 +53,15 @@ def test_gif_script_imports_the_module_only():
              for a in node.names} | {node.module for node in ast.walk(tree)
                                      if isinstance(node, ast.ImportFrom)}
     assert "ff_hybrid_mnist" in names and "visualize_ff_hybrid_mnist" not in names
+
+
+def test_a_full_disk_while_writing_the_gif_names_the_file(tmp_path, monkeypatch, capsys):
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(gif.iio, "imwrite", full_disk)
+    path = tmp_path / "a.gif"
+    assert gif.main(TINY + ["--n-epochs", "1", "--n-eval", "20", "--gif", str(path),
+                            "--out", str(tmp_path / "run")]) == 1
+    err = one_line(capsys.readouterr().err)
+    assert f"could not write {path}" in err and "No space left" in err
+    assert not path.exists() and not [n for n in os.listdir(tmp_path) if n.startswith(".tmp")]
