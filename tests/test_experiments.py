@@ -8,8 +8,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "experiments"))
 import plot_threshold_sweep  # noqa: E402
-
-TINY = "--layer-sizes 784,30,20 --n-epochs 1 --n-train 300 --batch-size 50 --softmax-epochs 2 --top-k 1"
+from conftest import TINY_LINE  # noqa: E402
 
 
 def test_pairs_keeps_flag_values_together():
@@ -38,8 +37,8 @@ def test_goodness_errors_match_the_runs_own_read_out(tmp_path, capsys):
     a hybrid run is refused with exit status 2."""
     import ff_hybrid_mnist as ff
     import goodness_errors
-    flags = TINY.split() + ["--negatives", "label", "--val-size", "200", "--goodness", "sum",
-                            "--threshold", "1"]
+    flags = TINY_LINE.split() + ["--negatives", "label", "--val-size", "200", "--goodness",
+                                 "sum", "--threshold", "1"]
     assert ff.main(flags + ["--out", str(tmp_path / "label")]) == 0
     capsys.readouterr()
     assert goodness_errors.main(["--run", str(tmp_path / "label")]) == 0
@@ -52,5 +51,5 @@ def test_goodness_errors_match_the_runs_own_read_out(tmp_path, capsys):
     x_fit, y_fit, _, _ = ff.split_validation(x_train, y_train, 200, 300)
     scores = ff.goodness_per_label(run.weights, run.biases, x_fit, "sum", 2)
     assert out["goodness_train_error"] == np.mean(scores.argmax(1) != y_fit)
-    assert ff.main(TINY.split() + ["--out", str(tmp_path / "hybrid")]) == 0
+    assert ff.main(TINY_LINE.split() + ["--out", str(tmp_path / "hybrid")]) == 0
     assert goodness_errors.main(["--run", str(tmp_path / "hybrid")]) == 2

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import ff_hybrid_mnist as ff
-from conftest import QUIET, TINY, one_line
+from conftest import QUIET, TINY, one_line, run_cut_after
 import visualize_ff_hybrid_mnist as viz
 
 GPU_PROBLEM = ff.gpu_problem()
@@ -75,14 +75,7 @@ def test_a_gpu_run_is_read_and_continued_on_the_cpu(tmp_path, monkeypatch, capsy
     monkeypatch.setattr(ff, "load_mnist", lambda data_dir=None: mnist)  # read it once
     flags = TINY + ["--softmax-epochs", "0", "--n-epochs", "2", "--n-train", "300"]
     full = ff.run_experiment(ff.parse_args(flags + ["--out", str(tmp_path / "full")]), **QUIET)
-
-    class Stop(Exception):
-        pass
-
-    def stop(epoch, state):
-        raise Stop
-    with pytest.raises(Stop):
-        ff.run_experiment(ff.parse_args(flags + ["--out", str(tmp_path / "cut")]), callback=stop, **QUIET)
+    run_cut_after(tmp_path / "cut", flags)
     as_if_run_on_the_gpu(tmp_path / "cut")
     assert ff.read_checkpoint_config(str(tmp_path / "cut"))[0].device == "gpu"
     # without --device it would continue on the GPU, which this machine lacks

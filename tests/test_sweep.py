@@ -17,8 +17,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "experiments"))
 import plot_threshold_sweep  # noqa: E402
 import sweep  # noqa: E402
+from conftest import TINY_LINE  # noqa: E402
 
-TINY = "--layer-sizes 784,30,20 --n-epochs 1 --n-train 300 --batch-size 50 --softmax-epochs 2 --top-k 1"
 # about 1.2 s of training in 12 epochs of 0.1 s: time to kill what runs it
 SLOW = "--layer-sizes 784,200,200 --n-epochs 12 --n-train 2000 --batch-size 50 --softmax-epochs 1 --top-k 1"
 SWEEP = [sys.executable, os.path.join(ROOT, "experiments", "sweep.py")]
@@ -103,7 +103,7 @@ def cluster(tmp_path_factory):
 def test_sweep_records_each_run_and_its_refit(tmp_path):
     """The default: a LocalCluster of --jobs workers, nothing started by hand."""
     cfg = tmp_path / "cfg.txt"
-    cfg.write_text(f"# two tiny runs\n\na {TINY}\nb {TINY} --threshold 8\n")
+    cfg.write_text(f"# two tiny runs\n\na {TINY_LINE}\nb {TINY_LINE} --threshold 8\n")
     results = tmp_path / "r.jsonl"
     assert sweep.main([str(cfg), "--jobs", "2", "--threads", "1", "--refit-top-k", "2",
                        "--out-dir", str(tmp_path / "runs"), "--results", str(results)]) == 0
@@ -124,7 +124,7 @@ def test_sweep_on_a_cluster_given_by_address_records_every_run(cluster, tmp_path
     """Three runs through --scheduler: two finish, one fails by itself (exit 2: a batch
     larger than its training set) and is recorded once, not tried again."""
     cfg = tmp_path / "cfg.txt"
-    cfg.write_text(f"base {TINY}\na\nb --seed 1\nbad --n-train 20\n")
+    cfg.write_text(f"base {TINY_LINE}\na\nb --seed 1\nbad --n-train 20\n")
     results, out = tmp_path / "r.jsonl", tmp_path / "runs"
     done = subprocess.run(SWEEP + [str(cfg), "--scheduler", cluster["address"], "--threads", "1",
                                    "--out-dir", str(out), "--results", str(results)],
@@ -231,7 +231,7 @@ def test_a_stopped_sweep_stops_its_trainings_and_records_them(tmp_path, spawn, s
 
 def test_an_unreachable_scheduler_is_one_line_and_exit_2(tmp_path, capsys):
     cfg = tmp_path / "cfg.txt"
-    cfg.write_text(f"a {TINY}\n")
+    cfg.write_text(f"a {TINY_LINE}\n")
     t0 = time.time()
     status = sweep.main([str(cfg), "--scheduler", "tcp://127.0.0.1:9", "--out-dir",
                          str(tmp_path / "runs"), "--results", str(tmp_path / "r.jsonl")])
@@ -261,7 +261,7 @@ def test_sweep_refuses_lists_it_would_misread(tmp_path, capsys, text, says):
 
 def test_sweep_refuses_a_results_folder_before_training(tmp_path, capsys):
     cfg = tmp_path / "cfg.txt"
-    cfg.write_text(f"a {TINY}\n")
+    cfg.write_text(f"a {TINY_LINE}\n")
     (tmp_path / "results").mkdir()
     for extra in ([], ["--dry-run"]):
         assert sweep.main([str(cfg), "--out-dir", str(tmp_path / "runs"),
@@ -275,7 +275,7 @@ def test_resume_skips_a_cut_short_last_line_with_a_warning(tmp_path, capsys):
     """A sweep killed while writing a record leaves half a line: --resume warns and skips
     it, and the next record starts a line of its own."""
     cfg, results = tmp_path / "cfg.txt", tmp_path / "r.jsonl"
-    cfg.write_text(f"a {TINY}\n")
+    cfg.write_text(f"a {TINY_LINE}\n")
     whole = json.dumps({"label": "a", "args": [], "rc": 0, "status": "finished"})
     results.write_text(whole + "\n" + whole[:20])
     assert sweep.main([str(cfg), "--resume", "--out-dir", str(tmp_path / "runs"),
@@ -292,9 +292,9 @@ def test_sweep_resume_goes_on_from_the_checkpoint_and_skips_recorded_runs(tmp_pa
     """A run cut after its first epoch, continued by `sweep --resume`, ends with the numbers
     of an uninterrupted run; running the sweep again leaves the recorded runs alone."""
     out, results = tmp_path / "runs", tmp_path / "r.jsonl"
-    flags = TINY.split() + ["--n-epochs", "2"]
+    flags = TINY_LINE.split() + ["--n-epochs", "2"]
     first = tmp_path / "first.txt"
-    first.write_text(f"cut {TINY}\n")  # 1 epoch, checkpointed, BLAS threads as below
+    first.write_text(f"cut {TINY_LINE}\n")  # 1 epoch, checkpointed, BLAS threads as below
     sweep.main([str(first), "--threads", "1", "--out-dir", str(out),
                 "--results", str(tmp_path / "first.jsonl")])
     for name in ("metrics.json", "model.npz"):  # as if killed before the end
