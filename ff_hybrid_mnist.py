@@ -1683,7 +1683,7 @@ def load_checkpoint(run_dir):
 RUN_FILES = ("model.npz", "history.json", "metrics.json")
 
 
-def save_run(run_dir, cfg, state, head, softmax_history, metrics):
+def save_run(run_dir, cfg, state, head, softmax_history, metrics, env=None):
     """model.npz, history.json, then metrics.json, each written whole under a temporary name
     and renamed: a folder holds a finished run exactly when it holds metrics.json."""
     arrays = {"layer_sizes": np.array(cfg.layer_sizes), "config": json.dumps(asdict(cfg))}
@@ -1692,7 +1692,7 @@ def save_run(run_dir, cfg, state, head, softmax_history, metrics):
     if head is not None:
         arrays.update({"softmax_W": to_host(head[0]), "softmax_b": to_host(head[1])})
     history = {"ff": state.history, "softmax": softmax_history, "config": asdict(cfg),
-               "environment": environment(cfg.device)}
+               "environment": env or environment(cfg.device)}
     atomic_write(os.path.join(run_dir, "model.npz"), lambda f: np.savez(f, **arrays))
     write_json(os.path.join(run_dir, "history.json"), history)
     write_json(os.path.join(run_dir, "metrics.json"), metrics)
@@ -2090,6 +2090,8 @@ def run_experiment(args, log=print, callback=None):
             log(f"resuming {run_dir} after epoch {state.epochs_done}")
         else:
             state = FFState.fresh(cfg, np.random.default_rng(cfg.seed))
+        # read now: a long run's files name the code it ran, not what the checkout holds later
+        env = environment(cfg.device)
         x_train, y_train, x_test, y_test = load_mnist(args.data_dir)
         x_train, y_train, x_val, y_val = split_validation(x_train, y_train, cfg.val_size,
                                                           cfg.n_train)
@@ -2115,7 +2117,7 @@ def run_experiment(args, log=print, callback=None):
         metrics["real_vs_hybrid_accuracy" if cfg.negatives == "hybrid"
                 else "pos_vs_neg_accuracy"] = last("accuracy")
         try:
-            save_run(run_dir, cfg, state, head, softmax_history, metrics)
+            save_run(run_dir, cfg, state, head, softmax_history, metrics, env)
         except OSError as e:
             raise DataError(f"could not save the run in {run_dir} ({e.strerror or e}); "
                             f"{recovery()}, fits the head again and saves the run") from None

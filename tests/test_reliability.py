@@ -443,3 +443,11 @@ def test_refit_head_of_a_diverging_head_or_damaged_data_is_one_line(tmp_path, fi
                            "--run", str(finished)], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "MNIST_DIR": str(bad)})
     assert done.returncode == 1 and "SHA-256" in one_line(done.stderr)
+
+
+def test_a_run_names_the_commit_it_started_with(tmp_path, monkeypatch):
+    """A long run's files name the code it ran, not the commit checked out when it ends."""
+    commits = iter(["started-here"] + ["checked-out-later"] * 10)
+    monkeypatch.setattr(ff, "code_commit", lambda: next(commits))
+    assert ff.main(TINY + ["--n-epochs", "1", "--out", str(tmp_path / "r")]) == 0
+    assert ff.load_run(str(tmp_path / "r")).environment["commit"] == "started-here"
