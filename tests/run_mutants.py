@@ -5,7 +5,7 @@ plausibly contain. For each, the repository is copied to a temporary folder, the
 applied, and the given tests are run there; a mutant that passes every test is reported
 as SURVIVED (the tests cannot see that bug). Not collected by pytest (no test_ prefix).
 
-    python3 tests/run_mutants.py                     # all mutants: training, label and local tests
+    python3 tests/run_mutants.py                     # all mutants: training, label, local, recipe, CLI tests
     python3 tests/run_mutants.py --tests tests       # against the whole suite
     python3 tests/run_mutants.py --tests "tests/test_training.py -k tiny"  # one test
 """
@@ -64,7 +64,7 @@ MUTANTS = {  # name -> (text in ff_hybrid_mnist.py, its replacement, and so on)
         "            wrong = hard[rows]\n",
         "            wrong = (y_train[rows] + rng.integers(1, N_CLASSES, B)) % N_CLASSES\n"),
     "hard-negative head: never learns": (
-        "        W -= cfg.hard_head_lr * dW\n        b -= cfg.hard_head_lr * db\n", ""),
+        "        W -= cfg.hard_head_lr * dW\n        b -= cfg.hard_head_lr * db\n", "        pass\n"),
     "author's peer term gated by the ReLU": (
         "    dz[:n_pos] += (coef / n_pos * (r - r.mean())).astype(h.dtype, copy=False)\n",
         "    dz[:n_pos] += (h[:n_pos] > 0) * (coef / n_pos * (r - r.mean())).astype(h.dtype, "
@@ -102,7 +102,8 @@ MUTANTS = {  # name -> (text in ff_hybrid_mnist.py, its replacement, and so on)
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tests", default="tests/test_training.py tests/test_labels.py "
-                                      "tests/test_local.py tests/test_recipe.py")
+                                      "tests/test_local.py tests/test_recipe.py "
+                                      "tests/test_cli.py")
     p.add_argument("--only", help="run the mutants whose name contains this text")
     args = p.parse_args(argv)
     source = open(os.path.join(ROOT, "ff_hybrid_mnist.py")).read()
