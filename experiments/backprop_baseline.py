@@ -198,6 +198,7 @@ def build_parser():
                        help=f.metadata["help"])
     p.add_argument("--out", help="append the run's JSON record to this file (JSON lines); "
                                  "it is printed in any case")
+    p.add_argument("--label", help="a name stored in the record (a sweep list's first word)")
     p.add_argument("--data-dir", help="folder with the four MNIST files (see the module)")
     return p
 
@@ -231,7 +232,7 @@ def main(argv=None):
                "train_error": error_rate(weights, biases, x_fit, y_fit),
                "chosen_epoch": history["chosen_epoch"],
                "train_seconds": sum(history["seconds"])}
-    record = {"config": asdict(cfg), "metrics": metrics, "history": history,
+    record = {"label": args.label, "config": asdict(cfg), "metrics": metrics, "history": history,
               "wall_seconds": time.perf_counter() - t0,
               "threads": os.environ.get("OPENBLAS_NUM_THREADS"),
               "command": "python3 experiments/backprop_baseline.py " + " ".join(
