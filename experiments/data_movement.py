@@ -1,0 +1,400 @@
+"""Data movement (ByteDMD) of one training step of FF and of backprop on the same network.
+
+Each step is written as the element-level operations the numpy code performs, in its order
+(experiments/bytedmd.py prices them): FF as ff_hybrid_mnist.train_ff runs a batch (the
+stacked positives and negatives L2-normalised, then per layer: forward, goodness, loss, the
+hand-derived local gradient, Adam on W and b, the L2 normalisation for the layer above);
+backprop as experiments/backprop_baseline.py runs one (forward, softmax cross-entropy,
+backward pass, Adam on every parameter). Values are float32 (4 bytes), labels int64 and
+comparison masks 1 byte. Every matrix product is the i-j-k loop (an entry's multiply-adds
+one after another, entries in row-major order).
+
+    python3 experiments/data_movement.py grid --out experiments/results/data-movement.json
+    python3 experiments/data_movement.py target --out experiments/results/data-movement-target.json
+    python3 experiments/data_movement.py plot --grid experiments/results/data-movement.json \\
+        --out viz/data_movement.png
+"""
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, ".."))
+sys.path.insert(0, HERE)
+import ff_hybrid_mnist as ff  # noqa: E402
+import bytedmd  # noqa: E402
+import backprop_baseline as bp  # noqa: E402
+
+LABEL_BYTES, MASK_BYTES = 8, 1
+
+# -----------------------------------------------------------------------------
+# Shared pieces: Adam, the L2 normalisation, a layer's forward pass
+
+
+def adam(t, p, g, m, v):
+    """Module's Adam step, as adam_cpu runs it on each chunk of ADAM_CHUNK elements: ten
+    passes (m *= b1, m += g, v *= b2, tmp = g g, v += tmp, tmp = sqrt v, tmp += eps,
+    tmp = m / tmp, tmp *= step, p -= tmp); no weight decay, no flush. Returns the new
+    (p, m, v)."""
+    shape = p.shape
+    p, g, m, v = (a.ravel() for a in (p, g, m, v))
+    new = []
+    for lo in range(0, len(p), ff.ADAM_CHUNK):
+        c = slice(lo, lo + ff.ADAM_CHUNK)
+        m1 = t.op("update", t.op("update", m[c]), g[c])
+        v1 = t.op("update", t.op("update", v[c]), t.op("update", g[c], g[c]))
+        tmp = t.op("update", t.op("update", v1))
+        tmp = t.op("update", t.op("update", m1, tmp))
+        new.append((t.op("update", p[c], tmp), m1, v1))
+    return tuple(np.concatenate(parts).reshape(shape) for parts in zip(*new))
+
+
+def l2_normalize(t, X, phase="l2norm"):
+    """Module's l2_normalize: norm = sqrt(einsum(x, x)), norm += eps, x / norm."""
+    norm = t.op(phase, t.op(phase, t.dot_rows(phase, X, X)))
+    return t.op(phase, X, norm[:, None])
+
+
+def layer_forward(t, X, W, b, phase="forward"):
+    """Module's layer_forward: x @ W, += b, ReLU."""
+    Z = t.op(phase, t.matmul(phase, X, W), b[None, :])
+    return t.op(phase, Z)
+
+
+def network_arguments(t, sizes):
+    """Arguments of a network with these layer sizes, in call order after the batch: each
+    layer's W and b, then the Adam moments (m, v) of each W and b in the same order."""
+    params = [(t.argument((a, b)), t.argument((b,))) for a, b in zip(sizes[:-1], sizes[1:])]
+    moments = [[(t.argument(p.shape), t.argument(p.shape)) for p in layer] for layer in params]
+    return params, moments
+
+
+def softmax_cross_entropy(t, logits, y, phase, grad_phase, decay_of=None):
+    """dL/dlogits as softmax_loss_and_grads computes it, the loss on the way: row max, shift,
+    exp, row sum, log, mean, the label's shifted logit, mean, difference (plus
+    0.5 wd |W|^2 for decay_of=W), then p / sum, p[label] -= 1, p / n. Rows take the labels
+    0, 1, 2, ... in turn (y holds the label values)."""
+    n, n_classes = logits.shape
+    rows, label = np.arange(n), np.arange(n) % n_classes
+    shifted = t.op(phase, logits, t.max_rows(phase, logits)[:, None])
+    p = t.op(phase, shifted)                                          # exp
+    p_sum = t.sum_rows(phase, p)
+    mean_log = t.op(phase, t.sum_rows(phase, t.op(phase, p_sum)[None, :]))  # log, sum, / n
+    picked = t.op(phase, y, shifted[rows, label])                     # shifted[rows, y]
+    loss = t.op(phase, mean_log, t.op(phase, t.sum_rows(phase, picked[None, :])))
+    if decay_of is not None:
+        flat = decay_of.reshape(1, -1)
+        t.op(phase, loss, t.op(phase, t.dot_rows(phase, flat, flat)))  # + 0.5 wd vdot(W, W)
+    p = t.op(grad_phase, p, p_sum[:, None])                           # p / sum
+    p[rows, label] = t.op(grad_phase, y, p[rows, label])              # p[rows, y] -= 1
+    return t.op(grad_phase, p)                                        # / n
+
+
+# -----------------------------------------------------------------------------
+# FF: one batch of train_ff
+
+
+def hybrid_negatives(t, a, b, bits, blur):
+    """Module's make_hybrid_batch for digit rows a and b, from the mask's random bits
+    (n side x side blocks, as floats) and the blur matrix: bits @ B^T, a transposing copy,
+    @ B^T, > 0.5 over the result in memory order, the copy that reshape makes of that
+    transposed mask; then out = b, out[mask] = a."""
+    n, side = len(a), len(blur)
+    rows = t.matmul("negatives", bits, blur.T).reshape(n, side, side)
+    copied = t.op("negatives", rows.transpose(0, 2, 1)).reshape(n * side, side)
+    blurred = t.matmul("negatives", copied, blur.T).reshape(n, side, side)
+    mask = t.op("negatives", blurred, size=MASK_BYTES).transpose(0, 2, 1)
+    mask = t.op("negatives", mask, size=MASK_BYTES).reshape(n, side * side)
+    return t.op("negatives", mask, a, t.op("negatives", b))
+
+
+def ff_step(t, x, params, moments, normalize=True):
+    """train_ff's work on one stacked batch x (positives, then as many negatives): per
+    layer forward, goodness, loss, the hand-derived local gradient, Adam on W then b, and
+    (for the layer above) the L2 normalisation of the layer's output from before its
+    update. Returns the new params and moments."""
+    B = len(x) // 2
+    X = l2_normalize(t, x) if normalize else x
+    new_params, new_moments = [], []
+    for l, ((W, bias), ((mW, vW), (mb, vb))) in enumerate(zip(params, moments)):
+        H = layer_forward(t, X, W, bias)
+        # goodness (mean of h^2) and the FF loss, as layer_loss_and_grads computes them
+        g = t.op("goodness", t.dot_rows("goodness", H, H))            # einsum, / n_units
+        margin = t.op("loss", g)                                      # g - threshold
+        margin = np.concatenate([t.op("loss", margin[:B]), margin[B:]])  # positives: * -1
+        t.op("loss", t.sum_rows("loss", t.op("loss", margin)[None, :]))  # softplus, sum, / n
+        # dL/dg = s sigmoid(s margin) / n_pos, sigmoid(t) = 0.5 (1 + tanh(0.5 t))
+        d = margin
+        for _ in range(4):
+            d = t.op("gradient", d)
+        d = t.op("gradient", d)                                       # / n_pos
+        d = np.concatenate([t.op("gradient", d[:B]), d[B:]])          # positives: * -1
+        dZ = t.op("gradient", H, t.op("gradient", d)[:, None])        # h * (scale dL/dg)
+        dW = t.matmul("gradient", X.T, dZ)
+        db = t.sum_columns("gradient", dZ)
+        W1, mW1, vW1 = adam(t, W, dW, mW, vW)
+        b1, mb1, vb1 = adam(t, bias, db, mb, vb)
+        new_params.append((W1, b1))
+        new_moments.append(((mW1, vW1), (mb1, vb1)))
+        if l + 1 < len(params):
+            X = l2_normalize(t, H) if normalize else H
+    return new_params, new_moments
+
+
+def trace_ff_step(n_in, widths, batch, normalize=True, negatives=False, warmup=1):
+    """The trace of FF steps on `batch` positives and `batch` negatives each: `warmup`
+    steps whose phases are named "warm-up ...", then the step that is measured, which so
+    finds the stack as training leaves it rather than as the arguments were pushed.
+
+    normalize=False leaves out every L2 normalisation (each layer reads the raw activities
+    below it): the counterfactual that prices what the normalisation costs. negatives=True
+    also makes the negatives (hybrids of two other digits, the module's masks), else they
+    are part of each step's batch argument like the positives. Arguments: each step's batch
+    (or its positives, the two digits of each hybrid and the mask bits; then the blur
+    matrix), then the network.
+    """
+    t = bytedmd.Trace()
+    B, steps = batch, warmup + 1
+    if negatives:
+        side = math.isqrt(n_in)
+        data = [[t.argument((B, n_in)) for _ in range(3)] + [t.argument((B * side, side))]
+                for _ in range(steps)]
+        blur = t.argument((side, side))
+    else:
+        data = [t.argument((2 * B, n_in)) for _ in range(steps)]  # positives, then negatives
+    params, moments = network_arguments(t, (n_in,) + tuple(widths))
+    for s in range(steps):
+        t.phase_prefix = "warm-up " if s < warmup else ""
+        if negatives:
+            pos, a, b, bits = data[s]
+            x = np.concatenate([pos, hybrid_negatives(t, a, b, bits, blur)])
+        else:
+            x = data[s]
+        params, moments = ff_step(t, x, params, moments, normalize)
+    return t
+
+
+# -----------------------------------------------------------------------------
+# Backprop: one batch of backprop_baseline.train_backprop
+
+
+def backprop_step(t, x, y, params, moments):
+    """train_backprop's work on one batch: forward, softmax cross-entropy, backward (per
+    layer from the top: dW, db, then dL/dh below and its ReLU mask), Adam on every W, then
+    every b. Returns the new params and moments."""
+    hs = [x]
+    for W, b in params[:-1]:
+        hs.append(layer_forward(t, hs[-1], W, b))
+    W_out, b_out = params[-1]
+    logits = t.op("forward", t.matmul("forward", hs[-1], W_out), b_out[None, :])
+    dz = softmax_cross_entropy(t, logits, y, "loss", "backward")
+    grads = [None] * len(params)
+    for l in reversed(range(len(params))):
+        grads[l] = (t.matmul("backward", hs[l].T, dz), t.sum_columns("backward", dz))
+        if l > 0:
+            dh = t.matmul("backward", dz, params[l][0].T)
+            dz = t.op("backward", dh, t.op("backward", hs[l], size=MASK_BYTES))
+    new = [[None, None] for _ in params], [[None, None] for _ in params]
+    for k in (0, 1):  # every W, then every b
+        for l in range(len(params)):
+            p, m, v = adam(t, params[l][k], grads[l][k], *moments[l][k])
+            new[0][l][k], new[1][l][k] = p, (m, v)
+    return new
+
+
+def trace_backprop_step(n_in, widths, batch, n_classes=bp.N_CLASSES, warmup=1):
+    """The trace of backprop steps on `batch` digits each, `warmup` of them named
+    "warm-up ..." before the measured one (as trace_ff_step). Arguments: each step's batch
+    and labels, then the network with its softmax layer."""
+    t = bytedmd.Trace()
+    data = [(t.argument((batch, n_in)), t.argument((batch,), size=LABEL_BYTES))
+            for _ in range(warmup + 1)]
+    params, moments = network_arguments(t, (n_in,) + tuple(widths) + (n_classes,))
+    for s, (x, y) in enumerate(data):
+        t.phase_prefix = "warm-up " if s < warmup else ""
+        params, moments = backprop_step(t, x, y, params, moments)
+    return t
+
+
+# -----------------------------------------------------------------------------
+# The FF softmax head: feature extraction and one SGD step (for the cost to a test error)
+
+
+def trace_features(n_in, widths, chunk, top_k):
+    """Module's extract_features on `chunk` digits: each layer L2-normalises its input,
+    then forward; the top_k layers' activities L2-normalised into the features."""
+    t = bytedmd.Trace()
+    x = t.argument((chunk, n_in))
+    params, _ = network_arguments(t, (n_in,) + tuple(widths))
+    hs, h = [], x
+    for W, b in params:
+        h = layer_forward(t, l2_normalize(t, h, "features"), W, b, "features")
+        hs.append(h)
+    for h in hs[-top_k:]:
+        l2_normalize(t, h, "features")
+    return t
+
+
+def trace_head_step(n_features, batch, n_classes=bp.N_CLASSES):
+    """One step of the module's train_softmax: softmax_loss_and_grads with its weight
+    decay (0.5 wd |W|^2 in the loss, dW += wd W), then W -= lr dW, b -= lr db."""
+    t = bytedmd.Trace()
+    F = t.argument((batch, n_features))
+    y = t.argument((batch,), size=LABEL_BYTES)
+    W, b = t.argument((n_features, n_classes)), t.argument((n_classes,))
+    logits = t.op("head", t.matmul("head", F, W), b[None, :])
+    p = softmax_cross_entropy(t, logits, y, "head", "head", decay_of=W)
+    dW = t.op("head", t.matmul("head", F.T, p), t.op("head", W))
+    db = t.sum_columns("head", p)
+    t.op("head", W, t.op("head", dW))
+    t.op("head", b, t.op("head", db))
+    return t
+
+
+# -----------------------------------------------------------------------------
+# Measurements
+
+
+def measure(trace):
+    """The cost of the trace's measured step (its phases not named "warm-up ..."), by phase,
+    with the size of the whole trace and the seconds that pricing it took."""
+    t0 = time.perf_counter()
+    _, by_phase, per_read = bytedmd.price(trace)
+    measured = {ph: c for ph, c in by_phase.items() if not ph.startswith("warm-up ")}
+    return {"cost": sum(measured.values()), "by_phase": measured,
+            "trace_reads": int(len(per_read)), "trace_ops": trace.n_ops,
+            "seconds": time.perf_counter() - t0}
+
+
+def fit_power_law(rows, factors, key):
+    """Least-squares fit of log cost = log k + sum_f e_f log f over the rows; returns the
+    exponents, k and the largest relative misfit."""
+    X = np.array([[1.0] + [math.log(r[f]) for f in factors] for r in rows])
+    y = np.array([math.log(r[key]) for r in rows])
+    coef, *_ = np.linalg.lstsq(X, y, rcond=None)
+    misfit = float(np.max(np.abs(np.exp(X @ coef - y) - 1)))
+    return {"exponents": dict(zip(factors, map(float, coef[1:]))), "k": float(math.exp(coef[0])),
+            "max_relative_misfit": misfit}
+
+
+BASE = {"n_in": 196, "width": 64, "depth": 3, "batch": 4}
+GRID = ([dict(BASE, width=w) for w in (16, 32, 64, 128)]
+        + [dict(BASE, depth=d) for d in (2, 4)]
+        + [dict(BASE, batch=b) for b in (1, 2, 8, 16)]
+        + [dict(BASE, n_in=49)])
+FACTORS = ("width", "depth", "batch", "n_in")
+
+
+def measure_config(c, log=print):
+    """FF, FF without its L2 normalisations, and backprop at one size (c: n_in, width,
+    depth = hidden layers, batch)."""
+    widths = (c["width"],) * c["depth"]
+    row = dict(c)
+    row["ff"] = measure(trace_ff_step(c["n_in"], widths, c["batch"]))
+    row["ff_no_l2"] = measure(trace_ff_step(c["n_in"], widths, c["batch"], normalize=False))
+    row["backprop"] = measure(trace_backprop_step(c["n_in"], widths, c["batch"]))
+    ff_cost, bp_cost = row["ff"]["cost"], row["backprop"]["cost"]
+    row["ratio"] = ff_cost / bp_cost
+    row["ratio_without_update"] = ((ff_cost - row["ff"]["by_phase"]["update"])
+                                   / (bp_cost - row["backprop"]["by_phase"]["update"]))
+    row["shares"] = {"ff_l2_reads": row["ff"]["by_phase"]["l2norm"] / ff_cost,
+                     "ff_l2_counterfactual": 1 - row["ff_no_l2"]["cost"] / ff_cost,
+                     "ff_update": row["ff"]["by_phase"]["update"] / ff_cost,
+                     "backprop_backward": row["backprop"]["by_phase"]["backward"] / bp_cost,
+                     "backprop_update": row["backprop"]["by_phase"]["update"] / bp_cost}
+    log(f"{c}: FF {ff_cost:.3e}  FF without L2 {row['ff_no_l2']['cost']:.3e}  backprop "
+        f"{bp_cost:.3e}  FF/backprop {row['ratio']:.2f}  L2 share "
+        f"{100 * row['shares']['ff_l2_reads']:.1f}%  backward share "
+        f"{100 * row['shares']['backprop_backward']:.1f}%  "
+        f"({row['ff']['seconds'] + row['ff_no_l2']['seconds'] + row['backprop']['seconds']:.0f} s)",
+        flush=True)
+    return row
+
+
+def run_grid(args):
+    t0 = time.perf_counter()
+    rows = [measure_config(c) for c in GRID]
+    fits = {}
+    for name in ("ff", "ff_no_l2", "backprop"):
+        fits[name] = fit_power_law([dict(r, cost=r[name]["cost"]) for r in rows], FACTORS, "cost")
+    fits["ratio"] = fit_power_law(rows, FACTORS, "ratio")
+    record = {"what": "ByteDMD cost of one training step (after one warm-up step), FF and "
+                      "backprop on the same network, at small sizes; power-law fits over "
+                      "all rows", "base": BASE, "rows": rows, "fits": fits,
+              "seconds": time.perf_counter() - t0,
+              "command": "python3 experiments/data_movement.py " + " ".join(sys.argv[1:]),
+              "environment": ff.environment()}
+    ff.write_json(args.out, record)
+    for name, fit in fits.items():
+        print(f"{name}: exponents " + ", ".join(f"{k} {v:.2f}" for k, v in
+                                                 fit["exponents"].items())
+              + f"; largest misfit {100 * fit['max_relative_misfit']:.0f}%")
+
+
+# -----------------------------------------------------------------------------
+# Steps at the size of the training comparison (784 inputs), and the cost to an error
+
+STEP_WIDTHS, STEP_BATCHES, CHECK_BATCH = (64, 128), (1, 2, 4, 8), 16
+HEAD_BATCH, FEATURE_CHUNKS = 256, (4, 8, 16)
+
+
+def affine_fit(xs, ys):
+    """(a, b) of the least-squares line y = a + b x."""
+    b, a = np.polyfit(np.asarray(xs, float), np.asarray(ys, float), 1)
+    return float(a), float(b)
+
+
+def run_steps(args):
+    """784-w-w at batches 1-8 (and 16 at the first width, to check the extrapolation): FF
+    with its negatives made, backprop, the FF head's SGD step at its batch of 256 and its
+    feature extraction per digit; the cost per step as a + b batch, fitted on 1-8."""
+    t0 = time.perf_counter()
+    out = {"widths": {}}
+    for w in STEP_WIDTHS:
+        widths, row = (w, w), {"batches": {}}
+        batches = STEP_BATCHES + ((CHECK_BATCH,) if w == STEP_WIDTHS[0] else ())
+        for B in batches:
+            row["batches"][B] = {
+                "ff": measure(trace_ff_step(784, widths, B, negatives=True)),
+                "backprop": measure(trace_backprop_step(784, widths, B))}
+            print(f"784-{w}-{w}, batch {B}: FF {row['batches'][B]['ff']['cost']:.3e}  "
+                  f"backprop {row['batches'][B]['backprop']['cost']:.3e}", flush=True)
+        for name in ("ff", "backprop"):
+            a, b = affine_fit(STEP_BATCHES, [row["batches"][B][name]["cost"]
+                                             for B in STEP_BATCHES])
+            row[name + "_fit"] = {"a": a, "b": b}
+            if CHECK_BATCH in row["batches"]:
+                row[name + "_fit"]["check_error_at_16"] = (
+                    (a + b * CHECK_BATCH) / row["batches"][CHECK_BATCH][name]["cost"] - 1)
+        row["head_step"] = measure(trace_head_step(2 * w, HEAD_BATCH))
+        row["features"] = {c: measure(trace_features(784, widths, c, top_k=2))
+                           for c in FEATURE_CHUNKS}
+        row["features_fit"] = dict(zip(("a", "b"), affine_fit(
+            FEATURE_CHUNKS, [row["features"][c]["cost"] for c in FEATURE_CHUNKS])))
+        out["widths"][w] = row
+    out.update(seconds=time.perf_counter() - t0,
+               command="python3 experiments/data_movement.py " + " ".join(sys.argv[1:]),
+               environment=ff.environment())
+    ff.write_json(args.out, out)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("grid", help="one step of each at small sizes, priced; power-law fits")
+    g.add_argument("--out", required=True, help="JSON record to write")
+    s = sub.add_parser("steps", help="steps at 784-64-64 and 784-128-128, batches 1-16")
+    s.add_argument("--out", required=True, help="JSON record to write")
+    args = p.parse_args(argv)
+    {"grid": run_grid, "steps": run_steps}[args.command](args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
