@@ -384,6 +384,178 @@ def run_steps(args):
     ff.write_json(args.out, out)
 
 
+# The training curves: the real numpy code, FF (train_ff + a fresh softmax head after every
+# epoch) and backprop (backprop_baseline), on the first n_train digits of the training split
+
+CURVE_SETTINGS = {"n_train": 10000, "val_size": 10000, "batch_size": 100, "ff_epochs": 60,
+                  "ff_threshold": 8.0, "ff_softmax_lr": 2.0, "ff_softmax_epochs": 30,
+                  "bp_lr": 1e-3, "bp_epochs": 10, "bp_every": 10}
+
+
+def quiet(*args, **kwargs):
+    pass
+
+
+def ff_curve(width, seed, data, s):
+    """(val, test) error of the FF network of two layers of `width` with a softmax head
+    on both layers, fitted afresh (the module's settings) after each FF epoch; epoch 0 is the
+    untrained network."""
+    x_fit, y_fit, x_val, y_val, x_test, y_test = data
+    cfg = ff.FFConfig(layer_sizes=(784, width, width), n_epochs=s["ff_epochs"],
+                      batch_size=s["batch_size"], threshold=s["ff_threshold"],
+                      softmax_lr=s["ff_softmax_lr"], softmax_epochs=s["ff_softmax_epochs"],
+                      top_k=2, n_train=s["n_train"], val_size=s["val_size"], seed=seed)
+    state = ff.FFState.fresh(cfg, np.random.default_rng(seed))
+    points = []
+
+    def evaluate(epoch, state):
+        F_fit, F_val, F_test = (ff.extract_features(state.weights, state.biases, x, cfg.top_k)
+                                for x in (x_fit, x_val, x_test))
+        W, b, _ = ff.train_softmax(F_fit, y_fit, F_test, y_test,
+                                   np.random.default_rng([seed, 1]), cfg.softmax_epochs,
+                                   cfg.softmax_lr, cfg.softmax_weight_decay, log=quiet)
+        points.append({"steps": (epoch + 1) * (len(x_fit) // cfg.batch_size),
+                       "val_error": ff.error_rate(F_val, y_val, W, b),
+                       "test_error": ff.error_rate(F_test, y_test, W, b)})
+
+    evaluate(-1, state)
+    ff.train_ff(x_fit, cfg, state, callback=evaluate, log=quiet)
+    return points
+
+
+def backprop_curve(width, seed, data, s):
+    """(val, test) error of backprop on the same network every bp_every steps."""
+    x_fit, y_fit, x_val, y_val, x_test, y_test = data
+    cfg = bp.BPConfig(layer_sizes=(784, width, width), lr=s["bp_lr"], n_epochs=s["bp_epochs"],
+                      batch_size=s["batch_size"], n_train=s["n_train"],
+                      val_size=s["val_size"], seed=seed)
+    points = []
+
+    def evaluate(step, weights, biases):
+        points.append({"steps": step, "val_error": bp.error_rate(weights, biases, x_val, y_val),
+                       "test_error": bp.error_rate(weights, biases, x_test, y_test)})
+
+    bp.train_backprop(cfg, x_fit, y_fit, x_val, y_val, log=quiet, every=s["bp_every"],
+                      callback=evaluate)
+    return points
+
+
+def run_curves(args):
+    s = dict(CURVE_SETTINGS)
+    x_train, y_train, x_test, y_test = ff.load_mnist()
+    x_fit, y_fit, x_val, y_val = ff.split_validation(x_train, y_train, s["val_size"],
+                                                     s["n_train"])
+    data = (x_fit, y_fit, x_val, y_val, x_test, y_test)
+    runs = []
+    for width in args.widths:
+        for seed in args.seeds:
+            for name, curve in (("ff", ff_curve), ("backprop", backprop_curve)):
+                t0 = time.perf_counter()
+                points = curve(width, seed, data, s)
+                runs.append({"algorithm": name, "width": width, "seed": seed,
+                             "points": points, "seconds": time.perf_counter() - t0})
+                best = min(points, key=lambda p: p["val_error"])
+                print(f"{name} 784-{width}-{width} seed {seed}: best val error "
+                      f"{100 * best['val_error']:.2f}% at step {best['steps']}, last "
+                      f"{100 * points[-1]['val_error']:.2f}%  ({runs[-1]['seconds']:.0f} s)",
+                      flush=True)
+    ff.write_json(args.out, {
+        "what": "validation and test error against training steps, FF (a fresh softmax head "
+                "after each epoch) and backprop, 784-w-w, first n_train training digits",
+        "settings": s, "runs": runs,
+        "command": "python3 experiments/data_movement.py " + " ".join(sys.argv[1:]),
+        "environment": ff.environment()})
+
+
+def steps_to(points, target):
+    """The first step at which the validation error is at most target (None: never)."""
+    return next((p["steps"] for p in points if p["val_error"] <= target), None)
+
+
+def run_cost(args):
+    """Cost to a validation error: steps from the curves times the cost of a step at batch
+    100 (the affine fit of the traced batches 1-8), FF's softmax head added once."""
+    with open(args.steps) as f:
+        steps = json.load(f)
+    with open(args.curves) as f:
+        curves = json.load(f)
+    s = curves["settings"]
+    B, n = s["batch_size"], s["n_train"]
+    rows = []
+    for w_key, st in steps["widths"].items():
+        width = int(w_key)
+        step_cost = {name: st[name + "_fit"]["a"] + st[name + "_fit"]["b"] * B
+                     for name in ("ff", "backprop")}
+        chunk = 2000  # extract_features' chunk
+        features = (-(-n // chunk) * st["features_fit"]["a"] + n * st["features_fit"]["b"])
+        head = s["ff_softmax_epochs"] * -(-n // HEAD_BATCH) * st["head_step"]["cost"]
+        runs = {name: [r for r in curves["runs"] if r["algorithm"] == name
+                       and r["width"] == width] for name in ("ff", "backprop")}
+        if not runs["ff"]:
+            continue
+        for target in args.targets:
+            reached = {name: [steps_to(r["points"], target) for r in runs[name]]
+                       for name in runs}
+            row = {"width": width, "target_val_error": target, "seeds": len(runs["ff"]),
+                   "ff_steps": reached["ff"], "backprop_steps": reached["backprop"],
+                   "ff_step_cost": step_cost["ff"], "backprop_step_cost": step_cost["backprop"],
+                   "ff_head_cost": features + head}
+            if all(v is not None for v in reached["ff"] + reached["backprop"]):
+                ff_steps, bp_steps = np.mean(reached["ff"]), np.mean(reached["backprop"])
+                row["ff_cost"] = ff_steps * step_cost["ff"] + features + head
+                row["backprop_cost"] = bp_steps * step_cost["backprop"]
+                row["ratio"] = row["ff_cost"] / row["backprop_cost"]
+                row["steps_ratio"] = ff_steps / bp_steps
+                row["test_error_at_target"] = {
+                    name: float(np.mean([next(p["test_error"] for p in r["points"]
+                                              if p["steps"] == k)
+                                         for r, k in zip(runs[name], reached[name])]))
+                    for name in runs}
+            rows.append(row)
+            print(f"784-{width}-{width}, val error <= {100 * target:.1f}%: FF steps "
+                  f"{reached['ff']}, backprop steps {reached['backprop']}"
+                  + (f", cost FF {row['ff_cost']:.3e} / backprop {row['backprop_cost']:.3e}"
+                     f" = {row['ratio']:.1f}" if "ratio" in row else ""))
+    ff.write_json(args.out, {
+        "what": "ByteDMD cost to reach a validation error: mean steps over the seeds times "
+                "the traced cost of a step at batch 100 (affine fit on batches 1-8); FF adds "
+                "its softmax head once (features of the training digits and the head's "
+                "SGD epochs)", "batch_size": B, "rows": rows,
+        "inputs": [args.steps, args.curves],
+        "command": "python3 experiments/data_movement.py " + " ".join(sys.argv[1:])})
+
+
+def run_plot(args):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    with open(args.grid) as f:
+        grid = json.load(f)
+    base = grid["base"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, factor in zip(axes, ("width", "batch")):
+        rows = sorted((r for r in grid["rows"]
+                       if all(r[k] == v for k, v in base.items() if k != factor)),
+                      key=lambda r: r[factor])
+        x = [r[factor] for r in rows]
+        for name, label, style in (("ff", "FF", "o-"), ("ff_no_l2", "FF without L2 norm", "o--"),
+                                   ("backprop", "backprop", "s-")):
+            ax.plot(x, [r[name]["cost"] for r in rows], style, label=label)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xticks(x)
+        ax.set_xticklabels([str(v) for v in x])
+        ax.set_xlabel(f"{factor} ({'units per hidden layer' if factor == 'width' else 'digits per step'})")
+        others = ", ".join(f"{k} {v}" for k, v in base.items() if k != factor)
+        ax.set_title(f"one training step ({others})", fontsize=9)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].set_ylabel("ByteDMD cost of one step")
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(args.out, dpi=120)
+    print(f"wrote {args.out}")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -391,8 +563,22 @@ def main(argv=None):
     g.add_argument("--out", required=True, help="JSON record to write")
     s = sub.add_parser("steps", help="steps at 784-64-64 and 784-128-128, batches 1-16")
     s.add_argument("--out", required=True, help="JSON record to write")
+    c = sub.add_parser("curves", help="train FF and backprop on 784-w-w, errors per step")
+    c.add_argument("--widths", type=int, nargs="+", default=[64])
+    c.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    c.add_argument("--out", required=True, help="JSON record to write")
+    k = sub.add_parser("cost", help="cost to a validation error, from steps and curves")
+    k.add_argument("--steps", required=True, help="the record of `steps`")
+    k.add_argument("--curves", required=True, help="the record of `curves`")
+    k.add_argument("--targets", type=float, nargs="+", required=True,
+                   help="validation errors to reach (fractions, e.g. 0.06)")
+    k.add_argument("--out", required=True, help="JSON record to write")
+    g2 = sub.add_parser("plot", help="cost per step against width and batch, log-log")
+    g2.add_argument("--grid", required=True, help="the record of `grid`")
+    g2.add_argument("--out", required=True, help="the figure (PNG)")
     args = p.parse_args(argv)
-    {"grid": run_grid, "steps": run_steps}[args.command](args)
+    {"grid": run_grid, "steps": run_steps, "curves": run_curves, "cost": run_cost,
+     "plot": run_plot}[args.command](args)
     return 0
 
 
