@@ -150,8 +150,9 @@ class Trace:
         initial = np.concatenate([a.ravel() for a in reversed(self.arguments)] or
                                  [np.zeros(0, np.int64)])
         phases = list(dict.fromkeys(c[4] for c in self.chunks))
-        read_op = np.concatenate([first + ro for first, ro, *_ in self.chunks])
-        read_val = np.concatenate([rv for _, _, rv, *_ in self.chunks])
+        ids = np.int32 if max(self.n_values, self.n_ops) < 2 ** 31 else np.int64
+        read_op = np.concatenate([(first + ro).astype(ids) for first, ro, *_ in self.chunks])
+        read_val = np.concatenate([rv.astype(ids) for _, _, rv, *_ in self.chunks])
         out_val = np.concatenate([np.arange(out, out + n, dtype=np.int64)
                                   for *_, n, _, out in self.chunks])
         op_phase = np.concatenate([np.full(n, phases.index(ph), np.int16)
@@ -293,7 +294,7 @@ def price(trace):
     live = initial[first_read[initial] >= 0]
     moved = np.flatnonzero(~last_of_value)           # groups whose value is read again
     pushed = np.flatnonzero(first_read[out_val] >= 0)  # operations whose output is read
-    made = np.concatenate([np.full(len(live), -1), g_op[moved], pushed])
+    made = np.concatenate([np.full(len(live), -1), g_op[moved], pushed]).astype(np.int64)
     tiebreak = np.concatenate([np.zeros(len(live), np.int64), g_read[moved],
                                np.full(len(pushed), len(read_op))])
     creation = np.lexsort((tiebreak, made))
@@ -314,6 +315,7 @@ def price(trace):
     group_slot[moved + 1] = slot_of[n_live:n_live + n_moved]
     slot_of_read = np.empty(len(read_op), np.int64)
     slot_of_read[by_value] = group_slot[np.cumsum(new_group) - 1]
+    del by_value, v, o, new_group, g_val, g_read, group_slot, slot_of, origin, slot_val
     # bytes above each read's block
     made_before = np.cumsum(np.bincount(made + 1, minlength=n_ops + 1))[read_op]
     cumulative = np.concatenate([[0], np.cumsum(slot_size)])

@@ -340,25 +340,29 @@ def run_grid(args):
 # -----------------------------------------------------------------------------
 # Steps at the size of the training comparison (784 inputs), and the cost to an error
 
-STEP_WIDTHS, STEP_BATCHES, CHECK_BATCH = (64, 128), (1, 2, 4, 8), 16
-HEAD_BATCH, FEATURE_CHUNKS = 256, (4, 8, 16)
+STEP_BATCHES = {64: (1, 2, 4, 8, 16, 32), 128: (1, 2, 4, 8, 16)}  # widths of 784-w-w
+HEAD_BATCH, FEATURE_CHUNKS, TRAIN_BATCH = 256, (4, 8, 16), 100
 
 
-def affine_fit(xs, ys):
-    """(a, b) of the least-squares line y = a + b x."""
-    b, a = np.polyfit(np.asarray(xs, float), np.asarray(ys, float), 1)
-    return float(a), float(b)
+def polynomial_fit(xs, ys, degree):
+    """Coefficients (constant first) of the least-squares polynomial in x."""
+    return [float(v) for v in np.polyfit(np.asarray(xs, float), np.asarray(ys, float),
+                                         degree)[::-1]]
+
+
+def evaluate_polynomial(coef, x):
+    return sum(c * x ** k for k, c in enumerate(coef))
 
 
 def run_steps(args):
-    """784-w-w at batches 1-8 (and 16 at the first width, to check the extrapolation): FF
-    with its negatives made, backprop, the FF head's SGD step at its batch of 256 and its
-    feature extraction per digit; the cost per step as a + b batch, fitted on 1-8."""
+    """784-w-w at batches 1 to 16 or 32: FF with its negatives made, backprop; the FF
+    head's SGD step at its batch of 256 and its feature extraction per digit. The cost of
+    a step at the training batch of 100 from a + b B + c B^2 fitted on every traced batch,
+    and, as a check, from a + b B fitted on batches 1-8 alone."""
     t0 = time.perf_counter()
-    out = {"widths": {}}
-    for w in STEP_WIDTHS:
+    out = {"widths": {}, "train_batch": TRAIN_BATCH}
+    for w, batches in STEP_BATCHES.items():
         widths, row = (w, w), {"batches": {}}
-        batches = STEP_BATCHES + ((CHECK_BATCH,) if w == STEP_WIDTHS[0] else ())
         for B in batches:
             row["batches"][B] = {
                 "ff": measure(trace_ff_step(784, widths, B, negatives=True)),
@@ -366,17 +370,28 @@ def run_steps(args):
             print(f"784-{w}-{w}, batch {B}: FF {row['batches'][B]['ff']['cost']:.3e}  "
                   f"backprop {row['batches'][B]['backprop']['cost']:.3e}", flush=True)
         for name in ("ff", "backprop"):
-            a, b = affine_fit(STEP_BATCHES, [row["batches"][B][name]["cost"]
-                                             for B in STEP_BATCHES])
-            row[name + "_fit"] = {"a": a, "b": b}
-            if CHECK_BATCH in row["batches"]:
-                row[name + "_fit"]["check_error_at_16"] = (
-                    (a + b * CHECK_BATCH) / row["batches"][CHECK_BATCH][name]["cost"] - 1)
+            costs = [row["batches"][B][name]["cost"] for B in batches]
+            quadratic = polynomial_fit(batches, costs, 2)
+            small = [B for B in batches if B <= 8]
+            affine = polynomial_fit(small, costs[:len(small)], 1)
+            row[name + "_fit"] = {
+                "quadratic": quadratic, "affine_on_1_to_8": affine,
+                "quadratic_misfit": max(abs(evaluate_polynomial(quadratic, B) / c - 1)
+                                        for B, c in zip(batches, costs)),
+                "affine_error_at_largest": evaluate_polynomial(affine, batches[-1]) / costs[-1] - 1,
+                "at_train_batch": evaluate_polynomial(quadratic, TRAIN_BATCH),
+                "at_train_batch_affine": evaluate_polynomial(affine, TRAIN_BATCH)}
         row["head_step"] = measure(trace_head_step(2 * w, HEAD_BATCH))
         row["features"] = {c: measure(trace_features(784, widths, c, top_k=2))
                            for c in FEATURE_CHUNKS}
-        row["features_fit"] = dict(zip(("a", "b"), affine_fit(
-            FEATURE_CHUNKS, [row["features"][c]["cost"] for c in FEATURE_CHUNKS])))
+        row["features_fit"] = polynomial_fit(
+            FEATURE_CHUNKS, [row["features"][c]["cost"] for c in FEATURE_CHUNKS], 1)
+        print(f"784-{w}-{w} at batch {TRAIN_BATCH}: FF {row['ff_fit']['at_train_batch']:.3e} "
+              f"(affine {row['ff_fit']['at_train_batch_affine']:.3e}), backprop "
+              f"{row['backprop_fit']['at_train_batch']:.3e} (affine "
+              f"{row['backprop_fit']['at_train_batch_affine']:.3e}); head step "
+              f"{row['head_step']['cost']:.3e}, features {row['features_fit'][1]:.3e} a digit",
+              flush=True)
         out["widths"][w] = row
     out.update(seconds=time.perf_counter() - t0,
                command="python3 experiments/data_movement.py " + " ".join(sys.argv[1:]),
@@ -484,10 +499,9 @@ def run_cost(args):
     rows = []
     for w_key, st in steps["widths"].items():
         width = int(w_key)
-        step_cost = {name: st[name + "_fit"]["a"] + st[name + "_fit"]["b"] * B
-                     for name in ("ff", "backprop")}
+        step_cost = {name: st[name + "_fit"]["at_train_batch"] for name in ("ff", "backprop")}
         chunk = 2000  # extract_features' chunk
-        features = (-(-n // chunk) * st["features_fit"]["a"] + n * st["features_fit"]["b"])
+        features = -(-n // chunk) * st["features_fit"][0] + n * st["features_fit"][1]
         head = s["ff_softmax_epochs"] * -(-n // HEAD_BATCH) * st["head_step"]["cost"]
         runs = {name: [r for r in curves["runs"] if r["algorithm"] == name
                        and r["width"] == width] for name in ("ff", "backprop")}
@@ -518,7 +532,8 @@ def run_cost(args):
                      f" = {row['ratio']:.1f}" if "ratio" in row else ""))
     ff.write_json(args.out, {
         "what": "ByteDMD cost to reach a validation error: mean steps over the seeds times "
-                "the traced cost of a step at batch 100 (affine fit on batches 1-8); FF adds "
+                "the traced cost of a step at batch 100 (quadratic fit on the traced "
+                "batches); FF adds "
                 "its softmax head once (features of the training digits and the head's "
                 "SGD epochs)", "batch_size": B, "rows": rows,
         "inputs": [args.steps, args.curves],
