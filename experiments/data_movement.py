@@ -492,8 +492,12 @@ def run_cost(args):
     100 (the affine fit of the traced batches 1-8), FF's softmax head added once."""
     with open(args.steps) as f:
         steps = json.load(f)
-    with open(args.curves) as f:
-        curves = json.load(f)
+    curves = {"runs": []}
+    for path in args.curves:
+        with open(path) as f:
+            record = json.load(f)
+        curves["runs"] += record["runs"]
+        curves["settings"] = record["settings"]   # the same in every file
     s = curves["settings"]
     B, n = s["batch_size"], s["n_train"]
     rows = []
@@ -536,7 +540,7 @@ def run_cost(args):
                 "batches); FF adds "
                 "its softmax head once (features of the training digits and the head's "
                 "SGD epochs)", "batch_size": B, "rows": rows,
-        "inputs": [args.steps, args.curves],
+        "inputs": [args.steps] + args.curves,
         "command": "python3 experiments/data_movement.py " + " ".join(sys.argv[1:])})
 
 
@@ -584,7 +588,7 @@ def main(argv=None):
     c.add_argument("--out", required=True, help="JSON record to write")
     k = sub.add_parser("cost", help="cost to a validation error, from steps and curves")
     k.add_argument("--steps", required=True, help="the record of `steps`")
-    k.add_argument("--curves", required=True, help="the record of `curves`")
+    k.add_argument("--curves", required=True, nargs="+", help="records of `curves`")
     k.add_argument("--targets", type=float, nargs="+", required=True,
                    help="validation errors to reach (fractions, e.g. 0.06)")
     k.add_argument("--out", required=True, help="JSON record to write")
