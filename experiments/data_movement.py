@@ -562,6 +562,7 @@ def run_plot(args):
             ax.plot(x, [r[name]["cost"] for r in rows], style, label=label)
         ax.set_xscale("log")
         ax.set_yscale("log")
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         ax.set_xticks(x)
         ax.set_xticklabels([str(v) for v in x])
         ax.set_xlabel(f"{factor} ({'units per hidden layer' if factor == 'width' else 'digits per step'})")
@@ -573,6 +574,76 @@ def run_plot(args):
     fig.tight_layout()
     fig.savefig(args.out, dpi=120)
     print(f"wrote {args.out}")
+
+
+def run_tables(args):
+    """The tables of docs/data-movement.md, in markdown, from the records."""
+    def e(v):
+        return f"{v:.2e}".replace("e+0", "e").replace("e+", "e")
+
+    def pct(v):
+        return f"{100 * v:.1f}%"
+
+    with open(args.grid) as f:
+        grid = json.load(f)
+    print("| inputs | width | hidden layers | batch | FF | FF without L2 | backprop | FF / "
+          "backprop | same, Adam left out | L2 share of FF: its reads / cost saved without "
+          "it | backward share of backprop | Adam share: FF / backprop |")
+    print("|" + "---|" * 12)
+    for r in grid["rows"]:
+        sh = r["shares"]
+        print(f"| {r['n_in']} | {r['width']} | {r['depth']} | {r['batch']} | {e(r['ff']['cost'])} "
+              f"| {e(r['ff_no_l2']['cost'])} | {e(r['backprop']['cost'])} | {r['ratio']:.2f} | "
+              f"{r['ratio_without_update']:.2f} | {pct(sh['ff_l2_reads'])} / "
+              f"{pct(sh['ff_l2_counterfactual'])} | {pct(sh['backprop_backward'])} | "
+              f"{pct(sh['ff_update'])} / {pct(sh['backprop_update'])} |")
+    print()
+    print("| cost of a step | width | hidden layers | batch | inputs | largest misfit |")
+    print("|---|---|---|---|---|---|")
+    for name, label in (("ff", "FF"), ("ff_no_l2", "FF without L2"), ("backprop", "backprop"),
+                        ("ratio", "FF / backprop")):
+        fit = grid["fits"][name]
+        print(f"| {label} | " + " | ".join(f"{fit['exponents'][k]:.2f}" for k in FACTORS)
+              + f" | {pct(fit['max_relative_misfit'])} |")
+    if args.steps:
+        with open(args.steps) as f:
+            steps = json.load(f)
+        print()
+        print("| network | batch | FF (negatives made) | of which the negatives | backprop | "
+              "FF / backprop |")
+        print("|---|---|---|---|---|---|")
+        for w, st in steps["widths"].items():
+            for B, m in st["batches"].items():
+                ff_c, bp_c = m["ff"]["cost"], m["backprop"]["cost"]
+                print(f"| 784-{w}-{w} | {B} | {e(ff_c)} | "
+                      f"{pct(m['ff']['by_phase']['negatives'] / ff_c)} | {e(bp_c)} | "
+                      f"{ff_c / bp_c:.2f} |")
+            q = {n: st[n + "_fit"]["at_train_batch"] for n in ("ff", "backprop")}
+            lin = {n: st[n + "_fit"]["at_train_batch_affine"] for n in ("ff", "backprop")}
+            print(f"| 784-{w}-{w} | {steps['train_batch']}, quadratic fit | {e(q['ff'])} | - | "
+                  f"{e(q['backprop'])} | {q['ff'] / q['backprop']:.2f} |")
+            print(f"| 784-{w}-{w} | {steps['train_batch']}, line through 1-8 | {e(lin['ff'])} | - "
+                  f"| {e(lin['backprop'])} | {lin['ff'] / lin['backprop']:.2f} |")
+    if args.cost:
+        with open(args.cost) as f:
+            cost = json.load(f)
+        print()
+        print("| network | validation error to reach | FF steps (seeds) | backprop steps | "
+              "steps FF / backprop | FF cost (head included) | backprop cost | FF / backprop "
+              "| test error there: FF / backprop |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for r in cost["rows"]:
+            if "ratio" not in r:
+                print(f"| 784-{r['width']}-{r['width']} | {pct(r['target_val_error'])} | "
+                      f"{r['ff_steps']} | {r['backprop_steps']} | not reached by every run "
+                      "| | | | |")
+                continue
+            t = r["test_error_at_target"]
+            print(f"| 784-{r['width']}-{r['width']} | {pct(r['target_val_error'])} | "
+                  f"{', '.join(map(str, r['ff_steps']))} | "
+                  f"{', '.join(map(str, r['backprop_steps']))} | {r['steps_ratio']:.0f} | "
+                  f"{e(r['ff_cost'])} | {e(r['backprop_cost'])} | **{r['ratio']:.0f}** | "
+                  f"{pct(t['ff'])} / {pct(t['backprop'])} |")
 
 
 def main(argv=None):
@@ -595,8 +666,12 @@ def main(argv=None):
     g2 = sub.add_parser("plot", help="cost per step against width and batch, log-log")
     g2.add_argument("--grid", required=True, help="the record of `grid`")
     g2.add_argument("--out", required=True, help="the figure (PNG)")
+    tb = sub.add_parser("tables", help="the markdown tables of docs/data-movement.md")
+    tb.add_argument("--grid", required=True)
+    tb.add_argument("--steps")
+    tb.add_argument("--cost")
     args = p.parse_args(argv)
-    {"grid": run_grid, "steps": run_steps, "curves": run_curves, "cost": run_cost,
+    {"tables": run_tables, "grid": run_grid, "steps": run_steps, "curves": run_curves, "cost": run_cost,
      "plot": run_plot}[args.command](args)
     return 0
 
