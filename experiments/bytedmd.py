@@ -1,0 +1,328 @@
+"""ByteDMD: the data-movement cost of a computation on an idealised LRU-stack memory.
+
+The model. The processor's memory is a stack of bytes in least-recently-used order. Reading
+a byte at depth d (1 = the most recently used) costs ceil(sqrt(d)); computing and writing
+are free. A value of s bytes is a contiguous block. At the start the arguments lie on the
+stack, pushed from the last argument to the first (so the first is on top), an array
+argument element by element in index order. An operation prices all its inputs against the
+stack as it was before the operation (an input read twice is paid twice), then moves them
+to the top in the order it read them, then pushes its outputs on top. A value leaves the
+stack as soon as it is dead (never read again) and the rest closes up; a value that is
+never read is never on it. sqrt(d) is the wire length to the d-th closest byte of a memory
+laid out around the processor in 2D.
+
+Known cases, one byte a value: the dot product of [0, 1] and [2, 3] as Python's
+sum(x * y ...) costs 12, and (a + b) + c costs 6 (tests/test_bytedmd.py).
+
+Deadness needs the future, so a computation is first recorded as an op list (a Trace:
+`Scalar` values with operator overloading for small cases, whole-array builders such as
+`matmul` for large ones), then priced in one pass over the whole list (`price`).
+"""
+
+import math
+
+import numpy as np
+
+# -----------------------------------------------------------------------------
+# The op list: values, the arguments, and operations in program order
+
+
+class Trace:
+    """A computation as a list of operations on numbered values.
+
+    Each operation reads some values (in order, repeats allowed) and writes new ones, and
+    carries a phase name (e.g. "forward") under which its reads are priced. The builders
+    (op, dot_rows, matmul, sum_rows, sum_columns, max_rows) take and return integer arrays
+    of value ids and emit one operation per element, in the order the docstring says.
+    """
+
+    def __init__(self, bytes_per_value=4):
+        self.bytes_per_value = bytes_per_value
+        self.n_values = 0
+        self.value_sizes = []      # chunks: (first id, count, bytes per value)
+        self.arguments = []        # id arrays, in call order
+        self.n_ops = 0
+        self.chunks = []           # (first op, read_op offsets, read ids, n_ops, phase,
+                                   #  first output id: operation first + k writes it + k)
+        self.phase_prefix = ""     # prepended to every phase name from here on
+
+    # values ---------------------------------------------------------------
+    def new_values(self, shape, size=None):
+        n = int(np.prod(shape, dtype=np.int64))
+        ids = np.arange(self.n_values, self.n_values + n, dtype=np.int64).reshape(shape)
+        self.value_sizes.append((self.n_values, n, size or self.bytes_per_value))
+        self.n_values += n
+        return ids
+
+    def argument(self, shape, size=None):
+        """A new argument (pushed before any operation runs; see the module's docstring)."""
+        ids = self.new_values(shape, size)
+        self.arguments.append(ids)
+        return ids
+
+    # operations -----------------------------------------------------------
+    def emit(self, phase, reads, n_reads, shape, size=None):
+        """prod(shape) operations with one output each (of `size` bytes; default the
+        trace's): operation k reads reads[sum(n_reads[:k]):sum(n_reads[:k + 1])] in that
+        order. Returns the outputs."""
+        n = int(np.prod(shape, dtype=np.int64))
+        n_reads = np.broadcast_to(np.asarray(n_reads, np.int64), (n,))
+        read_op = np.repeat(np.arange(n, dtype=np.int64), n_reads)
+        self.chunks.append((self.n_ops, read_op, np.asarray(reads, np.int64).ravel(), n,
+                            self.phase_prefix + phase, self.n_values))
+        self.n_ops += n
+        return self.new_values(shape, size)
+
+    def op(self, phase, *inputs, size=None):
+        """One operation per element of the inputs broadcast together (None: a constant,
+        free), in row-major order; element k reads input 1's k-th element, then input 2's...
+        Its outputs have `size` bytes (default the trace's)."""
+        arrays = np.broadcast_arrays(*[np.asarray(a) for a in inputs if a is not None])
+        reads = np.stack([a.ravel() for a in arrays], axis=1)
+        return self.emit(phase, reads, len(arrays), arrays[0].shape, size)
+
+    def _chain(self, phase, first, later, m, n, step_major):
+        """m chains of n operations each: step 0 of chain c reads first[c] (a row of ids),
+        step j > 0 reads the output of step j - 1, then later[c, j - 1] (a row of ids).
+        Chain-major order runs each chain to its end before the next; step-major order
+        runs step j of every chain before step j + 1. Returns the last outputs (m,)."""
+        base = self.n_values  # the outputs' ids are base + operation index
+        k0, k1 = first.shape[-1], later.shape[-1] + 1
+        op_index = (np.arange(n)[None, :] * m + np.arange(m)[:, None] if step_major
+                    else np.arange(m)[:, None] * n + np.arange(n)[None, :])  # (chain, step)
+        reads = np.full((m * n, max(k0, k1)), -1, np.int64)
+        reads[op_index[:, 0], :k0] = first
+        if n > 1:
+            steps = op_index[:, 1:].ravel()
+            reads[steps, 0] = base + op_index[:, :-1].ravel()
+            reads[steps, 1:k1] = later.reshape(-1, k1 - 1)
+        n_reads = np.full(m * n, k1, np.int64)
+        n_reads[op_index[:, 0]] = k0
+        outputs = self.emit(phase, reads[reads >= 0], n_reads, (m * n,))
+        assert outputs[0] == base
+        return outputs[op_index[:, -1]]
+
+    def dot_rows(self, phase, A, B):
+        """Row i of the result is sum_k A[i, k] * B[i, k]: a multiply, then one fused
+        multiply-add (acc + a * b, three reads) per further k; rows one after another."""
+        m, n = A.shape
+        first = np.stack([A[:, 0], B[:, 0]], axis=1)
+        later = np.stack([A[:, 1:], B[:, 1:]], axis=2)
+        return self._chain(phase, first, later, m, n, step_major=False)
+
+    def matmul(self, phase, A, B):
+        """C = A @ B as the i-j-k loop: each C[i, j] a dot_rows chain over k, the entries of C
+        in row-major order."""
+        (m, n), p = A.shape, B.shape[1]
+        rows = np.repeat(A, p, axis=0)           # row (i, j) holds A[i, :]
+        cols = np.tile(B.T, (m, 1))              # row (i, j) holds B[:, j]
+        return self.dot_rows(phase, rows, cols).reshape(m, p)
+
+    def _reduce(self, phase, X, step_major):
+        """Pairwise reduction (add or max: both read acc, then x) along axis 1 of X."""
+        m, n = X.shape
+        if n == 1:
+            return X[:, 0].copy()
+        return self._chain(phase, X[:, :2], X[:, 2:, None], m, n - 1, step_major)
+
+    def sum_rows(self, phase, X):
+        """x.sum(axis=1): each row's chain x0 + x1, + x2, ... to its end, row after row."""
+        return self._reduce(phase, X, step_major=False)
+
+    def max_rows(self, phase, X):
+        """x.max(axis=1): as sum_rows, with max for +."""
+        return self._reduce(phase, X, step_major=False)
+
+    def sum_columns(self, phase, X):
+        """x.sum(axis=0) as numpy runs it over a row-major array: out = x[0] + x[1], then
+        out += x[2], ..., each step one pass over the columns."""
+        return self._reduce(phase, X.T, step_major=True)
+
+    # the recorded list, for price() ---------------------------------------
+    def arrays(self):
+        """(sizes, initial, read_op, read_val, out_val, op_phase, phases): every value's
+        size in bytes, the push order of the arguments (bottom first), every read's
+        operation and value, each operation's output, and its phase as an index into
+        phases."""
+        sizes = np.empty(self.n_values, np.int64)
+        for first, n, size in self.value_sizes:
+            sizes[first:first + n] = size
+        initial = np.concatenate([a.ravel() for a in reversed(self.arguments)] or
+                                 [np.zeros(0, np.int64)])
+        phases = list(dict.fromkeys(c[4] for c in self.chunks))
+        ids = np.int32 if max(self.n_values, self.n_ops) < 2 ** 31 else np.int64
+        read_op = np.concatenate([(first + ro).astype(ids) for first, ro, *_ in self.chunks])
+        read_val = np.concatenate([rv.astype(ids) for _, _, rv, *_ in self.chunks])
+        out_val = np.concatenate([np.arange(out, out + n, dtype=np.int64)
+                                  for *_, n, _, out in self.chunks])
+        op_phase = np.concatenate([np.full(n, phases.index(ph), np.int16)
+                                   for *_, n, ph, _ in self.chunks])
+        return sizes, initial, read_op, read_val, out_val, op_phase, phases
+
+
+class Scalar:
+    """A traced number: +, -, * and / between Scalars (or with constants, which are free)
+    record one operation each in the trace. For small hand-checkable cases."""
+
+    __slots__ = ("trace", "id", "phase")
+
+    def __init__(self, trace, value_id, phase="compute"):
+        self.trace, self.id, self.phase = trace, int(value_id), phase
+
+    def _apply(self, *operands):
+        reads = [o.id for o in operands if isinstance(o, Scalar)]
+        out = self.trace.emit(self.phase, reads, len(reads), (1,))
+        return Scalar(self.trace, out[0], self.phase)
+
+    def __add__(self, other):
+        return self._apply(self, other)
+
+    def __radd__(self, other):
+        return self._apply(other, self)
+
+    def __sub__(self, other):
+        return self._apply(self, other)
+
+    def __rsub__(self, other):
+        return self._apply(other, self)
+
+    def __mul__(self, other):
+        return self._apply(self, other)
+
+    def __rmul__(self, other):
+        return self._apply(other, self)
+
+    def __truediv__(self, other):
+        return self._apply(self, other)
+
+
+def scalar_arguments(trace, *shapes, size=None):
+    """Arguments of the given shapes (() for a number) as nested lists of Scalars."""
+    out = []
+    for shape in shapes:
+        ids = trace.argument(shape, size)
+        out.append(Scalar(trace, ids) if ids.ndim == 0 else
+                   np.vectorize(lambda i: Scalar(trace, i), otypes=[object])(ids).tolist())
+    return out
+
+
+# -----------------------------------------------------------------------------
+# Pricing: the LRU stack replayed in one vectorised pass
+
+
+def sum_ceil_sqrt(n):
+    """S(n) = sum_{d=1..n} ceil(sqrt(d)), elementwise for integer arrays n >= 0: the cost of
+    reading the n topmost bytes. ceil(sqrt(d)) = j for the 2j - 1 depths (j-1)^2 < d <= j^2,
+    so S(n) = sum_{j<m} j (2j - 1) + m (n - (m - 1)^2) with m = ceil(sqrt(n))."""
+    n = np.asarray(n, np.int64)
+    r = np.floor(np.sqrt(np.maximum(n - 1, 0).astype(np.float64))).astype(np.int64)
+    r += (r + 1) ** 2 <= n - 1       # exact integer floor(sqrt(n - 1)) despite rounding
+    r -= r ** 2 > np.maximum(n - 1, 0)
+    M = r                             # m - 1, where m = ceil(sqrt(n)) = isqrt(n - 1) + 1
+    full = M * (M + 1) * (2 * M + 1) // 3 - M * (M + 1) // 2
+    return np.where(n > 0, full + (M + 1) * (n - M ** 2), 0)
+
+
+def later_and_vacated_earlier(end, size):
+    """F[p] = sum of size[q] over slots q > p with end[q] < end[p], for every p.
+
+    In rank order (rank: end, ties broken by slot index, so a tie never counts), a pair
+    q > p with rank[q] < rank[p] first differs in some bit L of the ranks, where rank[p]
+    has a 1 and rank[q] a 0, below a common prefix rank >> (L + 1). So for each bit, from
+    the top: group the slots by that prefix, keep each group in slot order, and give every
+    slot with a 1 the sizes of the later slots of its group with a 0; then split each
+    group by the bit (a stable partition, so slot order holds) for the next bit. The
+    group of prefix g holds the ranks g 2^(L+1) ... and so sits at those positions, and
+    every group but the last holds 2^L slots with each bit value. O(n log n) in
+    whole-array passes.
+    """
+    n = len(end)
+    if n < 2:
+        return np.zeros(n, np.int64)
+    itype = np.int32 if n < 2 ** 30 else np.int64
+    rank = np.empty(n, itype)
+    rank[np.lexsort((np.arange(n), end))] = np.arange(n, dtype=itype)
+    i = np.arange(n, dtype=itype)
+    # the slots in the current order: their rank, size, and F so far
+    r, w, F = rank.copy(), np.asarray(size, np.int64), np.zeros(n, np.int64)
+    for L in reversed(range((n - 1).bit_length())):
+        bit = (r >> L) & 1
+        ones_before = np.cumsum(bit, dtype=itype) - bit
+        half = (i >> (L + 1)) << L                    # slots of each bit in earlier groups
+        zero_sizes = np.cumsum(w * (1 - bit))          # sizes of the 0-slots up to here
+        group_end = zero_sizes[np.minimum(i | ((2 << L) - 1), n - 1)]
+        F += bit * (group_end - zero_sizes)
+        new_position = np.where(bit == 1, half + (1 << L) + ones_before,
+                                i - ones_before + half)
+        r, w, F = (_scatter(a, new_position) for a in (r, w, F))
+    return F[rank]   # the final order is the rank order
+
+
+def _scatter(a, new_position):
+    out = np.empty_like(a)
+    out[new_position] = a
+    return out
+
+
+def price(trace):
+    """(total, by_phase, per_read): the ByteDMD cost of the trace, its sum over the reads of
+    each phase's operations (a dict), and each read's cost in program order.
+
+    Each time a value is put on top (an argument at the start, an input moved after an
+    operation, an output pushed) it takes a new slot, numbered in that order; a slot is
+    vacated when its value is next read (moved, or gone if dead). The bytes above a read's
+    block are those of the later slots still occupied at that operation: all slots made
+    after its own and before the operation, less those vacated before the operation
+    (later_and_vacated_earlier).
+    """
+    sizes, initial, read_op, read_val, out_val, op_phase, phases = trace.arrays()
+    n_ops = trace.n_ops
+    # reads grouped by (value, operation), groups of a value in program order
+    by_value = np.argsort(read_val, kind="stable")  # read_op is already in order
+    v, o = read_val[by_value], read_op[by_value]
+    new_group = np.ones(len(v), bool)
+    new_group[1:] = (v[1:] != v[:-1]) | (o[1:] != o[:-1])
+    starts = np.flatnonzero(new_group)
+    g_val, g_op, g_read = v[starts], o[starts], by_value[starts]  # g_read: its first read
+    first_of_value = np.ones(len(starts), bool)
+    first_of_value[1:] = g_val[1:] != g_val[:-1]
+    last_of_value = np.append(first_of_value[1:], True)
+    first_read = np.full(len(sizes), -1, np.int64)
+    first_read[g_val[first_of_value]] = g_op[first_of_value]
+    # slots: live arguments (push order), then each operation's moved inputs (read order,
+    # those read again later) and its pushed output (if ever read)
+    live = initial[first_read[initial] >= 0]
+    moved = np.flatnonzero(~last_of_value)           # groups whose value is read again
+    pushed = np.flatnonzero(first_read[out_val] >= 0)  # operations whose output is read
+    made = np.concatenate([np.full(len(live), -1), g_op[moved], pushed]).astype(np.int64)
+    tiebreak = np.concatenate([np.zeros(len(live), np.int64), g_read[moved],
+                               np.full(len(pushed), len(read_op))])
+    creation = np.lexsort((tiebreak, made))
+    n_live, n_moved = len(live), len(moved)
+    slot_of = np.empty(len(creation), np.int64)
+    slot_of[creation] = np.arange(len(creation))     # event -> slot number
+    slot_val = np.concatenate([live, g_val[moved], out_val[pushed]])[creation]
+    slot_end = np.concatenate([first_read[live], g_op[moved + 1],
+                               first_read[out_val[pushed]]])[creation]
+    slot_size = sizes[slot_val]
+    # the slot each group of reads vacates: its value's first slot (argument or output)
+    # for the value's first group, else the slot its previous group moved it into
+    origin = np.full(len(sizes), -1, np.int64)
+    origin[live] = slot_of[:n_live]
+    origin[out_val[pushed]] = slot_of[n_live + n_moved:]
+    group_slot = np.empty(len(starts), np.int64)
+    group_slot[first_of_value] = origin[g_val[first_of_value]]
+    group_slot[moved + 1] = slot_of[n_live:n_live + n_moved]
+    slot_of_read = np.empty(len(read_op), np.int64)
+    slot_of_read[by_value] = group_slot[np.cumsum(new_group) - 1]
+    del by_value, v, o, new_group, g_val, g_read, group_slot, slot_of, origin, slot_val
+    # bytes above each read's block
+    made_before = np.cumsum(np.bincount(made + 1, minlength=n_ops + 1))[read_op]
+    cumulative = np.concatenate([[0], np.cumsum(slot_size)])
+    vacated = later_and_vacated_earlier(slot_end, slot_size)
+    above = cumulative[made_before] - cumulative[slot_of_read + 1] - vacated[slot_of_read]
+    size = sizes[read_val]
+    per_read = sum_ceil_sqrt(above + size) - sum_ceil_sqrt(above)
+    phase_of_read = op_phase[read_op]
+    by_phase = {ph: int(per_read[phase_of_read == i].sum()) for i, ph in enumerate(phases)}
+    return int(per_read.sum()), by_phase, per_read
