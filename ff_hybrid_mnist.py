@@ -62,29 +62,40 @@ def blur_matrix(n_blur, side=28):
     return np.linalg.matrix_power(P, n_blur)
 
 
-def make_masks(n, rng, n_blur=6, side=28, xp=np):
+def mask_bits(n, rng, side=28):
+    """The random bits of n masks, packed (uint8), drawn from the host generator, so that a
+    seed draws the same masks on every device."""
+    return np.frombuffer(rng.bytes(-(-n * side * side // 8)), np.uint8)
+
+
+@functools.lru_cache(maxsize=16)
+def blur_matrix_on(xp, n_blur, side, dtype):
+    """blur_matrix in xp's memory, made once (read only)."""
+    return xp.asarray(blur_matrix(n_blur, side).astype(dtype))
+
+
+def make_masks(n, rng, n_blur=6, side=28, xp=np, bits=None):
     """n boolean masks (n, side*side) in xp's memory: uniform random bits, blurred n_blur
-    times, > 0.5.
+    times, > 0.5. bits: their packed bits (mask_bits) already in xp's memory, else drawn.
 
     The blurred values are multiples of 4^-(2 n_blur) in [0, 1], so float32 (24-bit
     significand) holds every product and sum exactly up to n_blur = 6, float64 up to 13:
     the threshold sees the exact blur either way, in any summation order, on any device.
     """
     dtype = np.float32 if n_blur <= 6 else np.float64
-    B = xp.asarray(blur_matrix(n_blur, side).astype(dtype))
-    # the bits come from the host generator, so a seed draws the same masks on every device
-    packed = xp.asarray(np.frombuffer(rng.bytes(-(-n * side * side // 8)), np.uint8))
-    bits = xp.unpackbits(packed)
-    bits = bits[:n * side * side].reshape(n * side, side).astype(dtype)
+    B = blur_matrix_on(xp, n_blur, side, dtype)
+    bits = xp.asarray(mask_bits(n, rng, side)) if bits is None else bits
+    bits = xp.unpackbits(bits)[:n * side * side].reshape(n * side, side).astype(dtype)
     rows_blurred = (bits @ B.T).reshape(n, side, side)                 # M B^T
     blurred = rows_blurred.transpose(0, 2, 1).reshape(n * side, side) @ B.T  # (B M B^T)^T
     return (blurred.reshape(n, side, side).transpose(0, 2, 1) > 0.5).reshape(n, side * side)
 
 
-def make_hybrid_batch(a, b, rng, n_blur=6, out=None):
-    """Hybrids of image rows a and b, one fresh mask per pair; returns (hybrids, masks)."""
+def make_hybrid_batch(a, b, rng, n_blur=6, out=None, bits=None):
+    """Hybrids of image rows a and b, one fresh mask per pair; returns (hybrids, masks).
+    bits: the masks' packed bits, drawn already (mask_bits) in a's memory, else drawn."""
     xp = xp_of(a)
-    masks = make_masks(len(a), rng, n_blur, xp=xp)
+    masks = make_masks(len(a), rng, n_blur, xp=xp, bits=bits)
     out = xp.empty_like(a) if out is None else out
     xp.copyto(out, b)
     xp.copyto(out, a, where=masks)
@@ -95,10 +106,17 @@ def make_hybrid_batch(a, b, rng, n_blur=6, out=None):
 # Layer maths: normalisation, forward, goodness, FF loss and its hand-derived gradient, peer
 # normalisation, init
 
+def row_squares(x):
+    """sum_j x_ij^2 of each row: einsum on the CPU (no temporary); on the GPU a product and a
+    reduction, two launches, where CuPy's einsum costs several times their host time."""
+    xp = xp_of(x)
+    return np.einsum("ij,ij->i", x, x) if xp is np else (x * x).sum(axis=1)
+
+
 def l2_normalize(x, out=None, eps=1e-8):
     """Rows scaled to unit length, so a layer sees only the direction of the layer below."""
     xp = xp_of(x)
-    norm = xp.sqrt(xp.einsum("ij,ij->i", x, x))
+    norm = xp.sqrt(row_squares(x))
     norm += eps
     return xp.divide(x, norm[:, None], out=out)
 
@@ -107,7 +125,7 @@ def rms_normalize(x, out=None, eps=1e-8):
     """Rows scaled to a mean square of 1 per component (the author's Matlab code): the
     direction of l2_normalize, sqrt(n_components) times longer."""
     xp = xp_of(x)
-    rms = xp.sqrt(xp.einsum("ij,ij->i", x, x) / x.shape[1])
+    rms = xp.sqrt(row_squares(x) / x.shape[1])
     rms += eps
     return xp.divide(x, rms[:, None], out=out)
 
@@ -127,7 +145,7 @@ def layer_forward(x_normed, W, b, out=None, index=None, fields=None):
 
 def goodness(h, kind="mean"):
     """Mean (the SPEC) or sum of squared activities per row."""
-    g = xp_of(h).einsum("ij,ij->i", h, h)
+    g = row_squares(h)
     return g / h.shape[1] if kind == "mean" else g
 
 
@@ -147,10 +165,10 @@ def ff_loss_and_dz(h, n_pos, threshold, goodness_kind, dz):
     xp = xp_of(h)
     g = goodness(h, goodness_kind)
     margin = g - threshold
-    margin[:n_pos] *= -1
+    xp.negative(margin[:n_pos], out=margin[:n_pos])  # in place: `*= -1` on a slice copies
     loss = xp.logaddexp(0.0, margin).sum() / n_pos
     dloss_dg = sigmoid(margin) / n_pos
-    dloss_dg[:n_pos] *= -1
+    xp.negative(dloss_dg[:n_pos], out=dloss_dg[:n_pos])
     scale = 2.0 / h.shape[1] if goodness_kind == "mean" else 2.0
     xp.multiply(h, (scale * dloss_dg)[:, None].astype(h.dtype, copy=False), out=dz)
     return loss, g
@@ -631,12 +649,17 @@ def total_epochs(cfg):
 def hybrid_batches(x_train, y_train, cfg, state, x):
     """One epoch of batches: x[:B] real digits, x[B:] hybrids of two other random digits
     (two independent shuffles, a fresh mask per pair). Yields after filling x."""
-    n, B, rng = len(x_train), cfg.batch_size, state.rng
+    n, B, rng, xp = len(x_train), cfg.batch_size, state.rng, xp_of(x_train)
     pos, pa, pb = rng.permutation(n), rng.permutation(n), rng.permutation(n)
+    # every batch's mask bits drawn now, in batch order (the stream of drawing them batch by
+    # batch), and the epoch's draws moved to the device at once, not batch by batch
+    bits = xp.asarray(np.stack([mask_bits(B, rng) for _ in range(n // B)]))
+    pos, pa, pb = xp.asarray(np.stack([pos, pa, pb]))
     for i in range(n // B):
         batch = slice(i * B, (i + 1) * B)
         x[:B] = x_train[pos[batch]]
-        make_hybrid_batch(x_train[pa[batch]], x_train[pb[batch]], rng, cfg.n_blur, out=x[B:])
+        make_hybrid_batch(x_train[pa[batch]], x_train[pb[batch]], rng, cfg.n_blur, out=x[B:],
+                          bits=bits[i])
         yield
 
 
@@ -668,12 +691,18 @@ def train_layer_step(state, l, x_in, cfg, lr, work, learns=True, refresh=False, 
     return loss, g, h
 
 
-def batch_stats(loss, g, n_pos, threshold):
-    """One row of an epoch's sums: the loss, the accuracy of telling positives from negatives
-    at the threshold, and 1 if any unit of the layer was on."""
-    xp = xp_of(g)
-    accuracy = ((g[:n_pos] > threshold).mean() + (g[n_pos:] < threshold).mean()) / 2
-    return xp.stack([xp.asarray(v, dtype=np.float64) for v in (loss, accuracy, g.max() > 0)])
+def epoch_sums(losses, goodnesses, n_pos, thresholds):
+    """An epoch's sums over its batches, per layer: the loss, the accuracy of telling
+    positives from negatives at the layer's threshold, and the batches in which any unit of
+    the layer was on; from the epoch's (batch, layer) losses and (batch, layer, row)
+    goodnesses (host arrays), each batch's row added in batch order."""
+    threshold = np.asarray(thresholds, np.float32)[:, None]  # compared in float32, as g is
+    accuracy = ((goodnesses[:, :, :n_pos] > threshold).mean(axis=2)
+                + (goodnesses[:, :, n_pos:] < threshold).mean(axis=2)) / 2
+    sums = np.zeros((losses.shape[1], 3))
+    for row in np.stack([losses, accuracy, goodnesses.max(axis=2) > 0], axis=2):
+        sums += row
+    return sums
 
 
 def check_loss(cfg, loss, epoch, l, batch=None):
@@ -756,7 +785,9 @@ def train_ff(x_train, cfg, state, callback=None, log=print, y_train=None):
         t0 = time.perf_counter()
         trained = range(n_layers) if cfg.schedule == "parallel" else [epoch // cfg.n_epochs]
         n_active = max(trained) + 1  # greedy: the layers below the one that learns run too
-        sums = xp.zeros((n_layers, 3))  # per layer: loss, accuracy, batches with a unit on
+        # each step's loss and goodness per layer, kept where they are made and read once
+        losses = xp.full((n_batches, n_layers), np.nan)
+        goodnesses = xp.zeros((n_batches, n_layers, 2 * B), np.float32)
         for i, _ in enumerate(BATCHES[cfg.negatives](x_train, y_train, cfg, state, x)):
             # a greedy stage decays the rate over its own epochs
             lr = learning_rate(cfg, epoch % cfg.n_epochs, i / n_batches)
@@ -767,10 +798,12 @@ def train_ff(x_train, cfg, state, callback=None, log=print, y_train=None):
                                               index=indexes[l])
                 if l in trained and xp is np:
                     check_loss(cfg, loss, epoch, l, i)
-                sums[l] += batch_stats(loss, g, B, cfg.layer_threshold(h.shape[1]))
+                losses[i, l], goodnesses[i, l] = loss, g
                 if l + 1 < n_active:
                     normalize(h, out=inputs[l + 1])
-        sums = to_host(sums)  # the GPU's one wait of the epoch
+        # the GPU's one wait of the epoch
+        sums = epoch_sums(to_host(losses), to_host(goodnesses), B,
+                          [cfg.layer_threshold(n) for n in cfg.layer_sizes[1:]])
         for l in trained:
             check_loss(cfg, sums[l, 0], epoch, l)
         record_epoch(state.history, sums / n_batches, n_active, time.perf_counter() - t0)
@@ -838,35 +871,42 @@ def train_softmax(F_train, y_train, F_test, y_test, rng, n_epochs, lr, weight_de
     of the minibatches during the epoch (an extra full pass per epoch would cost as much
     as the training itself); validation (if given) and test error are exact, after each
     epoch. Settings are chosen on the validation error, never on the test error.
-    A loss that is NaN or infinite raises TrainingDiverged. The head trains where F_train
-    lives; on the GPU each step waits once to read its loss back, which the head's few steps
-    can afford."""
+    A loss that is NaN or infinite raises TrainingDiverged: on the CPU at its step, on the
+    GPU at the end of its epoch. The head trains where F_train lives; the epoch's order and
+    the labels are moved there once, and its loss and errors are summed there and read
+    back once an epoch."""
     xp = xp_of(F_train)
     W = xp.zeros((F_train.shape[1], n_classes), np.float32)
     b = xp.zeros(n_classes, np.float32)
     hist = {"train_error": [], "test_error": [], "loss": [], "seconds": []}
     if F_val is not None:
         hist["val_error"] = []
-    n = len(y_train)
+    n, labels = len(y_train), xp.asarray(y_train)
+
+    def diverged(loss, epoch):
+        return TrainingDiverged(
+            f"the softmax head's loss is {float(loss)} in head epoch {epoch + 1}; lower "
+            f"--softmax-lr (now {lr:g}) or --softmax-weight-decay (now {weight_decay:g})")
     for epoch in range(n_epochs):
         t0 = time.perf_counter()
-        perm = rng.permutation(n)
+        perm = xp.asarray(rng.permutation(n))
         wrong, loss_sum = 0, 0.0
         for start in range(0, n, batch_size):
             idx = perm[start:start + batch_size]
-            yb = xp.asarray(y_train[idx])
+            yb = labels[idx]
             # a diverging head overflows on its way to inf; the check below reports it
             with np.errstate(over="ignore", invalid="ignore"):
                 loss, dW, db, logits = softmax_loss_and_grads(F_train[idx], yb, W, b,
                                                               weight_decay)
-            if not xp.isfinite(loss):
-                raise TrainingDiverged(
-                    f"the softmax head's loss is {float(loss)} in head epoch {epoch + 1}; lower "
-                    f"--softmax-lr (now {lr:g}) or --softmax-weight-decay (now {weight_decay:g})")
+            if xp is np and not np.isfinite(loss):
+                raise diverged(loss, epoch)
             W -= lr * dW
             b -= lr * db
-            wrong += int(xp.sum(xp.argmax(logits, axis=1) != yb))
-            loss_sum += float(loss) * len(idx)
+            wrong += (logits.argmax(axis=1) != yb).sum()
+            loss_sum += loss.astype(np.float64) * len(idx)  # float64, as float(loss) was
+        wrong, loss_sum = int(wrong), float(loss_sum)  # the epoch's one read of the two
+        if not math.isfinite(loss_sum):
+            raise diverged(loss_sum / n, epoch)
         hist["train_error"].append(wrong / n)
         hist["loss"].append(loss_sum / n)
         if F_val is not None:
@@ -933,27 +973,39 @@ def embed_labels(x, labels, out=None):
     return out
 
 
-def sample_wrong_labels(scores, y, rng):
+def sample_wrong_labels(scores, y, u):
     """One wrong label per row, drawn with probability softmax(scores) over the nine labels
-    other than y. scores: (n, 10) host array, e.g. each label's goodness summed over layers
-    (the FF logits up to a constant, so a label the network prefers is drawn more often)."""
-    s = np.array(scores, dtype=np.float64)
-    s[np.arange(len(s)), y] = -np.inf
-    p = np.exp(s - s.max(axis=1, keepdims=True))
-    cdf = np.cumsum(p, axis=1)
-    u = rng.random(len(s)) * cdf[:, -1]
+    other than y. scores: (n, 10), e.g. each label's goodness summed over layers (the FF
+    logits up to a constant, so a label the network prefers is drawn more often); u: n
+    uniform draws in [0, 1) (rng.random(n)), in the memory of scores and y."""
+    xp = xp_of(scores)
+    s = xp.array(scores, dtype=np.float64)
+    s[xp.arange(len(s)), y] = -np.inf
+    p = xp.exp(s - s.max(axis=1, keepdims=True))
+    cdf = xp.cumsum(p, axis=1)
+    u = u * cdf[:, -1]
     wrong = (cdf <= u[:, None]).sum(axis=1)  # the first label whose cdf exceeds u
-    return np.minimum(wrong, N_CLASSES - 1)
+    return xp.minimum(wrong, N_CLASSES - 1)
 
 
-def head_wrong_labels(state, digits, y, cfg, buf, gain=1.0):
+def check_head_loss(cfg, loss):
+    """TrainingDiverged when the hard-negative head has blown up: a cross-entropy of 1e4
+    nats (it starts at log 10), or NaN."""
+    if not float(loss) < 1e4:
+        raise TrainingDiverged(f"the hard-negative head's loss is {float(loss):.3g}; lower "
+                               f"--hard-head-lr (now {cfg.hard_head_lr:g})")
+
+
+def head_wrong_labels(state, digits, y, cfg, buf, u, gain=1.0):
     """Wrong labels for a batch as the hard-negative head prefers them (the author's Matlab
     recipe): the head is a linear softmax on the normalised activities, layers
     cfg.first_readout_layer up, of the digits with the neutral label; the labels are drawn by
-    sample_wrong_labels on its logits, then the head takes one step on the batch: plain SGD
-    at cfg.hard_head_lr, or with --optimizer sgd the author's smoothed step with weight cost,
-    its rate times `gain` (the FF rate's decay). buf: a (B, 784) scratch array.
-    Returns (wrong labels, head errors on the batch)."""
+    sample_wrong_labels on its logits with the uniform draws u, then the head takes one step
+    on the batch: plain SGD at cfg.hard_head_lr, or with --optimizer sgd the author's
+    smoothed step with weight cost, its rate times `gain` (the FF rate's decay).
+    buf: a (B, 784) scratch array. Everything stays where the digits are: returns (wrong
+    labels, the head's errors on the batch, its loss), the last two unread (on the CPU the
+    loss is checked here, on the GPU label_batches checks the epoch's worst)."""
     embed_labels(digits, None, out=buf)
     F = extract_features(state.weights, state.biases, buf,
                          len(cfg.layer_sizes) - cfg.first_readout_layer, norm=cfg.normalize,
@@ -961,19 +1013,16 @@ def head_wrong_labels(state, digits, y, cfg, buf, gain=1.0):
     W, b = state.head
     with np.errstate(over="ignore", invalid="ignore"):
         loss, dW, db, logits = softmax_loss_and_grads(F, y, W, b)
-    logits = to_host(logits)
-    # a cross-entropy of 1e4 nats (it starts at log 10) means the head has blown up
-    if not float(loss) < 1e4:
-        raise TrainingDiverged(f"the hard-negative head's loss is {float(loss):.3g}; lower "
-                               f"--hard-head-lr (now {cfg.hard_head_lr:g})")
-    wrong = sample_wrong_labels(logits, y, state.rng)
+    if xp_of(logits) is np:
+        check_head_loss(cfg, loss)
+    wrong = sample_wrong_labels(logits, y, u)
     if state.head_opt is None:
         W -= cfg.hard_head_lr * dW
         b -= cfg.hard_head_lr * db
     else:
         for opt, p, grad in zip(state.head_opt, (W, b), (dW, db)):
             opt.step(p, grad, cfg.hard_head_lr * gain)
-    return wrong, int(np.sum(logits.argmax(axis=1) != y))
+    return wrong, (logits.argmax(axis=1) != y).sum(), loss
 
 
 def label_batches(x_train, y_train, cfg, state, x):
@@ -982,31 +1031,45 @@ def label_batches(x_train, y_train, cfg, state, x):
     the network prefers them: from the network at the start of the epoch
     (sample_wrong_labels on the goodness read-out's scores of every training digit), or with
     cfg.hard_from "head" batch by batch from head_wrong_labels, whose error over the epoch
-    goes into state.history["head_error"]. Yields after filling x."""
-    n, B, rng = len(x_train), cfg.batch_size, state.rng
+    goes into state.history["head_error"]. Yields after filling x.
+
+    The epoch's random draws are made at its start, batch by batch (the generator's stream
+    is that of drawing them as the batches come), and moved to the device once."""
+    n, B, rng, xp = len(x_train), cfg.batch_size, state.rng, xp_of(x_train)
+    n_batches = n // B
     pos = rng.permutation(n)
     by_head = cfg.hard_negatives and cfg.hard_from == "head"
-    if cfg.hard_negatives and not by_head:
+    if by_head:
+        draws = xp.asarray(np.stack([rng.random(B) for _ in range(n_batches)]))
+    elif cfg.hard_negatives:
         scores = goodness_per_label(state.weights, state.biases, x_train, cfg.goodness,
                                     cfg.first_readout_layer, norm=cfg.normalize, local=cfg.local)
-        hard = sample_wrong_labels(to_host(scores), y_train, rng)
-    errors = 0
-    for i in range(n // B):
-        rows = pos[i * B:(i + 1) * B]
+        wrong_all = sample_wrong_labels(to_host(scores), y_train, rng.random(n))[pos]
+    else:
+        steps = np.concatenate([rng.integers(1, N_CLASSES, B) for _ in range(n_batches)])
+        wrong_all = (y_train[pos[:n_batches * B]] + steps) % N_CLASSES
+    rows, labels = xp.asarray(pos), xp.asarray(y_train[pos])
+    wrong_all = None if by_head else xp.asarray(wrong_all)
+    errors = worst = 0
+    for i in range(n_batches):
+        batch = slice(i * B, (i + 1) * B)
+        digits, y = x_train[rows[batch]], labels[batch]
         if by_head:
-            gain = learning_rate(cfg, state.epochs_done % cfg.n_epochs, i / (n // B)) / cfg.lr
-            wrong, wrong_guesses = head_wrong_labels(state, x_train[rows], y_train[rows], cfg,
-                                                     x[:B], gain)
+            gain = learning_rate(cfg, state.epochs_done % cfg.n_epochs, i / n_batches) / cfg.lr
+            wrong, wrong_guesses, loss = head_wrong_labels(state, digits, y, cfg, x[:B],
+                                                           draws[i], gain)
             errors += wrong_guesses
-        elif cfg.hard_negatives:
-            wrong = hard[rows]
+            if xp is not np:
+                worst = xp.maximum(worst, loss)
         else:
-            wrong = (y_train[rows] + rng.integers(1, N_CLASSES, B)) % N_CLASSES
-        embed_labels(x_train[rows], y_train[rows], out=x[:B])
-        embed_labels(x_train[rows], wrong, out=x[B:])
+            wrong = wrong_all[batch]
+        embed_labels(digits, y, out=x[:B])
+        embed_labels(digits, wrong, out=x[B:])
         yield
     if by_head:
-        state.history.setdefault("head_error", []).append(errors / (n // B * B))
+        if xp is not np:
+            check_head_loss(cfg, worst)
+        state.history.setdefault("head_error", []).append(int(errors) / (n_batches * B))
 
 
 def goodness_per_label(weights, biases, x, goodness_kind="mean", first_layer=2, chunk=2000,
@@ -1909,6 +1972,10 @@ def build_parser(resume=True, description=None, parents=()):
                        "$MNIST_DIR, the repository's data/mnist, the cache, a download)")
     files.add_argument("--out", help="run folder (default: runs/<timestamp>-<4 random hex "
                        "digits>)")
+    files.add_argument("--checkpoint-every", type=number_arg(int, 1), default=1, metavar="K",
+                       help="write the checkpoint after every K-th FF epoch and the last "
+                            "(default: 1; on a GPU writing it can cost as much as an epoch); "
+                            "the time it took is metrics.json's checkpoint_seconds")
     if resume:
         files.add_argument("--resume", metavar="DIR",
                            help="continue the run in DIR, to its own --n-epochs unless "
@@ -2021,7 +2088,7 @@ def print_dry_run(args, **outputs):
     for key, value in {"config": asdict(args.config), "run_dir": args.run_dir,
                        "resume": getattr(args, "resume", None), "data_dir": args.data_dir,
                        "memory_gib": round(memory_needed(args.config) / 2 ** 30, 2),
-                       **outputs}.items():
+                       "checkpoint_every": getattr(args, "checkpoint_every", 1), **outputs}.items():
         print(f"{key}: {json.dumps(value)}")
 
 
@@ -2062,6 +2129,7 @@ def run_experiment(args, log=print, callback=None):
     after each FF epoch, once its checkpoint is saved."""
     cfg, run_dir = args.config, args.run_dir
     saved = [0]  # epochs in the last checkpoint written
+    every, checkpoint_seconds = getattr(args, "checkpoint_every", 1), [0.0]
 
     def recovery():
         if saved[0] == 0:
@@ -2070,12 +2138,15 @@ def run_experiment(args, log=print, callback=None):
                 "continues from it")
 
     def after_epoch(epoch, state):
-        try:
-            save_checkpoint(run_dir, cfg, state)
-        except OSError as e:
-            raise DataError(f"could not write the checkpoint of epoch {epoch + 1} in "
-                            f"{run_dir} ({e.strerror or e}); {recovery()}") from None
-        saved[0] = epoch + 1
+        if (epoch + 1) % every == 0 or epoch + 1 == total_epochs(cfg):
+            t = time.perf_counter()
+            try:
+                save_checkpoint(run_dir, cfg, state)
+            except OSError as e:
+                raise DataError(f"could not write the checkpoint of epoch {epoch + 1} in "
+                                f"{run_dir} ({e.strerror or e}); {recovery()}") from None
+            checkpoint_seconds[0] += time.perf_counter() - t
+            saved[0] = epoch + 1
         if callback is not None:
             callback(epoch, state)
 
@@ -2112,6 +2183,7 @@ def run_experiment(args, log=print, callback=None):
             metrics.update(head_metrics)
         last = lambda key: state.history[key][-1] if state.history[key] else None
         metrics.update(ff_loss=last("loss"), ff_seconds=ff_seconds, ff_epochs=state.epochs_done,
+                       checkpoint_seconds=checkpoint_seconds[0],
                        total_seconds=time.perf_counter() - t0, peak_rss_mib=peak_rss_mib(),
                        run_dir=run_dir)
         metrics["real_vs_hybrid_accuracy" if cfg.negatives == "hybrid"

@@ -34,12 +34,17 @@ step() {  # step NAME NEEDS_S COMMAND...: run it if NEEDS_S seconds are left
 train() {  # train NAME NEEDS_S FLAGS...: a training run on the GPU (--dry-run: checked here)
   local name=$1 needs=$2; shift 2
   if [ "$dry" = "--dry-run" ]; then
-    step "$name" 0 python3 ff_hybrid_mnist.py "$@" --device cpu --out "$out/runs/$name" --dry-run
+    step "$name" 0 python3 ff_hybrid_mnist.py "$@" --device cpu --checkpoint-every 10 \
+      --out "$out/runs/$name" --dry-run
   else
-    step "$name" "$needs" python3 ff_hybrid_mnist.py "$@" --device gpu --out "$out/runs/$name"
+    # a checkpoint every 10 epochs (and after the last): writing one costs about an epoch here
+    step "$name" "$needs" python3 ff_hybrid_mnist.py "$@" --device gpu --checkpoint-every 10 \
+      --out "$out/runs/$name"
   fi
 }
 
+# what a step asks of the GPU, counted on the CPU's stand-in (seconds; no GPU needed)
+step launches 0 python3 bench/count_launches.py
 if [ "$dry" = "--dry-run" ]; then
   step tests 0 python3 -m pytest -q --collect-only tests/test_gpu.py
   step bench-1000 0 python3 bench/bench_epoch.py --layer-sizes 784,50,50 --n-train 1000 \
@@ -69,5 +74,13 @@ for s in 0 1 2; do
   train "paper100-s$s" 300 --layer-sizes 784,2000,2000,2000,2000 --n-epochs 100 \
     --batch-size 50 --n-blur 2 --threshold 8 --softmax-lr 2 --top-k 4 --val-size 10000 \
     --seed "$s"
+done
+# the supervised recipe at the paper's shape, 60 epochs (experiments/sweep_recipe_2000x4.txt)
+for s in 0 1 2; do
+  train "recipe2000-s$s" 240 --negatives label --hard-negatives --hard-from head --optimizer sgd \
+    --normalize rms --init fan-in --goodness sum --threshold 1 --peer-norm 0.06 \
+    --peer-kind author --lr 0.005 --weight-decay 0.002 --lr-decay linear-half-epochs \
+    --hard-head-lr 0.1 --hard-head-weight-decay 0.003 --layer-sizes 784,2000,2000,2000,2000 \
+    --batch-size 100 --n-epochs 60 --val-size 10000 --softmax-epochs 0 --seed "$s"
 done
 echo "done in $(( $(date +%s) - start )) s" | tee -a "$out/steps.txt"

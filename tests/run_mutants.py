@@ -25,7 +25,7 @@ MUTANTS = {  # name -> (text in ff_hybrid_mnist.py, its replacement, and so on)
         "    pass\n"),
     "positives and negatives swapped": (
         "        x[:B] = x_train[pos[batch]]\n", "        x[B:] = x_train[pos[batch]]\n",
-        "cfg.n_blur, out=x[B:])", "cfg.n_blur, out=x[:B])"),
+        "cfg.n_blur, out=x[B:],", "cfg.n_blur, out=x[:B],"),
     "hybrids built from b = a": (
         "make_hybrid_batch(x_train[pa[batch]], x_train[pb[batch]]",
         "make_hybrid_batch(x_train[pa[batch]], x_train[pa[batch]]"),
@@ -41,10 +41,8 @@ MUTANTS = {  # name -> (text in ff_hybrid_mnist.py, its replacement, and so on)
     "--lr-decay ignored": (
         '    if cfg.lr_decay == "linear-half":\n', "    if False:\n"),
     "label negatives: right and wrong labels swapped": (
-        "embed_labels(x_train[rows], y_train[rows], out=x[:B])",
-        "embed_labels(x_train[rows], y_train[rows], out=x[B:])",
-        "embed_labels(x_train[rows], wrong, out=x[B:])",
-        "embed_labels(x_train[rows], wrong, out=x[:B])"),
+        "embed_labels(digits, y, out=x[:B])", "embed_labels(digits, y, out=x[B:])",
+        "embed_labels(digits, wrong, out=x[B:])", "embed_labels(digits, wrong, out=x[:B])"),
     "locally-connected: grid locations transposed": (
         "columns[i * stride:i * stride + rf, j * stride:j * stride + rf]",
         "columns[j * stride:j * stride + rf, i * stride:i * stride + rf]"),
@@ -61,8 +59,8 @@ MUTANTS = {  # name -> (text in ff_hybrid_mnist.py, its replacement, and so on)
         "    if labels is not None:\n        out[xp.arange(len(out)), xp.asarray(labels)] = LABEL_ON\n",
         ""),
     "hard negatives: drawn uniformly": (
-        "            wrong = hard[rows]\n",
-        "            wrong = (y_train[rows] + rng.integers(1, N_CLASSES, B)) % N_CLASSES\n"),
+        "        wrong_all = sample_wrong_labels(to_host(scores), y_train, rng.random(n))[pos]\n",
+        "        wrong_all = (y_train[pos] + rng.integers(1, N_CLASSES, n)) % N_CLASSES\n"),
     "hard-negative head: never learns": (
         "        W -= cfg.hard_head_lr * dW\n        b -= cfg.hard_head_lr * db\n", "        pass\n"),
     "author's peer term gated by the ReLU": (
@@ -84,18 +82,33 @@ MUTANTS = {  # name -> (text in ff_hybrid_mnist.py, its replacement, and so on)
     "author's peer means start at 0": (
         'peer_start = 0.5 if cfg.peer_kind == "author" else 0.0', "peer_start = 0.0"),
     "hard-negative head: labels drawn uniformly": (
-        "    wrong = sample_wrong_labels(logits, y, state.rng)\n",
-        "    wrong = (y + state.rng.integers(1, N_CLASSES, len(y))) % N_CLASSES\n"),
+        "    wrong = sample_wrong_labels(logits, y, u)\n",
+        "    wrong = (y + (u * 9).astype(int) + 1) % N_CLASSES\n"),
     "hard-negative head: sees the true label": (
         "    embed_labels(digits, None, out=buf)\n", "    embed_labels(digits, y, out=buf)\n"),
     "hard-negative head: not checkpointed": (
         "        arrays.update(head_W=to_host(state.head[0]), head_b=to_host(state.head[1]))\n",
         "        pass\n"),
     "hard negatives: the true label can be drawn": (
-        "    s[np.arange(len(s)), y] = -np.inf\n", ""),
+        "    s[xp.arange(len(s)), y] = -np.inf\n", ""),
     "hard negatives: the least preferred label drawn": (
-        "    p = np.exp(s - s.max(axis=1, keepdims=True))\n",
-        "    p = np.where(np.isfinite(s), np.exp(s.min(axis=1, keepdims=True) - s), 0)\n"),
+        "    p = xp.exp(s - s.max(axis=1, keepdims=True))\n",
+        "    p = xp.where(xp.isfinite(s), xp.exp(s.min(axis=1, keepdims=True) - s), 0)\n"),
+    # what a GPU step does: each of these leaves the CPU's numbers as they are, so only the
+    # launch budgets in tests/test_gpu.py can see them
+    "GPU: the step's loss read back every step": (
+        "                losses[i, l], goodnesses[i, l] = loss, g\n",
+        "                losses[i, l], goodnesses[i, l] = float(loss), g\n"),
+    "GPU: hybrids gathered with host permutations": (
+        "    pos, pa, pb = xp.asarray(np.stack([pos, pa, pb]))\n", ""),
+    "GPU: the softmax head's loss read back every step": (
+        "            loss_sum += loss.astype(np.float64) * len(idx)",
+        "            loss_sum += float(loss) * len(idx)"),
+    "GPU: einsum for the goodness": (
+        "    g = row_squares(h)\n", '    g = xp_of(h).einsum("ij,ij->i", h, h)\n'),
+    "--checkpoint-every ignored": (
+        "        if (epoch + 1) % every == 0 or epoch + 1 == total_epochs(cfg):\n",
+        "        if True:\n"),
 }
 
 
@@ -103,7 +116,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tests", default="tests/test_training.py tests/test_labels.py "
                                       "tests/test_local.py tests/test_recipe.py "
-                                      "tests/test_cli.py")
+                                      "tests/test_cli.py tests/test_gpu.py")
     p.add_argument("--only", help="run the mutants whose name contains this text")
     args = p.parse_args(argv)
     source = open(os.path.join(ROOT, "ff_hybrid_mnist.py")).read()

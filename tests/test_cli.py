@@ -96,6 +96,22 @@ def test_resume_ends_with_the_same_numbers(tmp_path, extra):
     assert strip_timing(resumed.metrics) == strip_timing(full.metrics)
 
 
+def test_checkpoint_every_k_epochs_and_after_the_last(tmp_path):
+    """--checkpoint-every 2 over 3 epochs: no checkpoint after epoch 1, then after 2 and 3;
+    the time spent writing them is reported."""
+    written = []
+
+    def seen(epoch, state):
+        path = tmp_path / "run" / "checkpoint.npz"
+        written.append(ff.read_checkpoint_config(str(tmp_path / "run"))[1]
+                       if path.exists() else None)
+    args = ff.parse_args(TINY + ["--n-epochs", "3", "--softmax-epochs", "0",
+                                 "--checkpoint-every", "2", "--out", str(tmp_path / "run")])
+    metrics = ff.run_experiment(args, callback=seen, log=lambda *a, **k: None).metrics
+    assert written == [None, 2, 3]
+    assert metrics["checkpoint_seconds"] > 0
+
+
 def test_refuses_to_overwrite_a_run(tmp_path, capsys):
     run_tiny(tmp_path / "run")
     assert ff.main(TINY + ["--n-epochs", "1", "--out", str(tmp_path / "run")]) == 2

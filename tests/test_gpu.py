@@ -9,6 +9,7 @@ import pytest
 
 import ff_hybrid_mnist as ff
 from conftest import QUIET, TINY, one_line, run_cut_after
+from counting_cupy import CountingCupy, ff_step_counts, head_step_counts
 import visualize_ff_hybrid_mnist as viz
 
 GPU_PROBLEM = ff.gpu_problem()
@@ -88,6 +89,75 @@ def test_a_gpu_run_is_read_and_continued_on_the_cpu(tmp_path, monkeypatch, capsy
         np.testing.assert_array_equal(got, want)
     as_if_run_on_the_gpu(tmp_path / "cut")
     assert ff.load_run(str(tmp_path / "cut")).cfg.device == "gpu"  # readable here
+
+
+# What one step may ask of a GPU, counted over tests/counting_cupy.py's stand-in for CuPy
+# (bench/count_launches.py prints the counts): no host copy, no read back, no einsum, and no
+# more operations than the cuts reached. Before them a step made 185 / 139 / 276 operations
+# and 5 / 4 / 6 uploads, the recipe's 2 reads, the softmax head's 2 uploads and 3 reads.
+RECIPE = dict(negatives="label", hard_negatives=True, hard_from="head", optimizer="sgd",
+              normalize="rms", init="fan-in", goodness="sum", threshold=1.0,
+              peer_kind="author", peer_norm=0.06)
+STEP_BUDGETS = {
+    "hybrid, 4 layers": (dict(layer_sizes=(784, 24, 24, 24, 24)), 133),
+    "label, 3 layers": (dict(layer_sizes=(784, 24, 24, 24), negatives="label"), 99),
+    "recipe, 3 layers": (dict(layer_sizes=(784, 24, 24, 24), **RECIPE), 255),
+}
+
+
+@pytest.mark.parametrize("kind", STEP_BUDGETS)
+def test_a_training_step_stays_within_its_launch_budget(kind):
+    settings, budget = STEP_BUDGETS[kind]
+    counts, calls = ff_step_counts(ff, settings)
+    assert counts["uploads"] == 0 and counts["reads"] == 0, counts
+    assert "einsum" not in calls
+    assert 0 < counts["ops"] <= budget, (counts, calls)
+
+
+def test_a_softmax_head_step_stays_on_the_device():
+    counts, _ = head_step_counts(ff)
+    assert counts["uploads"] == 0 and counts["reads"] == 0, counts
+    assert 0 < counts["ops"] <= 38, counts
+
+
+def test_the_stand_in_counts_what_a_step_would_copy_or_read():
+    fake = CountingCupy()
+    a = fake.asarray(np.arange(6.0))
+    a[np.array([1, 2])]      # a host index: copied to the device
+    float(a.sum())           # a read back
+    a * 2                    # a launch
+    assert fake.counts == {"uploads": 2, "reads": 1, "ops": 3}
+    with pytest.raises(TypeError):
+        a + np.ones(6)       # CuPy refuses a host operand
+
+
+@pytest.mark.parametrize("settings", [dict(layer_sizes=(784, 24, 16), top_k=2, peer_norm=0.1),
+                                      dict(layer_sizes=(784, 24, 16), top_k=2, **RECIPE)],
+                         ids=["hybrid", "recipe"])
+def test_the_gpu_code_path_trains_the_cpu_weights_on_the_stand_in(monkeypatch, settings):
+    """The GPU branches (draws moved once an epoch, sums read once, checks at the epoch's
+    end) compute what the CPU does: on the numpy-backed stand-in, bit for bit, once both
+    sum squares the same way (the CPU's einsum adds in another order than x * x summed)."""
+    monkeypatch.setattr(ff, "row_squares", lambda x: (x * x).sum(axis=1))
+    rng = np.random.default_rng(0)
+    x, y = rng.random((200, 784)).astype(np.float32), rng.integers(0, 10, 200)
+    states = {}
+    for device in ("cpu", "gpu"):
+        fake = CountingCupy()
+        monkeypatch.setattr(ff, "cupy", fake)
+        ff.adam_kernel.cache_clear()
+        cfg = ff.FFConfig(**settings, n_epochs=2, batch_size=20, device=device)
+        states[device] = ff.train_ff(x, cfg, ff.FFState.fresh(cfg, np.random.default_rng(1)),
+                                     y_train=y, **QUIET).to(np)
+        assert fake.counts["ops"] > 0 if device == "gpu" else not fake.counts
+    ff.adam_kernel.cache_clear()
+    cpu, gpu = states["cpu"], states["gpu"]
+    for got, want in zip(gpu.weights + gpu.biases + gpu.peer_means,
+                         cpu.weights + cpu.biases + cpu.peer_means):
+        assert type(got) is np.ndarray
+        np.testing.assert_array_equal(got, want)
+    untimed = lambda history: {k: v for k, v in history.items() if k != "seconds"}
+    assert untimed(gpu.history) == untimed(cpu.history)
 
 
 # -- on a GPU ------------------------------------------------------------------------------

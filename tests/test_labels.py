@@ -102,7 +102,7 @@ def test_sample_wrong_labels_follows_the_softmax_over_the_nine_wrong_labels():
     scores = np.full((n, 10), 100.0)
     scores[:, 0], scores[:, 1] = 104.0, 102.0
     y = np.where(np.arange(n) < n // 2, 0, 5)  # half the rows are 0s: their 0 is not drawn
-    wrong = ff.sample_wrong_labels(scores, y, rng)
+    wrong = ff.sample_wrong_labels(scores, y, rng.random(n))
     assert np.all(wrong != y) and wrong.min() >= 0 and wrong.max() <= 9
     for rows, true in ((slice(0, n // 2), 0), (slice(n // 2, n), 5)):
         logits = scores[0].copy()
@@ -112,7 +112,7 @@ def test_sample_wrong_labels_follows_the_softmax_over_the_nine_wrong_labels():
         got = np.bincount(wrong[rows], minlength=10) / (n // 2)
         np.testing.assert_allclose(got, want, atol=0.012)
     # equal scores: uniform over the nine
-    flat = ff.sample_wrong_labels(np.zeros((9000, 10)), np.full(9000, 4), rng)
+    flat = ff.sample_wrong_labels(np.zeros((9000, 10)), np.full(9000, 4), rng.random(9000))
     counts = np.bincount(flat, minlength=10)
     assert counts[4] == 0 and counts[np.arange(10) != 4].min() > 850
 
@@ -165,7 +165,9 @@ def test_hard_negative_head_step_reads_the_neutral_label_and_draws_wrong_labels(
                       negatives="label", hard_negatives=True, hard_from="head", hard_head_lr=0.5)
     state = ff.FFState.fresh(cfg, np.random.default_rng(0))
     assert state.head[0].shape == (30, 10)
-    wrong, errors = ff.head_wrong_labels(state, digits, y, cfg, np.empty((64, 784), np.float32))
+    wrong, errors, loss = ff.head_wrong_labels(state, digits, y, cfg, np.empty((64, 784), np.float32),
+                                               np.random.default_rng(1).random(64))
+    assert np.isclose(loss, np.log(10))
     assert np.all(wrong != y) and 0 <= errors <= 64
     F = ff.extract_features(state.weights, state.biases, ff.embed_labels(digits, None), 2)
     step = F.T.astype(np.float64) @ (0.1 - np.eye(10)[y]) / 64

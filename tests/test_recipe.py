@@ -95,6 +95,7 @@ def matlab_replay(x_train, y_train, n_epochs, B, weights, biases, rng):
     for epoch in range(1, n_epochs + 1):
         gain = 1.0 if epoch <= n_epochs / 2 else (1 + 2 * (n_epochs - epoch)) / n_epochs
         order = rng.permutation(n)
+        u = [rng.random(B) for _ in range(n // B)]  # the epoch's draws for the wrong labels
         for i in range(n // B):
             rows = order[i * B:(i + 1) * B]
             digits, y = x_train[rows], y_train[rows]
@@ -107,7 +108,7 @@ def matlab_replay(x_train, y_train, n_epochs, B, weights, biases, rng):
                     features.append(rms(x))
             F = np.concatenate(features, axis=1)
             logits = F @ head_W + head_b
-            wrong = ff.sample_wrong_labels(logits, y, rng)
+            wrong = ff.sample_wrong_labels(logits, y, u[i])
             p = np.exp(logits - logits.max(axis=1, keepdims=True))
             p /= p.sum(axis=1, keepdims=True)
             head_gW = delay * head_gW + (1 - delay) * F.T @ (targets - p) / B
