@@ -29,6 +29,29 @@ def layer_step(x, W, b, n_pos, threshold, goodness_kind="mean", peer_coef=0.0, p
     return loss, dW, db, h, g, r
 
 
+def read_mnist_once(load):
+    """load_mnist that reads the repository's MNIST once for the whole session: a call
+    without a data folder (every run and figure script the tests start in this process) gets
+    the same read-only arrays; any other call (the loader's own tests) reads as usual."""
+    cached = []
+
+    def load_mnist(*args, **kwargs):
+        given = list(args) + list(kwargs.values())
+        if any(v is not None for v in given) or set(kwargs) - {"data_dir"} or len(args) > 1 \
+                or os.environ.get("MNIST_DIR"):
+            return load(*args, **kwargs)
+        if not cached:
+            cached.extend(load())
+            for a in cached:
+                a.setflags(write=False)
+        return tuple(cached)
+    load_mnist.__wrapped__ = load
+    return load_mnist
+
+
+ff.load_mnist = read_mnist_once(ff.load_mnist)
+
+
 @pytest.fixture(scope="session")
 def mnist():
     """(x_train, y_train, x_test, y_test), read once for the whole session."""

@@ -31,13 +31,6 @@ def test_gif_has_a_frame_per_snapshot_and_holds_the_last(tmp_path):
     assert os.path.isfile(tmp_path / "anim" / "run" / "model.npz")  # run saved beside the GIF
 
 
-def test_gif_with_one_frame(tmp_path):
-    path = tmp_path / "one.gif"
-    assert gif.main(TINY + ["--n-epochs", "1", "--n-eval", "20", "--gif", str(path),
-                            "--out", str(tmp_path / "run")]) == 0
-    assert iio.imread(path, index=None).shape[0] == 1
-
-
 def test_gif_path_is_checked_before_training(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(ff, "load_mnist", lambda *a: pytest.fail("loaded data"))
     (tmp_path / "file").write_text("x")
