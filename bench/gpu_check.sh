@@ -61,15 +61,17 @@ fi
 for s in 0 1 2; do
   train "ref-s$s" 60 --seed "$s"
 done
-# the supervised recipe as released, 784-1000x3, 100 epochs (experiments/sweep_recipe_1000x3.txt)
-for s in 0 1 2; do
-  train "recipe-s$s" 150 --negatives label --hard-negatives --hard-from head --optimizer sgd \
-    --normalize rms --init fan-in --goodness sum --threshold 1 --peer-norm 0.06 \
-    --peer-kind author --lr 0.005 --weight-decay 0.002 --lr-decay linear-half-epochs \
-    --hard-head-lr 0.1 --hard-head-weight-decay 0.003 --layer-sizes 784,1000,1000,1000 \
-    --batch-size 100 --n-epochs 100 --val-size 10000 --softmax-epochs 0 --seed "$s"
+# the paper's locally-connected network, peer normalisation none / ours / the author's,
+# 20 epochs on validation (experiments/sweep_local_paper_net_peer.txt)
+for peer in "none" "spread --peer-norm 0.03" "author --peer-kind author --peer-norm 0.06"; do
+  # shellcheck disable=SC2086
+  set -- $peer
+  name=$1; shift
+  train "lcp-peer-$name" 90 --local 10:6:128,2:1:220,2:1:512 --threshold 8 --softmax-lr 2 \
+    --top-k 3 --val-size 10000 --batch-size 50 --n-blur 2 --n-epochs 20 --seed 0 "$@"
 done
-# 784-2000x4 at the paper's 100 epochs with the small budget's choices (batch 50, 2 blur passes)
+# 784-2000x4 at the paper's 100 epochs with the small budget's choices (batch 50, 2 blur passes;
+# experiments/sweep_paper100.txt)
 for s in 0 1 2; do
   train "paper100-s$s" 300 --layer-sizes 784,2000,2000,2000,2000 --n-epochs 100 \
     --batch-size 50 --n-blur 2 --threshold 8 --softmax-lr 2 --top-k 4 --val-size 10000 \
@@ -82,5 +84,13 @@ for s in 0 1 2; do
     --peer-kind author --lr 0.005 --weight-decay 0.002 --lr-decay linear-half-epochs \
     --hard-head-lr 0.1 --hard-head-weight-decay 0.003 --layer-sizes 784,2000,2000,2000,2000 \
     --batch-size 100 --n-epochs 60 --val-size 10000 --softmax-epochs 0 --seed "$s"
+done
+# the supervised recipe as released, 784-1000x3, 100 epochs (experiments/sweep_recipe_1000x3.txt)
+for s in 0 1 2; do
+  train "recipe-s$s" 150 --negatives label --hard-negatives --hard-from head --optimizer sgd \
+    --normalize rms --init fan-in --goodness sum --threshold 1 --peer-norm 0.06 \
+    --peer-kind author --lr 0.005 --weight-decay 0.002 --lr-decay linear-half-epochs \
+    --hard-head-lr 0.1 --hard-head-weight-decay 0.003 --layer-sizes 784,1000,1000,1000 \
+    --batch-size 100 --n-epochs 100 --val-size 10000 --softmax-epochs 0 --seed "$s"
 done
 echo "done in $(( $(date +%s) - start )) s" | tee -a "$out/steps.txt"
