@@ -2,6 +2,7 @@
 exit status, and leaves nothing half-written; the run configuration is checked on
 construction and --resume keeps it."""
 import errno
+import importlib
 import json
 import os
 import re
@@ -20,6 +21,7 @@ import visualize_ff_hybrid_mnist as viz
 from conftest import QUIET, TINY, one_line
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "experiments"))  # the scripts run in this process
 
 
 
@@ -412,15 +414,17 @@ def run_script(name, *args):
     (None, "cannot be read"), ("not json\n", "not a JSON record"),
     ("\n\n", "no finished run"), ('{"label": "a", "rc": 1}\n', "no finished run"),
 ])
-def test_summaries_and_plots_refuse_unusable_results_in_one_line(tmp_path, content, words):
+def test_summaries_and_plots_refuse_unusable_results_in_one_line(tmp_path, content, words,
+                                                                capsys):
+    """In this process (the next test runs one as a command): exit status 1, one line."""
     path = tmp_path / "results.jsonl"
     if content is not None:
         path.write_text(content)
-    for script in ("summarize.py", "plot_threshold_sweep.py", "plot_blur_sweep.py"):
-        extra = [] if script == "summarize.py" else ["--out", tmp_path / "plot.png"]
-        done = run_script(script, path, *extra)
-        assert done.returncode == 1, script
-        assert words in one_line(done.stderr) or "need at least two" in done.stderr, script
+    for script in ("summarize", "plot_threshold_sweep", "plot_blur_sweep"):
+        extra = [] if script == "summarize" else ["--out", str(tmp_path / "plot.png")]
+        assert importlib.import_module(script).main([str(path), *extra]) == 1, script
+        err = capsys.readouterr().err
+        assert words in one_line(err) or "need at least two" in err, script
     assert not (tmp_path / "plot.png").exists()
 
 
