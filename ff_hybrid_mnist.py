@@ -106,13 +106,6 @@ def make_hybrid_batch(a, b, rng, n_blur=6, out=None, bits=None):
 # Layer maths: normalisation, forward, goodness, FF loss and its hand-derived gradient, peer
 # normalisation, init
 
-def row_squares(x):
-    """sum_j x_ij^2 of each row: einsum on the CPU (no temporary); on the GPU a product and a
-    reduction, two launches, where CuPy's einsum costs several times their host time."""
-    xp = xp_of(x)
-    return np.einsum("ij,ij->i", x, x) if xp is np else (x * x).sum(axis=1)
-
-
 def l2_normalize(x, out=None, eps=1e-8):
     """Rows scaled to unit length, so a layer sees only the direction of the layer below."""
     xp = xp_of(x)
@@ -1486,6 +1479,13 @@ def array_module(device):
 def to_host(a):
     """a as a numpy array: a GPU array is copied back, a numpy array is returned as it is."""
     return cupy.asnumpy(a) if cupy is not None else a
+
+
+def row_squares(x):
+    """sum_j x_ij^2 of each row: einsum on the CPU (no temporary); on the GPU a product and a
+    reduction, two launches, where CuPy's einsum costs several times their host time."""
+    xp = xp_of(x)
+    return np.einsum("ij,ij->i", x, x) if xp is np else (x * x).sum(axis=1)
 
 
 def gpu_problem():
