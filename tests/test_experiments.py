@@ -53,3 +53,33 @@ def test_goodness_errors_match_the_runs_own_read_out(tmp_path, capsys):
     assert out["goodness_train_error"] == np.mean(scores.argmax(1) != y_fit)
     assert ff.main(TINY_LINE.split() + ["--out", str(tmp_path / "hybrid")]) == 0
     assert goodness_errors.main(["--run", str(tmp_path / "hybrid")]) == 2
+
+
+def test_ff_generalisation_measures_each_split_with_the_frozen_weights(tmp_path, capsys):
+    """Its per-layer FF loss and accuracy are the run's objective, recomputed in float64,
+    on the training digits the run fitted and on its validation digits; a run without
+    validation digits is refused with exit status 2."""
+    import ff_hybrid_mnist as ff
+    import ff_generalisation
+    run_dir = str(tmp_path / "hybrid")
+    assert ff.main(TINY_LINE.split() + ["--val-size", "200", "--out", run_dir]) == 0
+    capsys.readouterr()
+    assert ff_generalisation.main(["--run", run_dir, "--n", "150", "--seed", "3"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    run = ff.load_run(run_dir)
+    x_train, y_train, _, _ = ff.load_mnist()
+    x_fit, _, x_val, _ = ff.split_validation(x_train, y_train, 200, run.cfg.n_train)
+    for name, x in (("train", x_fit), ("val", x_val)):
+        real, hybrids = ff.evaluation_set(x, 150, np.random.default_rng(3), run.cfg.n_blur)
+        hs = ff.network_activities(run.weights, run.biases, np.concatenate([real, hybrids]))
+        for l, h in enumerate(hs):
+            g = (h.astype(np.float64) ** 2).mean(axis=1)
+            t = run.cfg.threshold
+            loss = (np.logaddexp(0, t - g[:150]).sum() + np.logaddexp(0, g[150:] - t).sum()) / 150
+            accuracy = ((g[:150] > t).mean() + (g[150:] < t).mean()) / 2
+            assert np.isclose(out[f"{name}_ff_loss"][l], loss, rtol=1e-4)
+            assert abs(out[f"{name}_real_vs_hybrid_accuracy"][l] - accuracy) <= 1 / 150
+    assert out["ff_epochs"] == run.cfg.n_epochs
+    assert out["train_ff_loss"] != out["val_ff_loss"]
+    assert ff.main(TINY_LINE.split() + ["--out", str(tmp_path / "noval")]) == 0
+    assert ff_generalisation.main(["--run", str(tmp_path / "noval")]) == 2
