@@ -269,6 +269,7 @@ def write_record(results, record):
 def connect(ns):
     """(client, cluster): a LocalCluster of --jobs single-threaded worker processes on this
     machine, or (client, None) for the cluster at --scheduler."""
+    import dask
     from distributed import Client, LocalCluster
     if ns.scheduler:
         try:
@@ -279,8 +280,12 @@ def connect(ns):
     # group, and the sweep, not each worker, decides what stops
     handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        cluster = LocalCluster(n_workers=ns.jobs, threads_per_worker=1, processes=True,
-                               host="127.0.0.1", dashboard_address="127.0.0.1:0")
+        # a saturation of 1: a worker is given a run only when its one thread is free.
+        # Dask's default 1.1 gives a single-threaded worker two, and a short run could then
+        # wait behind a long one while another worker stood idle (seen in a sweep here)
+        with dask.config.set({"distributed.scheduler.worker-saturation": 1.0}):
+            cluster = LocalCluster(n_workers=ns.jobs, threads_per_worker=1, processes=True,
+                                   host="127.0.0.1", dashboard_address="127.0.0.1:0")
     finally:
         signal.signal(signal.SIGINT, handler)
     return Client(cluster), cluster

@@ -315,3 +315,15 @@ def test_sweep_resume_goes_on_from_the_checkpoint_and_skips_recorded_runs(tmp_pa
     sweep.main(argv)
     assert len(results.read_text().splitlines()) == 2
     assert capsys.readouterr().out.count("finished earlier") == 2
+
+
+def test_the_local_cluster_gives_a_worker_a_run_only_when_it_is_free():
+    """Saturation 1: Dask's default would queue a second run on a busy single-threaded
+    worker, where it can wait behind a long run while another worker is idle."""
+    import argparse
+    client, cluster = sweep.connect(argparse.Namespace(scheduler=None, jobs=1))
+    try:
+        assert cluster.scheduler.WORKER_SATURATION == 1.0
+    finally:
+        client.close()
+        cluster.close()
