@@ -3,6 +3,7 @@ default, or one given by --scheduler), its record lands in the results file once
 killed mid-run is survived, Ctrl-C leaves no training behind, and lists or paths it would
 misread are refused with one line. Real processes on 127.0.0.1 only; every process a test
 starts is killed at its end, with whatever it started."""
+import argparse
 import json
 import os
 import signal
@@ -320,7 +321,6 @@ def test_sweep_resume_goes_on_from_the_checkpoint_and_skips_recorded_runs(tmp_pa
 def test_the_local_cluster_gives_a_worker_a_run_only_when_it_is_free():
     """Saturation 1: Dask's default would queue a second run on a busy single-threaded
     worker, where it can wait behind a long run while another worker is idle."""
-    import argparse
     client, cluster = sweep.connect(argparse.Namespace(scheduler=None, jobs=1))
     try:
         assert cluster.scheduler.WORKER_SATURATION == 1.0
