@@ -375,6 +375,7 @@ LR_DECAYS = ("none", "linear-half", "linear-half-epochs")
 NEGATIVES = ("hybrid", "label")
 HARD_FROM = ("goodness", "head")
 DEVICES = ("cpu", "gpu")
+HEADS = ("lbfgs", "sgd")
 N_TRAIN_MAX, N_TEST = 60000, 10000  # digits in the MNIST training and test sets
 
 
@@ -440,10 +441,14 @@ class FFConfig:
     hard_head_weight_decay: float = option(0.0, "with --hard-from head and --optimizer sgd: "
                                            "that head's weight cost", low=0)
     top_k: int = option(3, "layers whose activities feed the softmax head", low=1)
-    softmax_epochs: int = option(50, "epochs of the softmax head on the frozen network; 0 "
-                                 "skips it", low=0)
-    softmax_lr: float = option(0.05, "SGD step size of the softmax head", low=0, above=True)
-    softmax_weight_decay: float = option(1e-4, "L2 penalty (wd/2)|W|^2 of the softmax head",
+    head: str = option("lbfgs", "the softmax head on the frozen network: lbfgs: fitted to its "
+                       "optimum by full-batch L-BFGS, its L2 penalty chosen on the validation "
+                       "split among HEAD_PENALTIES; sgd: minibatch SGD for --softmax-epochs at "
+                       "--softmax-lr (the reference write-up's)", choices=HEADS)
+    softmax_epochs: int = option(50, "epochs of the SGD head; 0 skips the head (either kind)",
+                                 low=0)
+    softmax_lr: float = option(0.05, "with --head sgd: its step size", low=0, above=True)
+    softmax_weight_decay: float = option(1e-4, "with --head sgd: its L2 penalty (wd/2)|W|^2",
                                          low=0)
     seed: int = option(0, "seeds the network, the batches and the negatives (and the head's "
                        "batches, as [seed, 1])", low=0)
@@ -492,6 +497,12 @@ class FFConfig:
                  ("hard_head_weight_decay", self.hard_head_weight_decay > 0
                   and (self.hard_from != "head" or self.optimizer != "sgd"),
                   "needs --hard-from head and --optimizer sgd"),
+                 ("softmax_lr", self.softmax_lr != CONFIG_FIELDS["softmax_lr"].default
+                  and self.head != "sgd", "needs --head sgd (the converged head has no step "
+                  "size)"),
+                 ("softmax_weight_decay", self.softmax_weight_decay
+                  != CONFIG_FIELDS["softmax_weight_decay"].default and self.head != "sgd",
+                  "needs --head sgd (the converged head chooses its penalty on validation)"),
                  ("peer_kind", self.peer_kind != "spread" and self.peer_norm == 0,
                   "needs --peer-norm above 0"),
                  ("negatives", self.negatives == "label" and n_layers < 2
@@ -915,9 +926,121 @@ def train_softmax(F_train, y_train, F_test, y_test, rng, n_epochs, lr, weight_de
     return W, b, hist
 
 
-def fit_head(weights, biases, cfg, fit, splits, log=print):
-    """The softmax head on the frozen network: features of the cfg.top_k top layers, trained
-    by train_softmax on fit = (x, y) with cfg's head settings, its error on each (name, x, y)
+HEAD_PENALTIES = (1e-4, 1e-5, 1e-6, 1e-7)  # L2 penalties (wd/2)|W|^2 the converged head chooses among
+HEAD_GTOL = 1e-5       # converged: no component of the penalised loss's gradient above this
+HEAD_MAX_ITER = 3000   # L-BFGS iterations a fit may take (a fit that stops here says so)
+HEAD_CHOICE_SIZE = 10000  # without a validation split, the penalty is chosen on this many
+                          # of the head's training digits (the last), then refitted on all
+
+
+def fit_softmax_converged(F, y, weight_decay, start=None, F_val=None, y_val=None,
+                          n_classes=10, gtol=HEAD_GTOL, max_iter=HEAD_MAX_ITER):
+    """The linear softmax fitted to the optimum of softmax_loss_and_grads (mean cross-entropy
+    plus (weight_decay/2)|W|^2, b unpenalised) by full-batch L-BFGS (scipy's L-BFGS-B), from
+    start = (W, b) or zeros. The loss is convex, so the optimum is unique; the fit stops when
+    the gradient's largest component is below gtol (or after max_iter iterations, which
+    history["converged"] says; in float32 the line search can stop first, on rounding, which
+    it says too). The head is computed in F's dtype. The history holds, per iteration, the
+    loss, the training error of the iterate and (given F_val) its validation error. Returns
+    W, b, history."""
+    from scipy.optimize import minimize  # the head's optimiser; FF training does not need it
+
+    xp = xp_of(F)
+    n_features = F.shape[1]
+    labels = xp.asarray(y)
+    last = {}
+
+    def unpack(theta):
+        W = theta[:n_features * n_classes].reshape(n_features, n_classes)
+        return (xp.asarray(W, dtype=F.dtype),
+                xp.asarray(theta[n_features * n_classes:], dtype=F.dtype))
+
+    def loss_and_grad(theta):
+        W, b = unpack(theta)
+        with np.errstate(over="ignore", invalid="ignore"):
+            loss, dW, db, logits = softmax_loss_and_grads(F, labels, W, b, weight_decay)
+        last.update(theta=theta, logits=logits)
+        grad = np.concatenate([to_host(dW).ravel(), to_host(db)]).astype(np.float64)
+        return float(loss), grad
+
+    hist = {"loss": [], "train_error": []}
+    if F_val is not None:
+        hist["val_error"] = []
+
+    def record(theta):
+        if last.get("theta") is None or not np.array_equal(last["theta"], theta):
+            loss_and_grad(theta)  # the iterate is not the last point evaluated
+        W, b = unpack(theta)
+        hist["train_error"].append(float((last["logits"].argmax(axis=1) != labels).mean()))
+        if F_val is not None:
+            hist["val_error"].append(error_rate(F_val, y_val, W, b))
+
+    theta0 = np.zeros(n_features * n_classes + n_classes)
+    if start is not None:
+        theta0[:n_features * n_classes] = to_host(start[0]).ravel()
+        theta0[n_features * n_classes:] = to_host(start[1])
+    losses = []
+
+    def callback(intermediate_result):
+        losses.append(float(intermediate_result.fun))
+        record(intermediate_result.x)
+
+    result = minimize(loss_and_grad, theta0, jac=True, method="L-BFGS-B", callback=callback,
+                      options={"maxiter": max_iter, "gtol": gtol, "ftol": 0.0, "maxcor": 20})
+    hist["loss"] = losses
+    grad_max = float(np.abs(result.jac).max())
+    hist.update(grad_max=grad_max, converged=grad_max <= gtol, iterations=int(result.nit),
+                evaluations=int(result.nfev), message=str(result.message),
+                weight_decay=weight_decay)
+    W, b = unpack(result.x)
+    return W, b, hist
+
+
+def fit_head_converged(F_fit, y_fit, F_val=None, y_val=None, penalties=HEAD_PENALTIES,
+                       log=print, n_classes=10):
+    """The converged read-out: a converged head for each penalty in turn, strongest first,
+    each fit started from the previous optimum; the penalty with the least error on the
+    validation split (ties: the stronger) is kept. Without a validation split the choice is
+    made on the last HEAD_CHOICE_SIZE fit digits (fits on the others) and the chosen penalty
+    is then fitted on every fit digit, from the choice's optimum. The test set plays no part.
+    Returns W, b and the history: each fit's path (loss, training and validation error per
+    iteration) and the penalties tried."""
+    if F_val is None:
+        n_choose = min(HEAD_CHOICE_SIZE, len(y_fit) // 2)
+        cut = len(y_fit) - n_choose
+        F_use, y_use, F_choose, y_choose = F_fit[:cut], y_fit[:cut], F_fit[cut:], y_fit[cut:]
+        chosen_on = f"the last {n_choose} of the head's training digits"
+    else:
+        F_use, y_use, F_choose, y_choose = F_fit, y_fit, F_val, y_val
+        chosen_on = "the validation split"
+    start, best, fits = None, None, []
+    for wd in sorted(penalties, reverse=True):
+        t0 = time.perf_counter()
+        W, b, hist = fit_softmax_converged(F_use, y_use, wd, start=start, F_val=F_choose,
+                                           y_val=y_choose, n_classes=n_classes)
+        hist.update(choice_error=error_rate(F_choose, y_choose, W, b),
+                    seconds=time.perf_counter() - t0)
+        fits.append(hist)
+        log(f"converged head, penalty {wd:g}: {hist['iterations']} iterations, largest "
+            f"gradient {hist['grad_max']:.1e}{'' if hist['converged'] else ' (NOT converged)'}"
+            f", error on {chosen_on} {100 * hist['choice_error']:.2f}%", flush=True)
+        if best is None or hist["choice_error"] < best[0]:
+            best = (hist["choice_error"], wd, W, b)
+        start = (W, b)
+    _, wd, W, b = best
+    if F_val is None:  # the chosen penalty on every fit digit
+        t0 = time.perf_counter()
+        W, b, hist = fit_softmax_converged(F_fit, y_fit, wd, start=(W, b), n_classes=n_classes)
+        hist.update(seconds=time.perf_counter() - t0, final=True)
+        fits.append(hist)
+    log(f"converged head: penalty {wd:g}, chosen on {chosen_on}", flush=True)
+    return W, b, {"kind": "lbfgs", "weight_decay": wd, "chosen_on": chosen_on, "fits": fits}
+
+
+def fit_head(weights, biases, cfg, fit, splits, log=print, penalties=HEAD_PENALTIES):
+    """The softmax head on the frozen network: features of the cfg.top_k top layers, fitted
+    on fit = (x, y) by fit_head_converged (cfg.head lbfgs) or train_softmax (sgd, with cfg's
+    SGD settings; it also logs the test error per epoch), its error on each (name, x, y)
     of splits (one of them "test"). A label run's head sees each digit once, with the neutral
     label. Returns (W, b), the head's history and its metrics."""
     x_fit, y_fit = fit
@@ -931,11 +1054,19 @@ def fit_head(weights, biases, cfg, fit, splits, log=print):
     F = {name: features(x) for name, x, _ in splits}
     y = {name: labels for name, _, labels in splits}
     feature_seconds = time.perf_counter() - t0
-    W, b, history = train_softmax(F_fit, y_fit, F["test"], y["test"],
-                                  np.random.default_rng([cfg.seed, 1]), cfg.softmax_epochs,
-                                  cfg.softmax_lr, cfg.softmax_weight_decay, log=log,
-                                  F_val=F.get("val"), y_val=y.get("val"))
-    metrics = {f"{name}_error": error_rate(F[name], y[name], W, b) for name in F}
+    metrics = {"head": cfg.head}
+    if cfg.head == "sgd":
+        W, b, history = train_softmax(F_fit, y_fit, F["test"], y["test"],
+                                      np.random.default_rng([cfg.seed, 1]), cfg.softmax_epochs,
+                                      cfg.softmax_lr, cfg.softmax_weight_decay, log=log,
+                                      F_val=F.get("val"), y_val=y.get("val"))
+    else:
+        W, b, history = fit_head_converged(F_fit, y_fit, F.get("val"), y.get("val"),
+                                           penalties, log=log)
+        metrics.update(head_weight_decay=history["weight_decay"],
+                       head_converged=all(f["converged"] for f in history["fits"]),
+                       head_iterations=sum(f["iterations"] for f in history["fits"]))
+    metrics.update({f"{name}_error": error_rate(F[name], y[name], W, b) for name in F})
     metrics.update(train_error=error_rate(F_fit, y_fit, W, b),
                    softmax_seconds=time.perf_counter() - t0, feature_seconds=feature_seconds)
     return (W, b), history, metrics
@@ -1680,7 +1811,9 @@ def damaged_error(path, e):
 
 def run_config(raw):
     """The FFConfig stored in a run's checkpoint or model (a field added since the run was
-    saved takes its default)."""
+    saved takes its default, except the head: a run saved before the converged head existed
+    had the SGD head)."""
+    raw = {"head": "sgd", **raw}
     return FFConfig(**{k: v for k, v in raw.items() if k in CONFIG_FIELDS})
 
 
@@ -1884,12 +2017,20 @@ def check_history(history, n_layers):
                 raise ValueError(f"ff.{key} has a row of {len(row)} values for {n_layers} layers")
     numbers(history["ff"]["seconds"], "ff.seconds")
     head = history["softmax"]
-    if head is not None:
-        lengths = set()
-        for key, values in head.items():
-            numbers(values, f"softmax.{key}")
-            lengths.add(len(values))
-        if len(lengths) > 1:
+    if head is None:
+        return
+    if head.get("kind") == "lbfgs":  # the converged head: the curves of each fit
+        fits = head.get("fits")
+        if not isinstance(fits, list) or not all(isinstance(f, dict) for f in fits):
+            raise ValueError("softmax.fits is not a list of fits")
+        groups = [{f"softmax.fits[{i}].{key}": fit.get(key, [])
+                   for key in ("loss", "train_error", "val_error")} for i, fit in enumerate(fits)]
+    else:
+        groups = [{f"softmax.{key}": values for key, values in head.items()}]
+    for group in groups:
+        for what, values in group.items():
+            numbers(values, what)
+        if len({len(values) for values in group.values() if values}) > 1:
             raise ValueError("softmax curves of different lengths")
 
 

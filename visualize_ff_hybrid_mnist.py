@@ -97,6 +97,29 @@ def goodness_figure(run, g_real, g_hybrid):
     return fig
 
 
+def converged_head_curves(ax, hist, metrics):
+    """The converged head's fits one after another: training and choice-set error per L-BFGS
+    iteration, each fit's penalty written where it starts, the chosen head's test error as
+    one point at the end (the test set is read once, by the finished head)."""
+    start = 0
+    for fit in hist["fits"]:
+        its = start + np.arange(1, len(fit["train_error"]) + 1)
+        first = start == 0
+        ax.plot(its, 100 * np.array(fit["train_error"]), color="C0",
+                label="train" if first else None)
+        if fit.get("val_error"):
+            ax.plot(its, 100 * np.array(fit["val_error"]), color="C1",
+                    label=f"{hist['chosen_on']}" if first else None)
+        ax.axvline(start, color="0.8", linewidth=0.8)
+        ax.text(start, 1.0, f" {fit['weight_decay']:g}", transform=ax.get_xaxis_transform(),
+                fontsize=7, va="top", color="0.4")
+        start = its[-1] if len(its) else start
+    if metrics and metrics.get("test_error") is not None:
+        ax.plot([start], [100 * metrics["test_error"]], "o", color="C2",
+                label=f"test, chosen penalty {hist['weight_decay']:g}: "
+                      f"{100 * metrics['test_error']:.2f}%")
+
+
 def classifier_curves_figure(run):
     fig = Figure(figsize=(11, 4), dpi=100)
     ax_ff, ax_softmax = fig.subplots(1, 2)
@@ -112,9 +135,13 @@ def classifier_curves_figure(run):
     ax_ff.legend(fontsize=8)
 
     hist = run.softmax_history
+    xlabel = "softmax epoch"
     if hist is None:
         ax_softmax.text(0.5, 0.5, "no softmax head in this run\n(--softmax-epochs 0)",
                         ha="center", va="center", transform=ax_softmax.transAxes)
+    elif hist.get("kind") == "lbfgs":
+        converged_head_curves(ax_softmax, hist, run.metrics)
+        xlabel = "L-BFGS iteration (fits from the strongest penalty to the weakest)"
     else:
         epochs = np.arange(1, len(hist["test_error"]) + 1)
         ax_softmax.plot(epochs, 100 * np.array(hist["train_error"]), marker=".",
@@ -127,7 +154,7 @@ def classifier_curves_figure(run):
     ax_softmax.axhline(100 * PAPER_TEST_ERROR, color="k", linestyle="--", linewidth=1,
                        label="paper, 4x2000 MLP: 1.37%")
     ax_softmax.set_ylim(bottom=0)
-    ax_softmax.set(xlabel="softmax epoch", ylabel="error (%)",
+    ax_softmax.set(xlabel=xlabel, ylabel="error (%)",
                    title=f"Linear softmax on the top {run.cfg.top_k} layers")
     ax_softmax.legend(fontsize=8)
     fig.tight_layout()

@@ -1,10 +1,14 @@
-"""Refit the linear softmax head of a saved run with other settings, FF network unchanged.
+"""Refit the linear softmax head of a saved run, FF network unchanged: the converged head
+(the trainer's default read-out) or the SGD head with other settings.
 
-Separates how much of the test error is the head's (too few epochs, too small a step)
-from how much is the features'. The run's own validation split is used (or --val-size);
-choose head settings on val_error, not on test_error.
+Separates how much of the test error is the head's from how much is the features'. The
+run's own validation split is used (or --val-size); the converged head chooses its penalty
+on it, and SGD settings are to be chosen on val_error, never on test_error. The record (one
+JSON line on stdout, --out appends it to a file) is what the trainer's own read-out of the
+same network gives: the head reads the saved weights exactly as the run would have.
 
-    python3 experiments/refit_head.py --run runs/spec-seed0 --softmax-epochs 50 --softmax-lr 0.5
+    python3 experiments/refit_head.py --run runs/spec-seed0                  # converged head
+    python3 experiments/refit_head.py --run runs/spec-seed0 --head sgd --softmax-lr 0.5
 """
 
 import argparse
@@ -18,10 +22,25 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import ff_hybrid_mnist as ff  # noqa: E402
 
 
+def penalties_arg(text):
+    parse = ff.number_arg(float, 0, above=True)
+    values = tuple(parse(s) for s in text.split(","))
+    if len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(f"{text} names a penalty twice")
+    return values
+
+
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     d = {name: f.default for name, f in ff.CONFIG_FIELDS.items()}
     p.add_argument("--run", required=True, help="saved run whose head is refitted")
+    p.add_argument("--head", choices=ff.HEADS, default=d["head"],
+                   help="lbfgs: the converged head; sgd: minibatch SGD (default: %(default)s)")
+    p.add_argument("--penalties", type=penalties_arg, default=ff.HEAD_PENALTIES,
+                   help="the converged head's L2 penalties to choose among, comma-separated "
+                   "(default: " + ",".join(f"{v:g}" for v in ff.HEAD_PENALTIES) + ")")
+    p.add_argument("--label", help="names the run in the record (default: the run folder's name)")
+    p.add_argument("--out", help="JSON-lines file the record is appended to (it is also printed)")
     p.add_argument("--softmax-epochs", type=ff.number_arg(int, 1), default=d["softmax_epochs"],
                    help="epochs of the new head (default: %(default)s)")
     p.add_argument("--softmax-lr", type=ff.number_arg(float, 0, above=True),
@@ -42,16 +61,29 @@ def build_parser():
 def main(argv=None):
     p = build_parser()
     args = p.parse_args(argv)
+    d = {name: f.default for name, f in ff.CONFIG_FIELDS.items()}
     try:
         run = ff.load_run(args.run)
         # the run's configuration with this refit's head settings, checked as a whole
+        sgd = args.head == "sgd"
+        if not sgd and (args.softmax_lr != d["softmax_lr"]
+                        or args.softmax_weight_decay != d["softmax_weight_decay"]):
+            raise ValueError("--softmax-lr and --softmax-weight-decay need --head sgd")
         cfg = dataclasses.replace(
-            run.cfg, top_k=args.top_k or run.cfg.top_k, seed=args.seed,
-            softmax_epochs=args.softmax_epochs, softmax_lr=args.softmax_lr,
-            softmax_weight_decay=args.softmax_weight_decay,
+            run.cfg, top_k=args.top_k or run.cfg.top_k, seed=args.seed, head=args.head,
+            softmax_epochs=args.softmax_epochs,
+            softmax_lr=args.softmax_lr if sgd else d["softmax_lr"],
+            softmax_weight_decay=args.softmax_weight_decay if sgd else d["softmax_weight_decay"],
             val_size=run.cfg.val_size if args.val_size is None else args.val_size)
+        if args.out:
+            ff.check_writable(args.out, "--out", folder=False)
+            if not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
+                raise ff.SettingsError(f"--out {args.out}: its folder does not exist")
     except ValueError as e:
         p.error(str(e))
+    except ff.SettingsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except ff.DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -63,17 +95,35 @@ def main(argv=None):
         x_fit, y_fit, x_val, y_val = ff.split_validation(x_train, y_train, cfg.val_size,
                                                          run.cfg.n_train)
         splits = [s for s in (("val", x_val, y_val), ("test", x_test, y_test)) if len(s[1])]
-        _, _, metrics = ff.fit_head(run.weights, run.biases, cfg, (x_fit, y_fit), splits,
-                                    log=lambda *a, **k: print(*a, file=sys.stderr, **k))
+        _, history, metrics = ff.fit_head(run.weights, run.biases, cfg, (x_fit, y_fit), splits,
+                                          log=lambda *a, **k: print(*a, file=sys.stderr, **k),
+                                          penalties=args.penalties)
     except (ff.DataError, ff.TrainingDiverged) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    result = {"run": args.run, "top_k": cfg.top_k, "softmax_epochs": cfg.softmax_epochs,
-              "softmax_lr": cfg.softmax_lr, "softmax_weight_decay": cfg.softmax_weight_decay,
+    result = {"script": "experiments/refit_head.py",
+              "label": args.label or os.path.basename(os.path.normpath(args.run)),
+              "run": args.run, "run_config": dataclasses.asdict(run.cfg),
+              "ff_epochs": len(run.ff_history["loss"]), "head": cfg.head, "top_k": cfg.top_k,
               "val_size": cfg.val_size, "val_error": metrics.get("val_error"),
               "test_error": metrics["test_error"], "train_error": metrics["train_error"],
               "seconds": metrics["softmax_seconds"], "environment": ff.environment()}
-    print(json.dumps(result))
+    if cfg.head == "sgd":
+        result.update(softmax_epochs=cfg.softmax_epochs, softmax_lr=cfg.softmax_lr,
+                      softmax_weight_decay=cfg.softmax_weight_decay)
+    else:
+        result.update(penalties=list(args.penalties), head_weight_decay=history["weight_decay"],
+                      chosen_on=history["chosen_on"], head_converged=metrics["head_converged"],
+                      head_iterations=metrics["head_iterations"],
+                      penalties_tried=[{k: f[k] for k in ("weight_decay", "choice_error",
+                                                          "iterations", "grad_max", "converged",
+                                                          "seconds") if k in f}
+                                       for f in history["fits"]])
+    line = json.dumps(result)
+    print(line)
+    if args.out:
+        with open(args.out, "a") as f:
+            f.write(line + "\n")
     return 0
 
 

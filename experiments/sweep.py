@@ -150,10 +150,13 @@ def refit(run_dir, job, env, log, stopped):
     """The refit_* fields of the record: the run's head refitted on its top K layers."""
     with open(os.path.join(run_dir, "args.json")) as f:
         run_args = json.load(f)
+    head = run_args.get("head", "sgd")  # a run saved before the converged head had SGD's
     cmd = [job.refit_script, "--run", run_dir, "--top-k", str(job.refit_top_k),
-           "--seed", str(run_args["seed"]), "--softmax-epochs", str(run_args["softmax_epochs"]),
-           "--softmax-lr", str(run_args["softmax_lr"]),
-           "--softmax-weight-decay", str(run_args["softmax_weight_decay"])]
+           "--seed", str(run_args["seed"]), "--head", head]
+    if head == "sgd":
+        cmd += ["--softmax-epochs", str(run_args["softmax_epochs"]),
+                "--softmax-lr", str(run_args["softmax_lr"]),
+                "--softmax-weight-decay", str(run_args["softmax_weight_decay"])]
     with tempfile.TemporaryFile("w+") as out:
         rc, _ = run_stoppable(cmd, out, log, env, stopped)
         out.seek(0)

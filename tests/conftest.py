@@ -58,9 +58,9 @@ def mnist():
     return ff.load_mnist()
 
 TINY = ["--layer-sizes", "784,40,30,20", "--n-train", "600", "--batch-size", "50",
-        "--softmax-epochs", "2", "--top-k", "2"]  # a whole run in about a second
+        "--head", "sgd", "--softmax-epochs", "2", "--top-k", "2"]  # a whole run in about a second
 TINY_LINE = ("--layer-sizes 784,30,20 --n-epochs 1 --n-train 300 --batch-size 50 "
-             "--softmax-epochs 2 --top-k 1")  # the flags of a sweep line, smaller still
+             "--head sgd --softmax-epochs 2 --top-k 1")  # the flags of a sweep line, smaller still
 QUIET = {"log": lambda *a, **k: None}
 
 

@@ -138,3 +138,47 @@ def test_greedy_schedule_trains_one_layer_at_a_time(tmp_path):
     assert loss[5][:2] == [None, None] and loss[5][2] is not None
     assert all(a is not None for a in run.ff_history["accuracy"][5])
     assert run.metrics["ff_epochs"] == 6
+
+
+CONVERGED = [a for a in TINY if a not in ("--head", "sgd")]  # the default read-out
+
+
+def test_the_default_read_out_is_the_converged_head(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert ff.main(CONVERGED + ["--n-epochs", "1", "--val-size", "300", "--out", str(out)]) == 0
+    assert "chosen on the validation split" in capsys.readouterr().out
+    run = ff.load_run(str(out))
+    assert run.cfg.head == "lbfgs" and run.softmax_history["kind"] == "lbfgs"
+    assert run.metrics["head_weight_decay"] in ff.HEAD_PENALTIES
+    fits = run.softmax_history["fits"]
+    assert [f["weight_decay"] for f in fits] == sorted(ff.HEAD_PENALTIES, reverse=True)
+    best = min(fits, key=lambda f: (f["choice_error"], -f["weight_decay"]))
+    assert best["weight_decay"] == run.metrics["head_weight_decay"]
+    assert run.metrics["val_error"] == best["choice_error"]
+    # the stored head is the optimum of the module's own loss at the chosen penalty
+    x_train, y_train, _, _ = ff.load_mnist()
+    n = run.cfg.n_train  # the head's digits: the first n (the validation split is at the end)
+    F = ff.extract_features(run.weights, run.biases, x_train[:n], run.cfg.top_k)
+    _, dW, db, _ = ff.softmax_loss_and_grads(F, y_train[:n], *run.head,
+                                             run.metrics["head_weight_decay"])
+    chosen = [f for f in fits if f["weight_decay"] == run.metrics["head_weight_decay"]][0]
+    grad_max = max(np.abs(dW).max(), np.abs(db).max())
+    # float32 features: the fit stops at the tolerance or where rounding stops the line search,
+    # and says which; either way its gradient is small and the record tells it as it is
+    assert grad_max <= 1e-4 and np.isclose(grad_max, chosen["grad_max"], rtol=0.05)
+    assert chosen["converged"] == (chosen["grad_max"] <= ff.HEAD_GTOL)
+    assert run.metrics["head_converged"] == all(f["converged"] for f in fits)
+
+
+def test_sgd_head_settings_without_the_sgd_head_are_refused(capsys):
+    for flags in (["--softmax-lr", "2"], ["--softmax-weight-decay", "0.001"]):
+        with pytest.raises(SystemExit) as e:
+            ff.main(CONVERGED + flags + ["--dry-run"])
+        assert e.value.code == 2 and "needs --head sgd" in capsys.readouterr().err
+
+
+def test_a_run_saved_before_the_converged_head_reads_as_an_sgd_head_run():
+    raw = ff.asdict(ff.FFConfig(head="sgd", softmax_lr=2.0))
+    del raw["head"]
+    cfg = ff.run_config(raw)
+    assert cfg.head == "sgd" and cfg.softmax_lr == 2.0

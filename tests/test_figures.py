@@ -112,3 +112,20 @@ def test_locally_connected_run_is_drawn(tmp_path):
     assert gif.main(local + ["--n-eval", "100", "--gif", str(path),
                              "--out", str(tmp_path / "anim" / "run")]) == 0
     assert iio.imread(path, index=None).shape[0] == 1
+
+
+def test_converged_head_run_draws_its_fits(tmp_path):
+    run_dir, outdir = str(tmp_path / "run"), str(tmp_path / "viz")
+    flags = [a for a in TINY if a not in ("--head", "sgd")] + ["--val-size", "300"]
+    assert viz.main(flags + ["--n-epochs", "1", "--out", run_dir, "--outdir", outdir]) == 0
+    run = ff.load_run(run_dir)
+    assert run.softmax_history["kind"] == "lbfgs"
+    fig = viz.classifier_curves_figure(run)
+    ax = fig.axes[1]
+    n_iterations = sum(len(f["train_error"]) for f in run.softmax_history["fits"])
+    train_line = ax.get_lines()[0]
+    assert len(train_line.get_xdata()) == len(run.softmax_history["fits"][0]["train_error"])
+    assert max(l.get_xdata()[-1] for l in ax.get_lines() if len(l.get_xdata())) >= n_iterations
+    assert "L-BFGS iteration" in ax.get_xlabel()
+    image = iio.imread(os.path.join(outdir, "classifier_curves.png"))
+    assert image[..., :3].std() > 5

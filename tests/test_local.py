@@ -135,7 +135,7 @@ def test_training_moves_the_weights_inside_the_fields():
 
 
 TINY_LOCAL = ["--local", "10:6:8,2:1:8", "--top-k", "2", "--n-train", "1000",
-              "--batch-size", "50", "--softmax-epochs", "5", "--softmax-lr", "1", "--n-epochs", "2"]
+              "--batch-size", "50", "--softmax-epochs", "5", "--head", "sgd", "--softmax-lr", "1", "--n-epochs", "2"]
 
 
 def test_tiny_run_gives_the_dense_masked_forms_numbers(tmp_path, monkeypatch):

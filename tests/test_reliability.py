@@ -436,7 +436,7 @@ def test_a_plot_into_a_missing_folder_is_refused(tmp_path):
 
 
 def test_refit_head_of_a_diverging_head_or_damaged_data_is_one_line(tmp_path, finished):
-    done = run_script("refit_head.py", "--run", finished, "--softmax-lr", "1e30",
+    done = run_script("refit_head.py", "--run", finished, "--head", "sgd", "--softmax-lr", "1e30",
                       "--softmax-epochs", "1")
     assert done.returncode == 1 and "softmax head's loss" in one_line(done.stderr.splitlines()[-1] + "\n")
     bad = tmp_path / "mnist"
