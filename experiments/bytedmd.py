@@ -8,11 +8,44 @@ argument element by element in index order. An operation prices all its inputs a
 stack as it was before the operation (an input read twice is paid twice), then moves them
 to the top in the order it read them, then pushes its outputs on top. A value leaves the
 stack as soon as it is dead (never read again) and the rest closes up; a value that is
-never read is never on it. sqrt(d) is the wire length to the d-th closest byte of a memory
-laid out around the processor in 2D.
+never read is never on it (returned values excepted: see `returned` below). sqrt(d) is
+the wire length to the d-th closest byte of a memory laid out around the processor in 2D.
+
+The rules, and the options that change them. The defaults are the rules of the original
+tracer (cybertronai/ByteDMD, main branch; docs/data-movement.md names the commit); each is a
+keyword argument of Trace:
+
+- returned: what happens to the values a computation returns (marked with
+  Trace.returns; values never marked are ordinary values).
+    "live"     (default) they stay on the stack to the end, as if read after the last
+               operation, but that read is free: while the computation runs they take up
+               depth like any live value.
+    "dropped"  no special treatment: a returned value leaves the stack once it is dead,
+               like every other value (the rule this tracer had before).
+    "read"     as "live", then every returned value (each once, however often it was
+               marked) is read after the last operation, priced against the final stack
+               like one more operation, under the phase "return". This is the output
+               epilogue of the original's development branch; that branch also prices an
+               argument's first read against a separate fixed argument stack, which this
+               tracer does not model, so "read" does not reproduce that branch's totals.
+- multiply_add: how the builders dot_rows (and so matmul) accumulate sum_k a_k b_k.
+    "separate" (default) as the original's instruction set has it: p = a_0 b_0, then per
+               further k a multiply p_k = a_k b_k (two reads) and an add acc = acc + p_k
+               (two reads), two operations.
+    "fused"    one three-read operation acc = acc + a_k b_k per further k (the rule this
+               tracer had before).
+- bytes_per_value: the size of a value whose size is not given; 1 (default, the original's
+  default) or the element size (4 for float32). Values created with an explicit size=
+  keep it whatever this is.
+
+FUSED_FLOAT32_RULES holds the options that give this tracer's earlier rules (returned values
+dropped when dead, fused multiply-add, 4 bytes a value); ORIGINAL_RULES spells out the
+defaults. Either is meant as Trace(**rules).
 
 Known cases, one byte a value: the dot product of [0, 1] and [2, 3] as Python's
-sum(x * y ...) costs 12, and (a + b) + c costs 6 (tests/test_bytedmd.py).
+sum(x * y ...) costs 12, and (a + b) + c costs 6; the original's linear-algebra table
+(matrix-vector, vector-matrix, i-j-k matrix product at N = 2, 4, 8, 16) is reproduced
+exactly under the default rules (tests/test_bytedmd.py).
 
 Deadness needs the future, so a computation is first recorded as an op list (a Trace:
 `Scalar` values with operator overloading for small cases, whole-array builders such as
@@ -22,6 +55,17 @@ Deadness needs the future, so a computation is first recorded as an op list (a T
 import math
 
 import numpy as np
+
+RETURNED = ("live", "dropped", "read")
+MULTIPLY_ADD = ("separate", "fused")
+ORIGINAL_RULES = {"returned": "live", "multiply_add": "separate", "bytes_per_value": 1}
+FUSED_FLOAT32_RULES = {"returned": "dropped", "multiply_add": "fused", "bytes_per_value": 4}
+
+
+def _check_option(name, value, allowed):
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r}: expected one of {', '.join(map(repr, allowed))}")
+    return value
 
 # -----------------------------------------------------------------------------
 # The op list: values, the arguments, and operations in program order
@@ -34,10 +78,17 @@ class Trace:
     carries a phase name (e.g. "forward") under which its reads are priced. The builders
     (op, dot_rows, matmul, sum_rows, sum_columns, max_rows) take and return integer arrays
     of value ids and emit one operation per element, in the order the docstring says.
+    The keyword arguments choose the rules (the module's docstring): returned ("live",
+    "dropped" or "read"), multiply_add ("separate" or "fused") and bytes_per_value.
     """
 
-    def __init__(self, bytes_per_value=4):
-        self.bytes_per_value = bytes_per_value
+    def __init__(self, bytes_per_value=1, *, multiply_add="separate", returned="live"):
+        self.bytes_per_value = int(bytes_per_value)
+        if self.bytes_per_value < 1:
+            raise ValueError(f"bytes_per_value={bytes_per_value!r}: expected at least 1")
+        self.multiply_add = _check_option("multiply_add", multiply_add, MULTIPLY_ADD)
+        self.returned = _check_option("returned", returned, RETURNED)
+        self.returned_ids = []     # id arrays marked by returns(), in call order
         self.n_values = 0
         self.value_sizes = []      # chunks: (first id, count, bytes per value)
         self.arguments = []        # id arrays, in call order
@@ -59,6 +110,21 @@ class Trace:
         ids = self.new_values(shape, size)
         self.arguments.append(ids)
         return ids
+
+    def returns(self, *values):
+        """Mark values as what the computation returns (id arrays, Scalars, or nested
+        lists of them), in order; how they are priced is the `returned` rule."""
+        for v in values:
+            self.returned_ids.append(_value_ids(v))
+        return values[0] if len(values) == 1 else values
+
+    def returned_values(self):
+        """The marked values' ids, each once, in the order first marked."""
+        if not self.returned_ids:
+            return np.zeros(0, np.int64)
+        ids = np.concatenate(self.returned_ids)
+        _, first = np.unique(ids, return_index=True)
+        return ids[np.sort(first)]
 
     # operations -----------------------------------------------------------
     def emit(self, phase, reads, n_reads, shape, size=None):
@@ -103,16 +169,40 @@ class Trace:
         return outputs[op_index[:, -1]]
 
     def dot_rows(self, phase, A, B):
-        """Row i of the result is sum_k A[i, k] * B[i, k]: a multiply, then one fused
-        multiply-add (acc + a * b, three reads) per further k; rows one after another."""
+        """Row i of the result is sum_k A[i, k] * B[i, k], rows one after another, each
+        starting from the product p_0 = A[i, 0] * B[i, 0] (reads a, then b). Then per
+        further k, under multiply_add="separate": p_k = A[i, k] * B[i, k], then
+        acc = acc + p_k (reads acc, then p_k; acc is p_0 at k = 1); under "fused": one
+        operation acc + A[i, k] * B[i, k] (reads acc, a, b)."""
         m, n = A.shape
+        if self.multiply_add == "separate":
+            return self._multiply_then_add(phase, A, B)
         first = np.stack([A[:, 0], B[:, 0]], axis=1)
         later = np.stack([A[:, 1:], B[:, 1:]], axis=2)
         return self._chain(phase, first, later, m, n, step_major=False)
 
+    def _multiply_then_add(self, phase, A, B):
+        """dot_rows as two-read operations: row i is the 2n - 1 operations p_0, p_1,
+        acc_1 = p_0 + p_1, p_2, acc_2 = acc_1 + p_2, ..., rows one after another."""
+        m, n = A.shape
+        base, per_row = self.n_values, 2 * n - 1    # the outputs' ids: base + operation
+        row_start = np.arange(m, dtype=np.int64)[:, None] * per_row
+        k = np.arange(n, dtype=np.int64)
+        mul = row_start + np.maximum(2 * k - 1, 0)[None, :]      # (m, n): p_k's operation
+        add = row_start + 2 * k[None, 1:]                         # (m, n - 1): acc_k's
+        reads = np.empty((m * per_row, 2), np.int64)
+        reads[mul.ravel()] = np.stack([np.asarray(A).ravel(), np.asarray(B).ravel()], axis=1)
+        if n > 1:
+            acc = np.concatenate([mul[:, :1], add[:, :-1]], axis=1)  # the sum before step k
+            reads[add.ravel(), 0] = base + acc.ravel()
+            reads[add.ravel(), 1] = base + mul[:, 1:].ravel()
+        outputs = self.emit(phase, reads, 2, (m * per_row,))
+        assert outputs[0] == base
+        return outputs[add[:, -1] if n > 1 else mul[:, 0]]
+
     def matmul(self, phase, A, B):
-        """C = A @ B as the i-j-k loop: each C[i, j] a dot_rows chain over k, the entries of C
-        in row-major order."""
+        """C = A @ B as the i-j-k loop: each C[i, j] a dot_rows chain over k (A's element
+        read before B's), the entries of C in row-major order."""
         (m, n), p = A.shape, B.shape[1]
         rows = np.repeat(A, p, axis=0)           # row (i, j) holds A[i, :]
         cols = np.tile(B.T, (m, 1))              # row (i, j) holds B[:, j]
@@ -150,13 +240,15 @@ class Trace:
         initial = np.concatenate([a.ravel() for a in reversed(self.arguments)] or
                                  [np.zeros(0, np.int64)])
         phases = list(dict.fromkeys(c[4] for c in self.chunks))
-        ids = np.int32 if max(self.n_values, self.n_ops) < 2 ** 31 else np.int64
-        read_op = np.concatenate([(first + ro).astype(ids) for first, ro, *_ in self.chunks])
-        read_val = np.concatenate([rv.astype(ids) for _, _, rv, *_ in self.chunks])
+        ids = np.int32 if max(self.n_values, self.n_ops) + 1 < 2 ** 31 else np.int64
+        none = [np.zeros(0, ids)]
+        read_op = np.concatenate([(first + ro).astype(ids) for first, ro, *_ in self.chunks]
+                                 or none)
+        read_val = np.concatenate([rv.astype(ids) for _, _, rv, *_ in self.chunks] or none)
         out_val = np.concatenate([np.arange(out, out + n, dtype=np.int64)
-                                  for *_, n, _, out in self.chunks])
+                                  for *_, n, _, out in self.chunks] or none).astype(np.int64)
         op_phase = np.concatenate([np.full(n, phases.index(ph), np.int16)
-                                   for *_, n, ph, _ in self.chunks])
+                                   for *_, n, ph, _ in self.chunks] or none).astype(np.int16)
         return sizes, initial, read_op, read_val, out_val, op_phase, phases
 
 
@@ -204,6 +296,22 @@ def scalar_arguments(trace, *shapes, size=None):
         out.append(Scalar(trace, ids) if ids.ndim == 0 else
                    np.vectorize(lambda i: Scalar(trace, i), otypes=[object])(ids).tolist())
     return out
+
+
+def _value_ids(values):
+    """The value ids in an id array, a Scalar, or nested lists/tuples of them, flattened in
+    order."""
+    if isinstance(values, Scalar):
+        return np.array([values.id], np.int64)
+    if isinstance(values, (list, tuple)):
+        parts = [_value_ids(v) for v in values]
+        return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+    a = np.asarray(values)
+    if a.dtype == object:
+        return _value_ids(a.ravel().tolist())
+    if not np.issubdtype(a.dtype, np.integer):
+        raise TypeError(f"expected value ids, got an array of {a.dtype}")
+    return a.astype(np.int64).ravel()
 
 
 # -----------------------------------------------------------------------------
@@ -264,19 +372,34 @@ def _scatter(a, new_position):
     return out
 
 
-def price(trace):
+def price(trace, returned=None):
     """(total, by_phase, per_read): the ByteDMD cost of the trace, its sum over the reads of
-    each phase's operations (a dict), and each read's cost in program order.
+    each phase's operations (a dict), and each read's cost in program order (under
+    returned="read" the final reads of the returned values come last, phase "return").
+    returned: the trace's rule for returned values (Trace.returns) unless given here.
 
     Each time a value is put on top (an argument at the start, an input moved after an
     operation, an output pushed) it takes a new slot, numbered in that order; a slot is
     vacated when its value is next read (moved, or gone if dead). The bytes above a read's
     block are those of the later slots still occupied at that operation: all slots made
     after its own and before the operation, less those vacated before the operation
-    (later_and_vacated_earlier).
+    (later_and_vacated_earlier). Returned values kept to the end ("live", "read") are read
+    by one more operation after the last, free under "live".
     """
+    returned = _check_option("returned", trace.returned if returned is None else returned,
+                             RETURNED)
     sizes, initial, read_op, read_val, out_val, op_phase, phases = trace.arrays()
-    n_ops = trace.n_ops
+    n_ops, n_reads = trace.n_ops, len(read_op)
+    kept = trace.returned_values() if returned != "dropped" else np.zeros(0, np.int64)
+    if len(kept):  # the final operation: reads each returned value, its output never read
+        read_op = np.concatenate([read_op, np.full(len(kept), n_ops, read_op.dtype)])
+        read_val = np.concatenate([read_val, kept.astype(read_val.dtype)])
+        out_val = np.append(out_val, len(sizes))
+        sizes = np.append(sizes, 1)
+        added_phase = "return" not in phases
+        phases = phases + ["return"] * added_phase
+        op_phase = np.append(op_phase, np.int16(phases.index("return")))
+        n_ops += 1
     # reads grouped by (value, operation), groups of a value in program order
     by_value = np.argsort(read_val, kind="stable")  # read_op is already in order
     v, o = read_val[by_value], read_op[by_value]
@@ -323,6 +446,10 @@ def price(trace):
     above = cumulative[made_before] - cumulative[slot_of_read + 1] - vacated[slot_of_read]
     size = sizes[read_val]
     per_read = sum_ceil_sqrt(above + size) - sum_ceil_sqrt(above)
+    if returned == "live":           # the final reads only kept the values on the stack
+        per_read, read_op = per_read[:n_reads], read_op[:n_reads]
     phase_of_read = op_phase[read_op]
     by_phase = {ph: int(per_read[phase_of_read == i].sum()) for i, ph in enumerate(phases)}
+    if returned == "live" and len(kept) and added_phase:
+        del by_phase["return"]
     return int(per_read.sum()), by_phase, per_read

@@ -159,7 +159,7 @@ def trace_ff_step(n_in, widths, batch, normalize=True, negatives=False, warmup=1
     (or its positives, the two digits of each hybrid and the mask bits; then the blur
     matrix), then the network.
     """
-    t = bytedmd.Trace()
+    t = bytedmd.Trace(**bytedmd.FUSED_FLOAT32_RULES)
     B, steps = batch, warmup + 1
     if negatives:
         side = math.isqrt(n_in)
@@ -212,7 +212,7 @@ def trace_backprop_step(n_in, widths, batch, n_classes=bp.N_CLASSES, warmup=1):
     """The trace of backprop steps on `batch` digits each, `warmup` of them named
     "warm-up ..." before the measured one (as trace_ff_step). Arguments: each step's batch
     and labels, then the network with its softmax layer."""
-    t = bytedmd.Trace()
+    t = bytedmd.Trace(**bytedmd.FUSED_FLOAT32_RULES)
     data = [(t.argument((batch, n_in)), t.argument((batch,), size=LABEL_BYTES))
             for _ in range(warmup + 1)]
     params, moments = network_arguments(t, (n_in,) + tuple(widths) + (n_classes,))
@@ -229,7 +229,7 @@ def trace_backprop_step(n_in, widths, batch, n_classes=bp.N_CLASSES, warmup=1):
 def trace_features(n_in, widths, chunk, top_k):
     """Module's extract_features on `chunk` digits: each layer L2-normalises its input,
     then forward; the top_k layers' activities L2-normalised into the features."""
-    t = bytedmd.Trace()
+    t = bytedmd.Trace(**bytedmd.FUSED_FLOAT32_RULES)
     x = t.argument((chunk, n_in))
     params, _ = network_arguments(t, (n_in,) + tuple(widths))
     hs, h = [], x
@@ -244,7 +244,7 @@ def trace_features(n_in, widths, chunk, top_k):
 def trace_head_step(n_features, batch, n_classes=bp.N_CLASSES):
     """One step of the module's train_softmax: softmax_loss_and_grads with its weight
     decay (0.5 wd |W|^2 in the loss, dW += wd W), then W -= lr dW, b -= lr db."""
-    t = bytedmd.Trace()
+    t = bytedmd.Trace(**bytedmd.FUSED_FLOAT32_RULES)
     F = t.argument((batch, n_features))
     y = t.argument((batch,), size=LABEL_BYTES)
     W, b = t.argument((n_features, n_classes)), t.argument((n_classes,))

@@ -1,5 +1,8 @@
-"""ByteDMD cost model: known cases, closed forms worked out by hand, and the fast pricing
-against a plain list-based replay of the definition on random op lists."""
+"""ByteDMD cost model: known cases, the original's (cybertronai/ByteDMD) linear-algebra table
+under the default rules, closed forms worked out by hand, the named options that give the
+earlier rules, and the fast pricing against a plain list-based replay of the definition on
+random op lists."""
+import itertools
 import math
 import os
 import sys
@@ -22,45 +25,243 @@ def S(n):
     return sum(c(d) for d in range(1, n + 1))
 
 
-def plain_price(trace):
+def plain_price(trace, returned=None):
     """The definition replayed on a Python list (top = end of the list): every read is
     priced against the stack before its operation, then the inputs move to the top in read
-    order (or leave it, if never read again), then the output is pushed (if ever read)."""
+    order (or leave it, if never read again), then the output is pushed (if ever read).
+    Returned values ("live", "read") never die; under "read" each is read once more at the
+    end, against the final stack."""
+    returned = returned or trace.returned
     sizes, initial, read_op, read_val, out_val, _, _ = trace.arrays()
+    forever = trace.n_ops
     last = {}
     reads = {}
     for o, v in zip(read_op.tolist(), read_val.tolist()):
         last[v] = o
         reads.setdefault(o, []).append(v)
+    kept = [] if returned == "dropped" else list(dict.fromkeys(trace.returned_values().tolist()))
+    for v in kept:
+        last[v] = forever
+
+    def cost(v):
+        above = sum(sizes[u] for u in stack[stack.index(v) + 1:])
+        return S(above + sizes[v]) - S(above)
+
     stack = [v for v in initial.tolist() if v in last]
     total = 0
     for o in range(trace.n_ops):
         for v in reads.get(o, []):
-            above = sum(sizes[u] for u in stack[stack.index(v) + 1:])
-            total += S(above + sizes[v]) - S(above)
+            total += cost(v)
         for v in dict.fromkeys(reads.get(o, [])):
             stack.remove(v)
             if last[v] > o:
                 stack.append(v)
         if last.get(int(out_val[o]), -1) > o:
             stack.append(int(out_val[o]))
+    if returned == "read":
+        total += sum(cost(v) for v in kept)
     return total
 
 
-def test_known_cases():
-    t = bd.Trace(bytes_per_value=1)
+# the earlier rules of this tracer, at one byte a value
+FUSED_DROPPED = dict(multiply_add="fused", returned="dropped")
+
+
+@pytest.mark.parametrize("rules", [{}, FUSED_DROPPED, dict(returned="read")])
+def test_known_cases(rules):
+    # the original README's two cases; under "read" the returned sum, on top at the end,
+    # is read once more (1)
+    extra = 1 if rules.get("returned") == "read" else 0
+    t = bd.Trace(**rules)
     a, b = bd.scalar_arguments(t, (2,), (2,))
-    sum(x * y for x, y in zip(a, b))     # Python's sum starts from 0: 0 + a0 b0 is an operation
-    assert bd.price(t)[0] == 12
-    t = bd.Trace(bytes_per_value=1)
+    t.returns(sum(x * y for x, y in zip(a, b)))  # Python's sum starts from 0: 0 + a0 b0 is an op
+    assert bd.price(t)[0] == 12 + extra
+    t = bd.Trace(**rules)
     a, b, c_ = bd.scalar_arguments(t, (), (), ())
-    (a + b) + c_
-    assert bd.price(t)[0] == 6
+    t.returns((a + b) + c_)
+    assert bd.price(t)[0] == 6 + extra
+    assert bd.price(t)[2].tolist() == [c(1), c(2), c(1), c(2)] + [1] * extra
+
+
+def test_the_originals_other_small_cases():
+    # its test file: (a + b) + c at two bytes a value, the dot product written out, and
+    # e > f for e = b + c, f = a + d (reads at depths 2, 3, then 2, 3, then 2, 1)
+    t = bd.Trace(bytes_per_value=2)
+    a, b, c_ = bd.scalar_arguments(t, (), (), ())
+    t.returns((a + b) + c_)
+    assert bd.price(t)[0] == 14 == 2 * S(4)   # each addition reads the 4 topmost bytes
+    t = bd.Trace()
+    a, b = bd.scalar_arguments(t, (2,), (2,))
+    t.returns(a[0] * b[0] + a[1] * b[1])
+    assert bd.price(t)[2].tolist() == [c(d) for d in (2, 4, 2, 3, 2, 1)]
+    assert bd.price(t)[0] == 11
+    t = bd.Trace()
+    a, b, c_, d = bd.scalar_arguments(t, (), (), (), ())
+    e, f = b + c_, a + d
+    t.returns(bd.Scalar(t, t.emit("compare", [e.id, f.id], 2, (1,))[0]))
+    assert bd.price(t)[2].tolist() == [c(d) for d in (2, 3, 2, 3, 2, 1)]
+    assert bd.price(t)[0] == 11
+
+
+# -----------------------------------------------------------------------------
+# The original's linear-algebra table (its README and benchmarks/benchmark_linalg.py):
+# each function called as f(A, x) or f(A, B) on n x n arrays, A's elements on top; each
+# dot product starts from its first product and adds the later ones, s = s + a * b; the
+# result (a list) is returned.
+
+
+def matvec(n, **rules):
+    """y[i] = A[i][0] * x[0], then + A[i][j] * x[j] for j = 1..n-1; rows in order."""
+    t = bd.Trace(**rules)
+    A, x = t.argument((n, n)), t.argument((n,))
+    t.returns(t.dot_rows("matvec", A, np.broadcast_to(x, (n, n))))
+    return t
+
+
+def vecmat(n, **rules):
+    """y[j] = x[0] * A[0][j], then + x[i] * A[i][j] for i = 1..n-1; columns in order."""
+    t = bd.Trace(**rules)
+    A, x = t.argument((n, n)), t.argument((n,))
+    t.returns(t.dot_rows("vecmat", np.broadcast_to(x, (n, n)), A.T))
+    return t
+
+
+def matmul(n, **rules):
+    """C[i][j] = A[i][0] * B[0][j], then + A[i][k] * B[k][j]; i, then j, then k."""
+    t = bd.Trace(**rules)
+    A, B = t.argument((n, n)), t.argument((n, n))
+    t.returns(t.matmul("matmul", A, B))
+    return t
+
+
+def scalar_matvec(n, transposed=False):
+    """matvec (or vecmat) written with Scalars statement by statement, as the original's
+    benchmark writes it."""
+    t = bd.Trace()
+    A, x = bd.scalar_arguments(t, (n, n), (n,))
+    y = []
+    for i in range(n):
+        term = (lambda j: x[j] * A[j][i]) if transposed else (lambda j: A[i][j] * x[j])
+        s_ = term(0)
+        for j in range(1, n):
+            s_ = s_ + term(j)
+        y.append(s_)
+    t.returns(y)
+    return t
+
+
+def scalar_matmul(n):
+    t = bd.Trace()
+    A, B = bd.scalar_arguments(t, (n, n), (n, n))
+    C = [[None] * n for _ in range(n)]
+    for i in range(n):
+        for j in range(n):
+            s_ = A[i][0] * B[0][j]
+            for k in range(1, n):
+                s_ = s_ + A[i][k] * B[k][j]
+            C[i][j] = s_
+    t.returns(C)
+    return t
+
+
+# N: (matvec, vecmat, i-j-k matmul); 2, 4, 8, 16 from its README's table, the rest of
+# matvec and vecmat from its test file
+ORIGINAL_TABLE = {2: (26, 25, 57), 4: (157, 150, 720), 8: (896, 832, 8867),
+                  16: (5354, 4688, 109783), 3: (75, 72, None), 5: (270, 258, None),
+                  6: (422, 397, None), 7: (615, 572, None)}
+
+
+@pytest.mark.parametrize("n", sorted(ORIGINAL_TABLE))
+def test_the_originals_linear_algebra_table(n):
+    for build, expected in zip((matvec, vecmat, matmul), ORIGINAL_TABLE[n]):
+        if expected is not None:
+            assert bd.price(build(n))[0] == expected, (build.__name__, n)
+            assert bd.price(build(n, **bd.ORIGINAL_RULES))[0] == expected
+
+
+# the depths the original reports (its traced_eval) read by read at n = 2; its README's
+# IR listing walks through the first
+ORIGINAL_DEPTHS_2 = {
+    matvec: [4, 6, 5, 6, 3, 1, 5, 3, 4, 3, 2, 1],
+    vecmat: [6, 4, 6, 4, 3, 1, 3, 5, 3, 4, 2, 1],
+    matmul: [4, 8, 6, 8, 4, 1, 5, 9, 5, 9, 3, 1, 8, 6, 8, 7, 3, 1, 3, 6, 3, 5, 2, 1]}
+
+
+@pytest.mark.parametrize("build", [matvec, vecmat, matmul])
+def test_the_originals_reads_one_by_one(build):
+    assert bd.price(build(2))[2].tolist() == [c(d) for d in ORIGINAL_DEPTHS_2[build]]
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4])
+def test_builders_match_the_statement_by_statement_version(n):
+    for built, written in ((matvec(n), scalar_matvec(n)),
+                           (vecmat(n), scalar_matvec(n, transposed=True)),
+                           (matmul(n), scalar_matmul(n))):
+        for returned in bd.RETURNED:
+            assert (bd.price(built, returned)[2].tolist() ==
+                    bd.price(written, returned)[2].tolist())
+
+
+def test_the_earlier_rules_stay_reachable():
+    # returned values dropped when dead: 25/148/828, 52/680/8609, 759 at n = 8; and with
+    # the fused multiply-add as well, the i-j-k product 44/584/7713
+    assert [bd.price(matvec(n), "dropped")[0] for n in (2, 4, 8)] == [25, 148, 828]
+    assert [bd.price(matmul(n, returned="dropped"))[0] for n in (2, 4, 8)] == [52, 680, 8609]
+    assert bd.price(vecmat(8, returned="dropped"))[0] == 759
+    assert [bd.price(matmul(n, **FUSED_DROPPED))[0] for n in (2, 4, 8)] == [44, 584, 7713]
+    old = bd.Trace(**bd.FUSED_FLOAT32_RULES)
+    assert (old.bytes_per_value, old.multiply_add, old.returned) == (4, "fused", "dropped")
+    new = bd.Trace()
+    assert (new.bytes_per_value, new.multiply_add, new.returned) == (1, "separate", "live")
+    with pytest.raises(ValueError):
+        bd.Trace(returned="kept")
+    with pytest.raises(ValueError):
+        bd.Trace(multiply_add="fma")
+    with pytest.raises(ValueError):
+        bd.price(new, "never")
+
+
+def test_returned_values_under_each_rule():
+    # from the top a, b, c: t = a + b (returned), then c + c. "live": t stays, above c (2 +
+    # 2); "dropped": t is dead and gone (1 + 1); "read": as live, then t read at depth 1
+    for returned, total in (("live", 3 + 4), ("dropped", 3 + 2), ("read", 3 + 4 + 1)):
+        t = bd.Trace(returned=returned)
+        a, b, c_ = bd.scalar_arguments(t, (), (), ())
+        t.returns(a + b)
+        c_ + c_
+        assert bd.price(t)[0] == total == plain_price(t)
+    # a returned argument never read stays on the stack: from the top a, b, c; b + c reads
+    # b at 2 and c at 3 (a never read, "dropped": at 1 and 2); "read" then reads a at 1;
+    # marking it twice reads it once
+    for returned, total in (("live", 4), ("dropped", 3), ("read", 5)):
+        t = bd.Trace(returned=returned)
+        a, b, c_ = bd.scalar_arguments(t, (), (), ())
+        t.returns(a)
+        b + c_
+        t.returns([a])
+        assert bd.price(t)[0] == total == plain_price(t)
+    # the final reads are priced simultaneously against the final stack, under "return"
+    t = matvec(3, returned="read")
+    total, by_phase, per_read = bd.price(t)
+    assert per_read[-3:].tolist() == [c(3), c(2), c(1)]   # y0 deepest, y2 on top
+    assert by_phase == {"matvec": 75, "return": 2 + 2 + 1} and total == 80
+    assert bd.price(t, "live")[1] == {"matvec": 75}
+
+
+def test_multiply_then_add_order():
+    # per row: p0 = a0 b0, then p_k = a_k b_k and acc = acc + p_k, two reads each
+    t = bd.Trace()
+    A, B = t.argument((1, 3)), t.argument((1, 3))  # ids 0..2 and 3..5
+    out = t.dot_rows("d", A, B)
+    _, _, read_op, read_val, out_val, _, _ = t.arrays()
+    assert read_val.tolist() == [0, 3, 1, 4, 6, 7, 2, 5, 8, 9]
+    assert read_op.tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
+    assert out.tolist() == [out_val[4]] and t.n_ops == 5
 
 
 def test_sum_ceil_sqrt_is_the_sum_of_the_bytes_costs():
     n = np.arange(0, 2000)
-    assert bd.sum_ceil_sqrt(n).tolist() == [S(k) for k in n]
+    assert bd.sum_ceil_sqrt(n).tolist() == list(itertools.accumulate(c(d) for d in n))
     big = np.array([10 ** 12, 10 ** 12 + 1])  # exact where float sqrt rounds
     assert (bd.sum_ceil_sqrt(big[1:]) - bd.sum_ceil_sqrt(big[:1]))[0] == 10 ** 6 + 1
 
@@ -88,10 +289,16 @@ def test_sum_of_n_values(n):
 def test_dot_product_of_length_n(n):
     # stack from the top: a[n-1] ... a[0], b[n-1] ... b[0]. a0 b0 reads depths n and 2n;
     # step k then reads the sum at 1, a_k at n - k + 1 and b_k at 2 (n - k) + 1
-    t = bd.Trace(bytes_per_value=1)
+    t = bd.Trace(bytes_per_value=1, multiply_add="fused")
     t.dot_rows("dot", t.argument((1, n)), t.argument((1, n)))
     fused = c(n) + c(2 * n) + sum(1 + c(n - k + 1) + c(2 * (n - k) + 1) for k in range(1, n))
     assert bd.price(t)[0] == fused
+    # multiply, then add: a_k and b_k at the same depths; the product is pushed on top of
+    # the sum, so the addition reads them at 2 and 1
+    t = bd.Trace()
+    t.dot_rows("dot", t.argument((1, n)), t.argument((1, n)))
+    separate = c(n) + c(2 * n) + sum(c(n - k + 1) + c(2 * (n - k) + 1) + 3 for k in range(1, n))
+    assert bd.price(t)[0] == separate
     # as Python's sum(x * y ...): 0 + a0 b0 reads the product at 1; each later product is
     # pushed on top of the sum, so the addition reads them at 2 and 1
     t = bd.Trace(bytes_per_value=1)
@@ -99,10 +306,11 @@ def test_dot_product_of_length_n(n):
     sum(x * y for x, y in zip(a, b))
     python = c(n) + c(2 * n) + 1 + sum(c(n - k + 1) + c(2 * (n - k) + 1) + 3
                                        for k in range(1, n))
-    assert bd.price(t)[0] == python
+    assert bd.price(t)[0] == python == separate + 1
 
 
-# depths of every read of C = A @ B (i-j-k loop, fused multiply-adds, one byte a value),
+# depths of every read of C = A @ B (i-j-k loop, fused multiply-adds, one byte a value,
+# C not returned: the earlier rules),
 # worked out by hand stack by stack; from the top at the start: A[-1, -1] ... A[0, 0],
 # then B likewise. Each entry: one operation's reads (a, b) or (sum, a, b).
 MATMUL_2x2_DEPTHS = [(4, 8), (1, 6, 8), (4, 8), (1, 4, 8), (6, 4), (1, 6, 5), (2, 4), (1, 2, 3)]
@@ -116,7 +324,7 @@ MATMUL_3x3_DEPTHS = [
 @pytest.mark.parametrize("n, depths, total", [(2, MATMUL_2x2_DEPTHS, 44),
                                               (3, MATMUL_3x3_DEPTHS, 208)])
 def test_matrix_product_in_i_j_k_order(n, depths, total):
-    t = bd.Trace(bytes_per_value=1)
+    t = bd.Trace(bytes_per_value=1, **FUSED_DROPPED)
     C = t.matmul("matmul", t.argument((n, n)), t.argument((n, n)))
     cost, _, per_read = bd.price(t)
     assert per_read.tolist() == [c(d) for op in depths for d in op]
@@ -131,29 +339,38 @@ def test_builders_read_in_numpys_order():
     _, _, read_op, read_val, out_val, _, _ = t.arrays()
     assert read_val.tolist() == [0, 2, 1, 3, out_val[0], 4, out_val[1], 5]
     assert read_op.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
-    t = bd.Trace()
-    A, B = t.argument((2, 2)), t.argument((2, 2))  # ids 0..3 and 4..7
-    t.matmul("m", A, B)                            # C[0, 0] = A00 B00, + A01 B10, ...
-    read_val = t.arrays()[3]
-    assert read_val[:5].tolist() == [0, 4, 8, 1, 6]
+    for rules, first_reads in (({}, [0, 4, 1, 6, 8, 9]),    # A00 B00, A01 B10, then +
+                               (FUSED_DROPPED, [0, 4, 8, 1, 6])):  # A00 B00, + A01 B10
+        t = bd.Trace(**rules)
+        A, B = t.argument((2, 2)), t.argument((2, 2))  # ids 0..3 and 4..7
+        t.matmul("m", A, B)
+        assert t.arrays()[3][:len(first_reads)].tolist() == first_reads
 
 
 def random_trace(rng):
-    t = bd.Trace(bytes_per_value=int(rng.integers(1, 5)))
+    t = bd.Trace(bytes_per_value=int(rng.integers(1, 5)),
+                 returned=bd.RETURNED[int(rng.integers(0, 3))])
     values = list(t.argument((int(rng.integers(1, 6)),), size=int(rng.integers(1, 9))))
     values += list(t.argument((int(rng.integers(0, 3)),)))
     for _ in range(int(rng.integers(1, 40))):
         k = int(rng.integers(1, 4))
         inputs = [values[int(rng.integers(0, len(values)))] for _ in range(k)]  # repeats too
         values.append(t.emit("p" + str(k), inputs, k, (1,), size=int(rng.integers(1, 5)))[0])
+    for _ in range(int(rng.integers(0, 4))):  # some values returned (arguments too, repeats)
+        t.returns(rng.choice(values, int(rng.integers(1, 4))))
     return t
 
 
 def test_fast_pricing_matches_a_plain_replay():
     rng = np.random.default_rng(0)
-    for _ in range(150):
+    for _ in range(100):
         t = random_trace(rng)
-        assert bd.price(t)[0] == plain_price(t)
+        for returned in bd.RETURNED:   # the trace's own rule, and the others
+            assert bd.price(t, returned)[0] == plain_price(t, returned)
+    for build in (matvec, vecmat, matmul):
+        for rules in ({}, FUSED_DROPPED, dict(returned="read"), dict(bytes_per_value=3)):
+            t = build(3, **rules)
+            assert bd.price(t)[0] == plain_price(t)
     # whole training steps at tiny sizes, with their warm-up step
     for t in (dm.trace_ff_step(9, (3, 2), 2, negatives=True),
               dm.trace_ff_step(4, (3, 3), 1, normalize=False),
