@@ -503,6 +503,17 @@ class FFConfig:
                  ("softmax_weight_decay", self.softmax_weight_decay
                   != CONFIG_FIELDS["softmax_weight_decay"].default and self.head != "sgd",
                   "needs --head sgd (the converged head chooses its penalty on validation)"),
+                 ("softmax_lr", self.softmax_lr != CONFIG_FIELDS["softmax_lr"].default
+                  and self.softmax_epochs == 0, "is unused: --softmax-epochs 0 skips the head"),
+                 ("n_blur", self.n_blur != CONFIG_FIELDS["n_blur"].default
+                  and self.negatives != "hybrid", "needs --negatives hybrid (the mask of a "
+                  "hybrid)"),
+                 ("refresh_inputs", self.refresh_inputs and self.schedule == "greedy",
+                  "does nothing with --schedule greedy (the layers below are already "
+                  "trained and frozen)"),
+                 ("weight_decay", self.lr * self.weight_decay >= 1, f"times --lr {self.lr:g} "
+                  "is at least 1: each step would multiply the weights by 1 - lr x weight "
+                  "decay <= 0, zeroing or flipping them"),
                  ("peer_kind", self.peer_kind != "spread" and self.peer_norm == 0,
                   "needs --peer-norm above 0"),
                  ("negatives", self.negatives == "label" and n_layers < 2
@@ -719,12 +730,10 @@ def check_loss(cfg, loss, epoch, l, batch=None):
 
 def likely_cause(cfg):
     """The settings that could have made the loss overflow: those far outside the range the
-    experiments use, else the learning rate."""
+    experiments use, else the learning rate (a weight decay that flips the weights is refused
+    before training)."""
     far = [f"{flag(name)} {shown(getattr(cfg, name))}" for name, limit in
            (("threshold", 1e3), ("peer_norm", 1e2), ("lr", 1.0)) if getattr(cfg, name) > limit]
-    if cfg.weight_decay * cfg.lr >= 1:
-        far.append(f"--weight-decay {cfg.weight_decay} (with --lr {cfg.lr} it flips the "
-                   "weights' sign every step)")
     if far:
         return "out of the usual range: " + ", ".join(far)
     return f"try a lower --lr (now {cfg.lr})"
@@ -2135,6 +2144,40 @@ def flags_given(args):
     return {name for name in CONFIG_FIELDS if getattr(args, name, None) is not None}
 
 
+def unused_fields(cfg):
+    """{field: what would use it} for the fields that cfg's run never reads: a flag of one of
+    them given on the command line is refused, even at its default value."""
+    unused = {}
+    if cfg.negatives != "label":
+        for name in ("hard_negatives", "goodness_layer1"):
+            unused[name] = "--negatives label"
+    else:
+        unused["n_blur"] = "--negatives hybrid"
+    if not cfg.hard_negatives:
+        unused["hard_from"] = "--hard-negatives"
+    if cfg.hard_from != "head" or not cfg.hard_negatives:
+        for name in ("hard_head_lr", "hard_head_weight_decay"):
+            unused[name] = "--hard-negatives --hard-from head"
+    if cfg.peer_norm == 0:
+        unused["peer_kind"] = "--peer-norm above 0"
+    if cfg.schedule == "greedy":
+        unused["refresh_inputs"] = "--schedule parallel"
+    if cfg.softmax_epochs == 0:
+        for name in ("head", "softmax_lr", "softmax_weight_decay"):
+            unused[name] = "a head (--softmax-epochs above 0)"
+    elif cfg.head != "sgd":
+        for name in ("softmax_lr", "softmax_weight_decay"):
+            unused[name] = "--head sgd"
+    return unused
+
+
+def check_used(cfg, given):
+    """SettingsError naming the first given flag that cfg's run would store and ignore."""
+    unused = unused_fields(cfg)
+    for name in sorted(given & set(unused)):
+        raise SettingsError(f"{flag(name)} is given but unused: it needs {unused[name]}")
+
+
 def check_writable(path, flag_name, folder=True):
     """Refuse, before anything is loaded or trained, an output path that cannot be written:
     a file where a folder goes (or the reverse), a path below a file, a read-only folder."""
@@ -2193,11 +2236,15 @@ def prepare_run(args, parser, default_out=None):
                 f"--n-epochs out to continue to the run's own {stored.n_epochs}")
         run_dir = args.resume
         check_writable(run_dir, "--resume")
+        if total_epochs(cfg) == done and os.path.exists(os.path.join(run_dir, "metrics.json")):
+            args.finished = (f"{run_dir} is finished after {done} FF epochs; nothing to do "
+                             "(a larger --n-epochs extends it)")
     else:
         try:
             cfg = FFConfig(**{name: getattr(args, name) for name in given})
         except ValueError as e:
             parser.error(str(e))
+        check_used(cfg, given)
         run_dir = args.out or (default_out(args) if default_out else None)
         if run_dir is None:
             stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -2272,16 +2319,25 @@ def run_experiment(args, log=print, callback=None):
     checkpoint after every epoch, the read-outs, the run files. callback(epoch, state) runs
     after each FF epoch, once its checkpoint is saved."""
     cfg, run_dir = args.config, args.run_dir
-    saved = [0]  # epochs in the last checkpoint written
+    saved, done = [0], [0]  # epochs in the last checkpoint written; epochs finished
     every, checkpoint_seconds = getattr(args, "checkpoint_every", 1), [0.0]
 
     def recovery():
+        finished = done[0]
+        if saved[0] == 0 and finished:
+            return (f"{finished} epoch{'s' * (finished != 1)} finished but none was "
+                    f"checkpointed yet (--checkpoint-every {every}), so there is nothing to "
+                    "resume")
+        if saved[0] < finished:
+            return (f"{finished} epochs finished; the checkpoint after epoch {saved[0]} is "
+                    f"kept (--checkpoint-every {every}): --resume {run_dir} continues from it")
         if saved[0] == 0:
             return "no epoch finished, so there is nothing to resume"
         return (f"the checkpoint after epoch {saved[0]} is kept: --resume {run_dir} "
                 "continues from it")
 
     def after_epoch(epoch, state):
+        done[0] = epoch + 1
         if (epoch + 1) % every == 0 or epoch + 1 == total_epochs(cfg):
             t = time.perf_counter()
             try:
@@ -2301,8 +2357,13 @@ def run_experiment(args, log=print, callback=None):
             raise SettingsError(f"{run_dir} already holds a run; use another --out")
         if resume:
             state = load_checkpoint(run_dir)[1]
-            saved[0] = state.epochs_done
+            saved[0] = done[0] = state.epochs_done
             log(f"resuming {run_dir} after epoch {state.epochs_done}")
+            metrics_path = os.path.join(run_dir, "metrics.json")
+            if os.path.exists(metrics_path):  # extended: unfinished until it finishes again
+                os.remove(metrics_path)
+                log(f"the run is extended to {total_epochs(cfg)} epochs: its metrics.json of "
+                    f"{state.epochs_done} epochs is removed until the run finishes")
         else:
             state = FFState.fresh(cfg, np.random.default_rng(cfg.seed))
         # read now: a long run's files name the code it ran, not what the checkout holds later
@@ -2362,11 +2423,21 @@ def final_line(metrics, ff_seconds, run_dir):
 
 def exit_status(body):
     """body() -> exit status; the errors a user can act on become one line on stderr.
-    SIGTERM is handled like Ctrl-C from here on."""
+    SIGTERM is handled like Ctrl-C until body returns; then the caller's handler is back (a
+    test or a notebook that calls main() keeps its own)."""
     try:
-        signal.signal(signal.SIGTERM, raise_terminated)
+        previous = signal.signal(signal.SIGTERM, raise_terminated)
     except ValueError:  # not the main thread: leave the signal alone
-        pass
+        previous = None
+    try:
+        return handled(body)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def handled(body):
+    """body() -> exit status, the errors a user can act on as one line on stderr."""
     try:
         return body()
     except SettingsError as e:
@@ -2385,7 +2456,9 @@ def exit_status(body):
 def main(argv=None):
     def body():
         args = parse_args(argv)
-        if args.dry_run:
+        if getattr(args, "finished", None):
+            print(args.finished)
+        elif args.dry_run:
             print_dry_run(args)
         else:
             run_experiment(args)

@@ -59,6 +59,7 @@ def mnist():
 
 TINY = ["--layer-sizes", "784,40,30,20", "--n-train", "600", "--batch-size", "50",
         "--head", "sgd", "--softmax-epochs", "2", "--top-k", "2"]  # a whole run in about a second
+TINY_NO_HEAD = [a for a in TINY if a not in ("--head", "sgd")]  # with --softmax-epochs 0
 TINY_LINE = ("--layer-sizes 784,30,20 --n-epochs 1 --n-train 300 --batch-size 50 "
              "--head sgd --softmax-epochs 2 --top-k 1")  # the flags of a sweep line, smaller still
 QUIET = {"log": lambda *a, **k: None}

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import ff_hybrid_mnist as ff
-from conftest import TINY, run_cut_after
+from conftest import TINY, TINY_NO_HEAD, run_cut_after
 
 
 
@@ -102,7 +102,7 @@ def test_checkpoint_every_k_epochs_and_after_the_last(tmp_path):
         path = tmp_path / "run" / "checkpoint.npz"
         written.append(ff.read_checkpoint_config(str(tmp_path / "run"))[1]
                        if path.exists() else None)
-    args = ff.parse_args(TINY + ["--n-epochs", "3", "--softmax-epochs", "0",
+    args = ff.parse_args(TINY_NO_HEAD + ["--n-epochs", "3", "--softmax-epochs", "0",
                                  "--checkpoint-every", "2", "--out", str(tmp_path / "run")])
     metrics = ff.run_experiment(args, callback=seen, log=lambda *a, **k: None).metrics
     assert written == [None, 2, 3]

@@ -129,3 +129,16 @@ def test_converged_head_run_draws_its_fits(tmp_path):
     assert "L-BFGS iteration" in ax.get_xlabel()
     image = iio.imread(os.path.join(outdir, "classifier_curves.png"))
     assert image[..., :3].std() > 5
+
+
+def test_untrained_and_label_runs_draw_no_wrong_reference(tmp_path, recwarn):
+    untrained = str(tmp_path / "untrained")
+    assert ff.main(TINY + ["--n-epochs", "0", "--out", untrained]) == 0
+    fig = viz.classifier_curves_figure(ff.load_run(untrained))
+    fig.savefig(str(tmp_path / "u.png"))
+    assert "no FF epochs" in " ".join(t.get_text() for t in fig.axes[0].texts)
+    assert not [w for w in recwarn if "legend" in str(w.message).lower()]
+    label = str(tmp_path / "label")
+    assert ff.main(TINY + ["--n-epochs", "1", "--negatives", "label", "--out", label]) == 0
+    fig = viz.classifier_curves_figure(ff.load_run(label))
+    assert not [l for l in fig.axes[1].get_lines() if "1.37" in str(l.get_label())]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import ff_hybrid_mnist as ff
-from conftest import QUIET, TINY, one_line, run_cut_after
+from conftest import QUIET, TINY, TINY_NO_HEAD, one_line, run_cut_after
 from counting_cupy import CountingCupy, ff_step_counts, head_step_counts
 import visualize_ff_hybrid_mnist as viz
 
@@ -74,7 +74,7 @@ def test_a_gpu_run_is_read_and_continued_on_the_cpu(tmp_path, monkeypatch, capsy
     monkeypatch.setattr(ff, "cupy", None)
     mnist = ff.load_mnist()
     monkeypatch.setattr(ff, "load_mnist", lambda data_dir=None: mnist)  # read it once
-    flags = TINY + ["--softmax-epochs", "0", "--n-epochs", "2", "--n-train", "300"]
+    flags = TINY_NO_HEAD + ["--softmax-epochs", "0", "--n-epochs", "2", "--n-train", "300"]
     full = ff.run_experiment(ff.parse_args(flags + ["--out", str(tmp_path / "full")]), **QUIET)
     run_cut_after(tmp_path / "cut", flags)
     as_if_run_on_the_gpu(tmp_path / "cut")

@@ -18,7 +18,7 @@ import pytest
 import ff_hybrid_mnist as ff
 import make_ff_hybrid_mnist_gif as gif
 import visualize_ff_hybrid_mnist as viz
-from conftest import QUIET, TINY, one_line
+from conftest import QUIET, TINY, TINY_NO_HEAD, one_line
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "experiments"))  # the scripts run in this process
@@ -266,7 +266,7 @@ def test_each_figure_script_lists_only_what_it_accepts():
 
 def start_training(out, *extra):
     """The training CLI as a real process, long enough to be caught running."""
-    return subprocess.Popen([sys.executable, os.path.join(ROOT, "ff_hybrid_mnist.py")] + TINY
+    return subprocess.Popen([sys.executable, os.path.join(ROOT, "ff_hybrid_mnist.py")] + TINY_NO_HEAD
                             + ["--n-epochs", "400", "--softmax-epochs", "0", "--out", str(out),
                                *extra], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True)
@@ -350,7 +350,8 @@ def test_a_flag_that_would_be_ignored_or_cannot_work_is_refused(change, words):
 def test_an_overflowing_loss_names_the_setting_out_of_range():
     assert "--threshold 1e+308" in ff.likely_cause(ff.FFConfig(threshold=1e308))
     assert "--peer-norm 1e+300" in ff.likely_cause(ff.FFConfig(peer_norm=1e300))
-    assert "--weight-decay" in ff.likely_cause(ff.FFConfig(weight_decay=1e10))
+    with pytest.raises(ValueError, match="--weight-decay 10000000000.0 times --lr 0.03 is at least 1"):
+        ff.FFConfig(weight_decay=1e10)
     assert "try a lower --lr" in ff.likely_cause(ff.FFConfig())
 
 
@@ -455,3 +456,73 @@ def test_a_run_names_the_commit_it_started_with(tmp_path, monkeypatch):
     monkeypatch.setattr(ff, "code_commit", lambda: next(commits))
     assert ff.main(TINY + ["--n-epochs", "1", "--out", str(tmp_path / "r")]) == 0
     assert ff.load_run(str(tmp_path / "r")).environment["commit"] == "started-here"
+
+
+# -- third round: flags that would be stored and ignored, finished and extended runs -------
+
+@pytest.mark.parametrize("flags, words", [
+    (["--negatives", "label", "--n-blur", "3"], "--n-blur"),
+    (["--negatives", "label", "--n-blur", "6"], "--n-blur is given but unused"),  # at its default
+    (["--softmax-epochs", "0", "--head", "sgd", "--softmax-lr", "5"], "--softmax-lr"),
+    (["--softmax-epochs", "0", "--head", "sgd"], "--head is given but unused"),
+    (["--schedule", "greedy", "--refresh-inputs"], "--refresh-inputs"),
+    (["--hard-head-lr", "0.1"], "--hard-head-lr"),
+    (["--negatives", "label", "--hard-negatives", "--hard-head-lr", "0.1"], "--hard-head-lr"),
+    (["--peer-kind", "spread"], "--peer-kind"),
+    (["--weight-decay", "100", "--lr", "0.03"], "--weight-decay"),
+])
+def test_a_flag_the_run_would_ignore_or_a_flipping_decay_is_refused(flags, words, capsys):
+    try:
+        status = ff.main(TINY + flags + ["--dry-run"])
+    except SystemExit as e:  # a value the parser refuses: its usage, then the one line
+        status = e.code
+    assert status == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert words.strip() in err and ("unused" in err or "needs" in err or "at least 1" in err
+                                     or "does nothing" in err)
+
+
+def test_resuming_a_finished_run_rewrites_nothing(finished, tmp_path, capsys):
+    run = copy_of(finished, tmp_path)
+    before = {n: (run / n).read_bytes() for n in ("metrics.json", "model.npz", "history.json")}
+    assert ff.main(["--resume", str(run)]) == 0
+    assert "is finished after 2 FF epochs; nothing to do" in capsys.readouterr().out
+    assert {n: (run / n).read_bytes() for n in before} == before
+
+
+def test_an_extended_run_reads_as_unfinished_until_it_finishes(finished, tmp_path):
+    run = copy_of(finished, tmp_path)
+
+    def stop(epoch, state):
+        raise KeyboardInterrupt
+    with pytest.raises(ff.RunInterrupted):
+        ff.run_experiment(ff.parse_args(["--resume", str(run), "--n-epochs", "4"]),
+                          callback=stop, **QUIET)
+    assert not (run / "metrics.json").exists()
+    with pytest.raises(ff.DataError, match="metrics.json not found"):
+        ff.load_run(str(run))
+    assert ff.main(["--resume", str(run), "--n-epochs", "4"]) == 0
+    assert ff.load_run(str(run)).metrics["ff_epochs"] == 4
+
+
+def test_ctrl_c_between_checkpoints_says_what_finished_and_what_was_kept(tmp_path, capsys):
+    out = tmp_path / "run"
+
+    def stop(epoch, state):
+        if epoch + 1 == 2:
+            raise KeyboardInterrupt
+    args = ff.parse_args(TINY + ["--n-epochs", "5", "--out", str(out)])
+    args.checkpoint_every = 10
+    with pytest.raises(ff.RunInterrupted) as e:
+        ff.run_experiment(args, callback=stop, **QUIET)
+    assert "2 epochs finished but none was checkpointed yet (--checkpoint-every 10)" in str(e.value)
+
+
+def test_main_gives_back_the_callers_sigterm_handler(tmp_path):
+    mine = lambda signum, frame: None
+    previous = signal.signal(signal.SIGTERM, mine)
+    try:
+        assert ff.main(TINY + ["--n-epochs", "1", "--out", str(tmp_path / "run")]) == 0
+        assert signal.getsignal(signal.SIGTERM) is mine
+    finally:
+        signal.signal(signal.SIGTERM, previous)
