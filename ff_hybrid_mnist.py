@@ -1877,7 +1877,10 @@ def load_checkpoint(run_dir):
                 state.biases[l][...] = z[f"b{l}"]
                 state.peer_means[l][...] = z[f"peer{l}"]
                 for name, opt in (("W", state.opt_w[l]), ("b", state.opt_b[l])):
-                    opt.load_state(**{k: local_stored(z[f"opt_{name}{l}_{k}"], index)
+                    # "adam_": the keys of checkpoints written before --optimizer existed
+                    prefix = "opt" if f"opt_{name}{l}_{next(iter(opt.state_arrays()))}" in z \
+                        else "adam"
+                    opt.load_state(**{k: local_stored(z[f"{prefix}_{name}{l}_{k}"], index)
                                       for k in opt.state_arrays()})
             if state.head is not None:
                 state.head[0][...], state.head[1][...] = z["head_W"], z["head_b"]

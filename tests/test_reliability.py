@@ -18,7 +18,7 @@ import pytest
 import ff_hybrid_mnist as ff
 import make_ff_hybrid_mnist_gif as gif
 import visualize_ff_hybrid_mnist as viz
-from conftest import QUIET, TINY, TINY_NO_HEAD, one_line
+from conftest import QUIET, TINY, TINY_NO_HEAD, one_line, run_cut_after
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "experiments"))  # the scripts run in this process
@@ -526,3 +526,19 @@ def test_main_gives_back_the_callers_sigterm_handler(tmp_path):
         assert signal.getsignal(signal.SIGTERM) is mine
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def test_a_checkpoint_of_the_older_format_resumes_exactly(tmp_path):
+    # the layout of checkpoints written before --optimizer existed: Adam's state as adam_*
+    ref, old = tmp_path / "ref", tmp_path / "old"
+    flags = TINY_NO_HEAD + ["--softmax-epochs", "0"]
+    run_cut_after(ref, flags + ["--n-epochs", "2"])
+    shutil.copytree(ref, old)
+    with np.load(old / "checkpoint.npz") as z:
+        arrays = {k.replace("opt_", "adam_", 1) if k.startswith("opt_") else k: z[k] for k in z}
+    np.savez(old / "checkpoint.npz", **arrays)
+    for run in (ref, old):
+        assert ff.main(["--resume", str(run)]) == 0
+    a, b = ff.load_run(str(ref)), ff.load_run(str(old))
+    for Wa, Wb in zip(a.weights, b.weights):
+        np.testing.assert_array_equal(Wa, Wb)
