@@ -443,7 +443,7 @@ class FFConfig:
     top_k: int = option(3, "layers whose activities feed the softmax head", low=1)
     head: str = option("lbfgs", "the softmax head on the frozen network: lbfgs: fitted to its "
                        "optimum by full-batch L-BFGS, its L2 penalty chosen on the validation "
-                       "split among HEAD_PENALTIES; sgd: minibatch SGD for --softmax-epochs at "
+                       "split among HEAD_C; sgd: minibatch SGD for --softmax-epochs at "
                        "--softmax-lr (the reference write-up's)", choices=HEADS)
     softmax_epochs: int = option(50, "epochs of the SGD head; 0 skips the head (either kind)",
                                  low=0)
@@ -935,7 +935,8 @@ def train_softmax(F_train, y_train, F_test, y_test, rng, n_epochs, lr, weight_de
     return W, b, hist
 
 
-HEAD_PENALTIES = (1e-4, 1e-5, 1e-6, 1e-7)  # L2 penalties (wd/2)|W|^2 the converged head chooses among
+HEAD_C = (1.0, 10.0, 100.0)  # the converged head's penalty |W|^2 / 2C on the summed
+                             # cross-entropy (weight decay 1 / (C n) on the mean): C chosen among
 HEAD_GTOL = 1e-5       # converged: no component of the penalised loss's gradient above this
 HEAD_MAX_ITER = 3000   # L-BFGS iterations a fit may take (a fit that stops here says so)
 HEAD_CHOICE_SIZE = 10000  # without a validation split, the penalty is chosen on this many
@@ -947,73 +948,74 @@ def fit_softmax_converged(F, y, weight_decay, start=None, F_val=None, y_val=None
     """The linear softmax fitted to the optimum of softmax_loss_and_grads (mean cross-entropy
     plus (weight_decay/2)|W|^2, b unpenalised) by full-batch L-BFGS (scipy's L-BFGS-B), from
     start = (W, b) or zeros. The loss is convex, so the optimum is unique; the fit stops when
-    the gradient's largest component is below gtol (or after max_iter iterations, which
-    history["converged"] says; in float32 the line search can stop first, on rounding, which
-    it says too). The head is computed in F's dtype. The history holds, per iteration, the
-    loss, the training error of the iterate and (given F_val) its validation error. Returns
-    W, b, history."""
+    the gradient's largest component is at most gtol, or after max_iter iterations in all
+    (history["converged"] says which). In float32 the line search can stop first, where the
+    loss's rounding hides the last decreases: the fit then goes on from there on a float64
+    copy of F (history["float64_iterations"]). The head is returned in F's dtype. The
+    history holds, per iteration, the loss, the training error of the iterate and (given
+    F_val) its validation error."""
     from scipy.optimize import minimize  # the head's optimiser; FF training does not need it
 
     xp = xp_of(F)
-    n_features = F.shape[1]
+    n_weights = F.shape[1] * n_classes
     labels = xp.asarray(y)
-    last = {}
-
-    def unpack(theta):
-        W = theta[:n_features * n_classes].reshape(n_features, n_classes)
-        return (xp.asarray(W, dtype=F.dtype),
-                xp.asarray(theta[n_features * n_classes:], dtype=F.dtype))
-
-    def loss_and_grad(theta):
-        W, b = unpack(theta)
-        with np.errstate(over="ignore", invalid="ignore"):
-            loss, dW, db, logits = softmax_loss_and_grads(F, labels, W, b, weight_decay)
-        last.update(theta=theta, logits=logits)
-        grad = np.concatenate([to_host(dW).ravel(), to_host(db)]).astype(np.float64)
-        return float(loss), grad
-
     hist = {"loss": [], "train_error": []}
     if F_val is not None:
         hist["val_error"] = []
 
-    def record(theta):
-        if last.get("theta") is None or not np.array_equal(last["theta"], theta):
-            loss_and_grad(theta)  # the iterate is not the last point evaluated
-        W, b = unpack(theta)
-        hist["train_error"].append(float((last["logits"].argmax(axis=1) != labels).mean()))
-        if F_val is not None:
-            hist["val_error"].append(error_rate(F_val, y_val, W, b))
+    def unpack(theta, dtype):
+        return (xp.asarray(theta[:n_weights].reshape(-1, n_classes), dtype=dtype),
+                xp.asarray(theta[n_weights:], dtype=dtype))
 
-    theta0 = np.zeros(n_features * n_classes + n_classes)
+    def fit(data, theta, max_iter):
+        last = {}
+
+        def loss_and_grad(theta):
+            W, b = unpack(theta, data.dtype)
+            with np.errstate(over="ignore", invalid="ignore"):
+                loss, dW, db, logits = softmax_loss_and_grads(data, labels, W, b, weight_decay)
+            last.update(theta=theta, logits=logits)
+            return float(loss), np.concatenate([to_host(dW).ravel(), to_host(db)]).astype(
+                np.float64)
+
+        def callback(intermediate_result):
+            theta = intermediate_result.x
+            if not np.array_equal(last["theta"], theta):
+                loss_and_grad(theta)  # the iterate is not the last point evaluated
+            hist["loss"].append(float(intermediate_result.fun))
+            hist["train_error"].append(float((last["logits"].argmax(axis=1) != labels).mean()))
+            if F_val is not None:
+                hist["val_error"].append(error_rate(F_val, y_val, *unpack(theta, F.dtype)))
+        return minimize(loss_and_grad, theta, jac=True, method="L-BFGS-B", callback=callback,
+                        options={"maxiter": max_iter, "gtol": gtol, "ftol": 0.0, "maxcor": 20})
+
+    theta = np.zeros(n_weights + n_classes)
     if start is not None:
-        theta0[:n_features * n_classes] = to_host(start[0]).ravel()
-        theta0[n_features * n_classes:] = to_host(start[1])
-    losses = []
-
-    def callback(intermediate_result):
-        losses.append(float(intermediate_result.fun))
-        record(intermediate_result.x)
-
-    result = minimize(loss_and_grad, theta0, jac=True, method="L-BFGS-B", callback=callback,
-                      options={"maxiter": max_iter, "gtol": gtol, "ftol": 0.0, "maxcor": 20})
-    hist["loss"] = losses
+        theta[:n_weights], theta[n_weights:] = to_host(start[0]).ravel(), to_host(start[1])
+    result = fit(F, theta, max_iter)
+    iterations, float64_iterations = int(result.nit), 0
+    if np.abs(result.jac).max() > gtol and F.dtype != np.float64 and iterations < max_iter:
+        result = fit(F.astype(np.float64), result.x, max_iter - iterations)
+        float64_iterations = int(result.nit)
     grad_max = float(np.abs(result.jac).max())
-    hist.update(grad_max=grad_max, converged=grad_max <= gtol, iterations=int(result.nit),
-                evaluations=int(result.nfev), message=str(result.message),
+    hist.update(grad_max=grad_max, converged=grad_max <= gtol,
+                iterations=iterations + float64_iterations,
+                float64_iterations=float64_iterations, message=str(result.message),
                 weight_decay=weight_decay)
-    W, b = unpack(result.x)
+    W, b = unpack(result.x, F.dtype)
     return W, b, hist
 
 
-def fit_head_converged(F_fit, y_fit, F_val=None, y_val=None, penalties=HEAD_PENALTIES,
-                       log=print, n_classes=10):
-    """The converged read-out: a converged head for each penalty in turn, strongest first,
-    each fit started from the previous optimum; the penalty with the least error on the
-    validation split (ties: the stronger) is kept. Without a validation split the choice is
-    made on the last HEAD_CHOICE_SIZE fit digits (fits on the others) and the chosen penalty
-    is then fitted on every fit digit, from the choice's optimum. The test set plays no part.
-    Returns W, b and the history: each fit's path (loss, training and validation error per
-    iteration) and the penalties tried."""
+def fit_head_converged(F_fit, y_fit, F_val=None, y_val=None, strengths=HEAD_C, log=print,
+                       n_classes=10):
+    """The converged read-out: a converged head for each C in turn (the penalty |W|^2 / 2C on
+    the summed cross-entropy, so weight decay 1 / (C n) on the mean loss of n digits), the
+    strongest penalty first, each fit started from the previous optimum; the C with the
+    least error on the validation split (ties: the stronger penalty) is kept. Without a
+    validation split the choice is made on the last HEAD_CHOICE_SIZE fit digits (fits on the
+    others) and the chosen C is then fitted on every fit digit, from the choice's optimum.
+    The test set plays no part. Returns W, b and the history: each fit's path (loss, training
+    and validation error per iteration) and the values tried."""
     if F_val is None:
         n_choose = min(HEAD_CHOICE_SIZE, len(y_fit) // 2)
         cut = len(y_fit) - n_choose
@@ -1023,30 +1025,35 @@ def fit_head_converged(F_fit, y_fit, F_val=None, y_val=None, penalties=HEAD_PENA
         F_use, y_use, F_choose, y_choose = F_fit, y_fit, F_val, y_val
         chosen_on = "the validation split"
     start, best, fits = None, None, []
-    for wd in sorted(penalties, reverse=True):
+    for C in sorted(strengths):
         t0 = time.perf_counter()
-        W, b, hist = fit_softmax_converged(F_use, y_use, wd, start=start, F_val=F_choose,
-                                           y_val=y_choose, n_classes=n_classes)
-        hist.update(choice_error=error_rate(F_choose, y_choose, W, b),
+        W, b, hist = fit_softmax_converged(F_use, y_use, 1 / (C * len(y_use)), start=start,
+                                           F_val=F_choose, y_val=y_choose, n_classes=n_classes)
+        hist.update(C=C, choice_error=error_rate(F_choose, y_choose, W, b),
                     seconds=time.perf_counter() - t0)
         fits.append(hist)
-        log(f"converged head, penalty {wd:g}: {hist['iterations']} iterations, largest "
-            f"gradient {hist['grad_max']:.1e}{'' if hist['converged'] else ' (NOT converged)'}"
-            f", error on {chosen_on} {100 * hist['choice_error']:.2f}%", flush=True)
+        log(f"converged head, C {C:g}: {hist['iterations']} iterations, largest gradient "
+            f"{hist['grad_max']:.1e}{'' if hist['converged'] else ' (NOT converged)'}, error "
+            f"on {chosen_on} {100 * hist['choice_error']:.2f}%", flush=True)
         if best is None or hist["choice_error"] < best[0]:
-            best = (hist["choice_error"], wd, W, b)
+            best = (hist["choice_error"], C, W, b)
         start = (W, b)
-    _, wd, W, b = best
-    if F_val is None:  # the chosen penalty on every fit digit
+    _, C, W, b = best
+    weight_decay = 1 / (C * len(y_use))
+    if F_val is None:  # the chosen C on every fit digit
         t0 = time.perf_counter()
-        W, b, hist = fit_softmax_converged(F_fit, y_fit, wd, start=(W, b), n_classes=n_classes)
-        hist.update(seconds=time.perf_counter() - t0, final=True)
+        weight_decay = 1 / (C * len(y_fit))
+        W, b, hist = fit_softmax_converged(F_fit, y_fit, weight_decay, start=(W, b),
+                                           n_classes=n_classes)
+        hist.update(C=C, seconds=time.perf_counter() - t0, final=True)
         fits.append(hist)
-    log(f"converged head: penalty {wd:g}, chosen on {chosen_on}", flush=True)
-    return W, b, {"kind": "lbfgs", "weight_decay": wd, "chosen_on": chosen_on, "fits": fits}
+    log(f"converged head: C {C:g} (weight decay {weight_decay:.3g}), chosen on {chosen_on}",
+        flush=True)
+    return W, b, {"kind": "lbfgs", "C": C, "weight_decay": weight_decay,
+                  "chosen_on": chosen_on, "fits": fits}
 
 
-def fit_head(weights, biases, cfg, fit, splits, log=print, penalties=HEAD_PENALTIES):
+def fit_head(weights, biases, cfg, fit, splits, log=print, strengths=HEAD_C):
     """The softmax head on the frozen network: features of the cfg.top_k top layers, fitted
     on fit = (x, y) by fit_head_converged (cfg.head lbfgs) or train_softmax (sgd, with cfg's
     SGD settings; it also logs the test error per epoch), its error on each (name, x, y)
@@ -1071,8 +1078,8 @@ def fit_head(weights, biases, cfg, fit, splits, log=print, penalties=HEAD_PENALT
                                       F_val=F.get("val"), y_val=y.get("val"))
     else:
         W, b, history = fit_head_converged(F_fit, y_fit, F.get("val"), y.get("val"),
-                                           penalties, log=log)
-        metrics.update(head_weight_decay=history["weight_decay"],
+                                           strengths, log=log)
+        metrics.update(head_C=history["C"], head_weight_decay=history["weight_decay"],
                        head_converged=all(f["converged"] for f in history["fits"]),
                        head_iterations=sum(f["iterations"] for f in history["fits"]))
     metrics.update({f"{name}_error": error_rate(F[name], y[name], W, b) for name in F})

@@ -111,12 +111,12 @@ def converged_head_curves(ax, hist, metrics):
             ax.plot(its, 100 * np.array(fit["val_error"]), color="C1",
                     label=f"{hist['chosen_on']}" if first else None)
         ax.axvline(start, color="0.8", linewidth=0.8)
-        ax.text(start, 1.0, f" {fit['weight_decay']:g}", transform=ax.get_xaxis_transform(),
+        ax.text(start, 1.0, f" C {fit['C']:g}", transform=ax.get_xaxis_transform(),
                 fontsize=7, va="top", color="0.4")
         start = its[-1] if len(its) else start
     if metrics and metrics.get("test_error") is not None:
         ax.plot([start], [100 * metrics["test_error"]], "o", color="C2",
-                label=f"test, chosen penalty {hist['weight_decay']:g}: "
+                label=f"test, chosen C {hist['C']:g}: "
                       f"{100 * metrics['test_error']:.2f}%")
 
 
@@ -145,7 +145,7 @@ def classifier_curves_figure(run):
                         ha="center", va="center", transform=ax_softmax.transAxes)
     elif hist.get("kind") == "lbfgs":
         converged_head_curves(ax_softmax, hist, run.metrics)
-        xlabel = "L-BFGS iteration (fits from the strongest penalty to the weakest)"
+        xlabel = "L-BFGS iteration (fits from the strongest penalty, smallest C, up)"
     else:
         epochs = np.arange(1, len(hist["test_error"]) + 1)
         ax_softmax.plot(epochs, 100 * np.array(hist["train_error"]), marker=".",

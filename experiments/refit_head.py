@@ -16,17 +16,18 @@ import dataclasses
 import json
 import os
 import sys
+import types
 
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import ff_hybrid_mnist as ff  # noqa: E402
 
 
-def penalties_arg(text):
+def strengths_arg(text):
     parse = ff.number_arg(float, 0, above=True)
     values = tuple(parse(s) for s in text.split(","))
     if len(set(values)) != len(values):
-        raise argparse.ArgumentTypeError(f"{text} names a penalty twice")
+        raise argparse.ArgumentTypeError(f"{text} names a value twice")
     return values
 
 
@@ -36,11 +37,16 @@ def build_parser():
     p.add_argument("--run", required=True, help="saved run whose head is refitted")
     p.add_argument("--head", choices=ff.HEADS, default=d["head"],
                    help="lbfgs: the converged head; sgd: minibatch SGD (default: %(default)s)")
-    p.add_argument("--penalties", type=penalties_arg, default=ff.HEAD_PENALTIES,
-                   help="the converged head's L2 penalties to choose among, comma-separated "
-                   "(default: " + ",".join(f"{v:g}" for v in ff.HEAD_PENALTIES) + ")")
+    p.add_argument("--head-c", type=strengths_arg, default=ff.HEAD_C, metavar="C,C,...",
+                   help="the converged head's values of C (penalty |W|^2 / 2C on the summed "
+                   "cross-entropy) to choose among on validation (default: "
+                   + ",".join(f"{v:g}" for v in ff.HEAD_C) + ")")
     p.add_argument("--label", help="names the run in the record (default: the run folder's name)")
     p.add_argument("--out", help="JSON-lines file the record is appended to (it is also printed)")
+    p.add_argument("--into", metavar="DIR", help="also save the run with this head as a new run "
+                   "folder DIR (the FF weights and history copied, the head, its history and "
+                   "the metrics new): what the trainer writes with these head settings, for the "
+                   "figure scripts")
     p.add_argument("--softmax-epochs", type=ff.number_arg(int, 1), default=d["softmax_epochs"],
                    help="epochs of the new head (default: %(default)s)")
     p.add_argument("--softmax-lr", type=ff.number_arg(float, 0, above=True),
@@ -75,6 +81,10 @@ def main(argv=None):
             softmax_lr=args.softmax_lr if sgd else d["softmax_lr"],
             softmax_weight_decay=args.softmax_weight_decay if sgd else d["softmax_weight_decay"],
             val_size=run.cfg.val_size if args.val_size is None else args.val_size)
+        if args.into:
+            ff.check_writable(args.into, "--into")
+            if os.path.exists(args.into) and os.listdir(args.into):
+                raise ff.SettingsError(f"--into {args.into} is not empty; give a new folder")
         if args.out:
             ff.check_writable(args.out, "--out", folder=False)
             if not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
@@ -95,9 +105,10 @@ def main(argv=None):
         x_fit, y_fit, x_val, y_val = ff.split_validation(x_train, y_train, cfg.val_size,
                                                          run.cfg.n_train)
         splits = [s for s in (("val", x_val, y_val), ("test", x_test, y_test)) if len(s[1])]
-        _, history, metrics = ff.fit_head(run.weights, run.biases, cfg, (x_fit, y_fit), splits,
-                                          log=lambda *a, **k: print(*a, file=sys.stderr, **k),
-                                          penalties=args.penalties)
+        head, history, metrics = ff.fit_head(run.weights, run.biases, cfg, (x_fit, y_fit), splits,
+                                             log=lambda *a, **k: print(*a, file=sys.stderr,
+                                                                       **k),
+                                             strengths=args.head_c)
     except (ff.DataError, ff.TrainingDiverged) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -112,13 +123,22 @@ def main(argv=None):
         result.update(softmax_epochs=cfg.softmax_epochs, softmax_lr=cfg.softmax_lr,
                       softmax_weight_decay=cfg.softmax_weight_decay)
     else:
-        result.update(penalties=list(args.penalties), head_weight_decay=history["weight_decay"],
+        result.update(head_c_tried=list(args.head_c), head_C=history["C"],
+                      head_weight_decay=history["weight_decay"],
                       chosen_on=history["chosen_on"], head_converged=metrics["head_converged"],
                       head_iterations=metrics["head_iterations"],
-                      penalties_tried=[{k: f[k] for k in ("weight_decay", "choice_error",
+                      fits=[{k: f[k] for k in ("C", "weight_decay", "choice_error",
                                                           "iterations", "grad_max", "converged",
                                                           "seconds") if k in f}
                                        for f in history["fits"]])
+    if args.into:
+        os.makedirs(args.into, exist_ok=True)
+        frozen = types.SimpleNamespace(weights=run.weights, biases=run.biases,
+                                       history=run.ff_history)
+        ff.save_run(args.into, cfg, frozen, head, history,
+                    {**run.metrics, **metrics, "run_dir": args.into, "refitted_from": args.run},
+                    run.environment)
+        result["into"] = args.into
     line = json.dumps(result)
     print(line)
     if args.out:

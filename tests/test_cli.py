@@ -149,11 +149,12 @@ def test_the_default_read_out_is_the_converged_head(tmp_path, capsys):
     assert "chosen on the validation split" in capsys.readouterr().out
     run = ff.load_run(str(out))
     assert run.cfg.head == "lbfgs" and run.softmax_history["kind"] == "lbfgs"
-    assert run.metrics["head_weight_decay"] in ff.HEAD_PENALTIES
+    assert run.metrics["head_C"] in ff.HEAD_C
     fits = run.softmax_history["fits"]
-    assert [f["weight_decay"] for f in fits] == sorted(ff.HEAD_PENALTIES, reverse=True)
-    best = min(fits, key=lambda f: (f["choice_error"], -f["weight_decay"]))
-    assert best["weight_decay"] == run.metrics["head_weight_decay"]
+    assert [f["C"] for f in fits] == sorted(ff.HEAD_C)
+    best = min(fits, key=lambda f: (f["choice_error"], f["C"]))
+    assert best["C"] == run.metrics["head_C"]
+    assert best["weight_decay"] == run.metrics["head_weight_decay"] == 1 / (best["C"] * 600)
     assert run.metrics["val_error"] == best["choice_error"]
     # the stored head is the optimum of the module's own loss at the chosen penalty
     x_train, y_train, _, _ = ff.load_mnist()
@@ -161,13 +162,12 @@ def test_the_default_read_out_is_the_converged_head(tmp_path, capsys):
     F = ff.extract_features(run.weights, run.biases, x_train[:n], run.cfg.top_k)
     _, dW, db, _ = ff.softmax_loss_and_grads(F, y_train[:n], *run.head,
                                              run.metrics["head_weight_decay"])
-    chosen = [f for f in fits if f["weight_decay"] == run.metrics["head_weight_decay"]][0]
+    chosen = [f for f in fits if f["C"] == run.metrics["head_C"]][0]
     grad_max = max(np.abs(dW).max(), np.abs(db).max())
-    # float32 features: the fit stops at the tolerance or where rounding stops the line search,
-    # and says which; either way its gradient is small and the record tells it as it is
-    assert grad_max <= 1e-4 and np.isclose(grad_max, chosen["grad_max"], rtol=0.05)
-    assert chosen["converged"] == (chosen["grad_max"] <= ff.HEAD_GTOL)
-    assert run.metrics["head_converged"] == all(f["converged"] for f in fits)
+    # every fit converged (the float32 ones finished in float64 where rounding stopped them);
+    # the head, stored in float32, is as near the optimum as float32 can hold it
+    assert run.metrics["head_converged"] and all(f["converged"] for f in fits)
+    assert chosen["grad_max"] <= ff.HEAD_GTOL and grad_max <= 1e-4
 
 
 def test_sgd_head_settings_without_the_sgd_head_are_refused(capsys):

@@ -97,15 +97,16 @@ def test_penalty_is_chosen_on_validation_and_the_test_set_plays_no_part(monkeypa
     F, y = blobs(2000, n_features=60, spread=2.5, seed=5)
     F_fit, y_fit, F_val, y_val = F[:60], y[:60], F[60:], y[60:]
     quiet = lambda *a, **k: None
-    penalties = (1.0, 1e-1, 1e-2, 1e-4)
+    strengths = (1 / 60, 1 / 6, 10 / 6, 1000 / 6)  # weight decay 1, 0.1, 0.01, 1e-4 at n = 60
     seen = []
     real_error_rate = ff.error_rate
     monkeypatch.setattr(ff, "error_rate", lambda F_, *a, **k: (seen.append(F_), real_error_rate(F_, *a, **k))[1])
-    W, b, hist = ff.fit_head_converged(F_fit, y_fit, F_val, y_val, penalties, log=quiet,
+    W, b, hist = ff.fit_head_converged(F_fit, y_fit, F_val, y_val, strengths, log=quiet,
                                        n_classes=3)
-    errors = {f["weight_decay"]: f["choice_error"] for f in hist["fits"]}
-    assert sorted(errors) == sorted(penalties)
-    assert hist["weight_decay"] == min(errors, key=lambda wd: (errors[wd], -wd))
+    errors = {f["C"]: f["choice_error"] for f in hist["fits"]}
+    assert sorted(errors) == sorted(strengths)
+    assert hist["C"] == min(errors, key=lambda C: (errors[C], C))
+    assert np.isclose(hist["weight_decay"], 1 / (hist["C"] * 60))
     assert len(set(errors.values())) > 1  # the choice was a real one
     assert all(s is F_val or s is F_fit for s in seen)
     assert hist["chosen_on"] == "the validation split"
@@ -113,10 +114,11 @@ def test_penalty_is_chosen_on_validation_and_the_test_set_plays_no_part(monkeypa
 
 def test_without_validation_the_penalty_is_chosen_on_held_back_fit_digits():
     F, y = blobs(300, seed=6)
-    W, b, hist = ff.fit_head_converged(F, y, penalties=(1e-1, 1e-3), log=lambda *a, **k: None,
+    W, b, hist = ff.fit_head_converged(F, y, strengths=(0.1, 10.0), log=lambda *a, **k: None,
                                        n_classes=3)
     assert hist["chosen_on"] == "the last 150 of the head's training digits"
     assert hist["fits"][-1].get("final") and hist["fits"][-1]["converged"]
-    # the final head is the optimum on every fit digit at the chosen penalty
+    # the final head is the optimum on every fit digit at the chosen C
+    assert np.isclose(hist["weight_decay"], 1 / (hist["C"] * 300))
     W_all, b_all, _ = ff.fit_softmax_converged(F, y, hist["weight_decay"], n_classes=3)
     np.testing.assert_allclose(W, W_all, atol=1e-3)
