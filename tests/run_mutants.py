@@ -106,6 +106,19 @@ MUTANTS = {  # name -> (text in ff_hybrid_mnist.py, its replacement, and so on)
         "            loss_sum += float(loss) * len(idx)"),
     "GPU: einsum for the goodness": (
         "    g = row_squares(h)\n", '    g = xp_of(h).einsum("ij,ij->i", h, h)\n'),
+    "converged head: the C with the most validation error kept": (
+        '        if best is None or hist["choice_error"] < best[0]:\n',
+        '        if best is None or hist["choice_error"] > best[0]:\n'),
+    "converged head: C chosen on the test split": (
+        '        W, b, history = fit_head_converged(F_fit, y_fit, F.get("val"), y.get("val"),\n',
+        '        W, b, history = fit_head_converged(F_fit, y_fit, F.get("test"), y.get("test"),\n'),
+    "converged head: no float64 finish where float32 rounding stops the fit": (
+        "    if np.abs(result.jac).max() > gtol and F.dtype != np.float64 and iterations < max_iter:\n",
+        "    if False:\n"),
+    "converged head: the fit stopped early": (
+        '"gtol": gtol, "ftol": 0.0', '"gtol": 100 * gtol, "ftol": 0.0'),
+    "converged head: the penalty left out of its gradient": (
+        "    dW += weight_decay * W\n", "    pass\n"),
     "--checkpoint-every ignored": (
         "        if (epoch + 1) % every == 0 or epoch + 1 == total_epochs(cfg):\n",
         "        if True:\n"),
@@ -115,6 +128,7 @@ MUTANTS = {  # name -> (text in ff_hybrid_mnist.py, its replacement, and so on)
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tests", default="tests/test_training.py tests/test_labels.py "
+                                      "tests/test_softmax.py tests/test_refit_head.py "
                                       "tests/test_local.py tests/test_recipe.py "
                                       "tests/test_cli.py tests/test_gpu.py")
     p.add_argument("--only", help="run the mutants whose name contains this text")
