@@ -937,7 +937,7 @@ def train_softmax(F_train, y_train, F_test, y_test, rng, n_epochs, lr, weight_de
 
 HEAD_C = (1.0, 10.0, 100.0)  # the converged head's penalty |W|^2 / 2C on the summed
                              # cross-entropy (weight decay 1 / (C n) on the mean): C chosen among
-HEAD_GTOL = 1e-5       # converged: no component of the penalised loss's gradient above this
+HEAD_GTOL = 1e-6       # converged: no component of the penalised mean loss's gradient above this
 HEAD_MAX_ITER = 3000   # L-BFGS iterations a fit may take (a fit that stops here says so)
 HEAD_CHOICE_SIZE = 10000  # without a validation split, the penalty is chosen on this many
                           # of the head's training digits (the last), then refitted on all
