@@ -24,6 +24,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import ff_hybrid_mnist as ff  # noqa: E402
+from records import OneLineParser, RecordsError, check_out  # noqa: E402
 
 N_CLASSES = 10
 
@@ -181,13 +182,6 @@ def train_backprop(cfg, x_fit, y_fit, x_val=None, y_val=None, log=print, every=N
 # -----------------------------------------------------------------------------
 # CLI: flags from BPConfig, one line per error, a JSON record per run
 
-class OneLineParser(argparse.ArgumentParser):
-    """Bad flags exit 2 with one line, `error: ...`, instead of the usage block."""
-
-    def error(self, message):
-        self.exit(2, f"error: {message}\n")
-
-
 def build_parser():
     p = OneLineParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -210,10 +204,10 @@ def main(argv=None):
         cfg = BPConfig(**{f.name: getattr(args, f.name) for f in fields(BPConfig)})
     except ValueError as e:
         p.error(str(e))
-    if args.out:
+    if args.out:  # a folder that is missing would lose the record after the training
         try:
-            ff.check_writable(args.out, "--out", folder=False)
-        except ff.SettingsError as e:
+            check_out(args.out)
+        except RecordsError as e:
             p.error(str(e))
     t0 = time.perf_counter()
     try:
@@ -244,10 +238,22 @@ def main(argv=None):
           f"{100 * metrics['train_error']:.2f}%  {record['wall_seconds']:.0f} s", flush=True)
     text = json.dumps(ff.finite_or_none(record))
     if args.out:
-        with open(args.out, "a") as f:
+        return append_record(args.out, text)
+    print(text)
+    return 0
+
+
+def append_record(path, text):
+    """Append the record; if that fails (the disk full, the folder removed while training),
+    print it instead, so that the run is not lost with it."""
+    try:
+        with open(path, "a") as f:
             f.write(text + "\n")
-    else:
+    except OSError as e:
         print(text)
+        print(f"error: could not append the record to {path} ({e.strerror or e}); it is "
+              "printed above", file=sys.stderr)
+        return 1
     return 0
 
 

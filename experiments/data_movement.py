@@ -30,6 +30,8 @@ sys.path.insert(0, HERE)
 import ff_hybrid_mnist as ff  # noqa: E402
 import bytedmd  # noqa: E402
 import backprop_baseline as bp  # noqa: E402
+from records import (OneLineParser, RecordsError, check_figure, check_out, main_of,  # noqa: E402
+                     read_json)
 
 LABEL_BYTES, MASK_BYTES = 8, 1
 
@@ -646,21 +648,60 @@ def run_tables(args):
                   f"{pct(t['ff'])} / {pct(t['backprop'])} |")
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+# -----------------------------------------------------------------------------
+# The command line: every flag, output path and input record checked before anything is
+# traced or trained (a grid or curves run takes minutes to hours)
+
+FIT = {"at_train_batch": float, "at_train_batch_affine": float}
+RECORDS = {  # the fields of each subcommand's record that the others read
+    "grid": {"base": {k: int for k in FACTORS},
+             "rows": [{**{k: int for k in FACTORS}, "ratio": float, "ratio_without_update": float,
+                       **{name: {"cost": float} for name in ("ff", "ff_no_l2", "backprop")},
+                       "shares": {k: float for k in ("ff_l2_reads", "ff_l2_counterfactual",
+                                                     "ff_update", "backprop_backward",
+                                                     "backprop_update")}}],
+             "fits": {name: {"exponents": {k: float for k in FACTORS},
+                             "max_relative_misfit": float}
+                      for name in ("ff", "ff_no_l2", "backprop", "ratio")}},
+    "steps": {"train_batch": int, "widths": {"*": {
+        "batches": {"*": {"ff": {"cost": float, "by_phase": {"negatives": float}},
+                          "backprop": {"cost": float}}},
+        "ff_fit": FIT, "backprop_fit": FIT, "features_fit": [float],
+        "head_step": {"cost": float}}}},
+    "curves": {"settings": {"batch_size": int, "n_train": int, "ff_softmax_epochs": int},
+               "runs": [{"algorithm": str, "width": int, "seed": int, "points": [
+                   {"steps": int, "val_error": float, "test_error": float}]}]},
+    "cost": {"rows": [{"width": int, "target_val_error": float, "ff_steps": [(int, None)],
+                       "backprop_steps": [(int, None)], "ratio?": float, "steps_ratio?": float,
+                       "ff_cost?": float, "backprop_cost?": float,
+                       "test_error_at_target?": {"ff": float, "backprop": float}}]},
+}
+
+
+def fraction(text):
+    """A validation error to reach: a fraction in (0, 1], not a percentage."""
+    value = ff.number_arg(float, 0, above=True)(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"{text} is above 1: give validation errors as "
+                                         "fractions (0.06 for 6%)")
+    return value
+
+
+def build_parser():
+    p = OneLineParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     g = sub.add_parser("grid", help="one step of each at small sizes, priced; power-law fits")
     g.add_argument("--out", required=True, help="JSON record to write")
     s = sub.add_parser("steps", help="steps at 784-64-64 and 784-128-128, batches 1-16")
     s.add_argument("--out", required=True, help="JSON record to write")
     c = sub.add_parser("curves", help="train FF and backprop on 784-w-w, errors per step")
-    c.add_argument("--widths", type=int, nargs="+", default=[64])
-    c.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    c.add_argument("--widths", type=ff.number_arg(int, 1), nargs="+", default=[64])
+    c.add_argument("--seeds", type=ff.number_arg(int, 0), nargs="+", default=[0, 1, 2])
     c.add_argument("--out", required=True, help="JSON record to write")
     k = sub.add_parser("cost", help="cost to a validation error, from steps and curves")
     k.add_argument("--steps", required=True, help="the record of `steps`")
     k.add_argument("--curves", required=True, nargs="+", help="records of `curves`")
-    k.add_argument("--targets", type=float, nargs="+", required=True,
+    k.add_argument("--targets", type=fraction, nargs="+", required=True,
                    help="validation errors to reach (fractions, e.g. 0.06)")
     k.add_argument("--out", required=True, help="JSON record to write")
     g2 = sub.add_parser("plot", help="cost per step against width and batch, log-log")
@@ -670,10 +711,78 @@ def main(argv=None):
     tb.add_argument("--grid", required=True)
     tb.add_argument("--steps")
     tb.add_argument("--cost")
+    return p
+
+
+def check_flags(p, args):
+    """Exit 2 (one line) on a flag that cannot work: a value given twice (a seed or width
+    counted twice in the means), an output path that cannot be written."""
+    for name in ("widths", "seeds", "targets"):
+        values = getattr(args, name, [])
+        if len(set(values)) < len(values):
+            p.error(f"--{name} {' '.join(map(str, values))} repeats a value")
+    if hasattr(args, "out"):
+        try:
+            (check_figure if args.command == "plot" else check_out)(args.out)
+        except RecordsError as e:
+            p.error(str(e))
+
+
+def read_inputs(args):
+    """{kind: [record]} of the record files the command reads (--grid, --steps, --curves,
+    --cost: each the record of that subcommand), refused in one line (exit 1) when one cannot
+    be read or is another kind of record."""
+    inputs = {}
+    for kind, spec in RECORDS.items():
+        paths = getattr(args, kind, None) or []
+        inputs[kind] = [read_json(path, spec, f"the record of `data_movement.py {kind}`")
+                        for path in ([paths] if isinstance(paths, str) else paths)]
+    return inputs
+
+
+def check_cost_inputs(args, steps, curves):
+    """The curves records must be one experiment that the steps record priced: the same
+    settings, each run once with its partner, its width traced, its batch the priced one."""
+    settings, seen = curves[0]["settings"], {}
+    for path, record in zip(args.curves, curves):
+        if record["settings"] != settings:
+            raise RecordsError(f"--curves {path} and {args.curves[0]} were trained with "
+                               "different settings; give the records of one experiment")
+        for run in record["runs"]:
+            key = (run["algorithm"], run["width"], run["seed"])
+            if key in seen:
+                raise RecordsError(f"--curves {seen[key]} and {path} both hold the {key[0]} run "
+                                   f"of 784-{key[1]}-{key[1]}, seed {key[2]}: it would count twice")
+            seen[key] = path
+            if str(run["width"]) not in steps["widths"]:
+                raise RecordsError(f"--curves {path} holds 784-{key[1]}-{key[1]}, which --steps "
+                                   f"{args.steps} has not priced (widths "
+                                   f"{', '.join(steps['widths'])})")
+    for alg, width, seed in seen:  # the means of the two must be over the same seeds
+        other = "backprop" if alg == "ff" else "ff"
+        if (other, width, seed) not in seen:
+            raise RecordsError(f"--curves {seen[alg, width, seed]} holds the {alg} run of "
+                               f"784-{width}-{width}, seed {seed}, and no {other} run of it")
+    if settings["batch_size"] != steps["train_batch"]:
+        raise RecordsError(f"--curves trained with batch {settings['batch_size']}, --steps "
+                           f"{args.steps} priced a step at batch {steps['train_batch']}")
+
+
+def main(argv=None):
+    p = build_parser()
     args = p.parse_args(argv)
-    {"tables": run_tables, "grid": run_grid, "steps": run_steps, "curves": run_curves, "cost": run_cost,
-     "plot": run_plot}[args.command](args)
-    return 0
+    check_flags(p, args)
+
+    def body():
+        inputs = read_inputs(args)
+        if args.command == "cost":
+            check_cost_inputs(args, inputs["steps"][0], inputs["curves"])
+        try:
+            {"tables": run_tables, "grid": run_grid, "steps": run_steps, "curves": run_curves,
+             "cost": run_cost, "plot": run_plot}[args.command](args)
+        except ff.DataError as e:  # curves: MNIST missing or damaged
+            raise RecordsError(str(e)) from None
+    return main_of(body)
 
 
 if __name__ == "__main__":

@@ -2,12 +2,12 @@
 
 Reads the JSON-lines file that experiments/sweep.py wrote for sweep_val_blur.txt and plots
 the validation error per n_blur (the test error beside it, faint), and the last epoch's
-real-vs-hybrid accuracy of each layer: how hard the negatives are.
+real-vs-hybrid accuracy of each layer: how hard the negatives are. Records of another
+sweep (runs that differ in more than --n-blur, label runs) are refused in one line.
 
     python3 experiments/plot_blur_sweep.py experiments/results/sweep-val-blur.jsonl
 """
 
-import argparse
 import sys
 
 import matplotlib
@@ -15,26 +15,42 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from plot_threshold_sweep import option  # noqa: E402
-from records import RecordsError, check_out, finished, main_of, read_records  # noqa: E402
+from records import (OneLineParser, RecordsError, check_figure, finished, main_of,  # noqa: E402
+                     one_experiment, option, read_records)
+
+EXPECTS = ("plot_blur_sweep.py expects two or more finished hybrid-negative runs with a "
+           "validation split that differ in --n-blur alone, as experiments/sweep_val_blur.txt "
+           "makes them (experiments/results/sweep-val-blur.jsonl)")
+FINISHED = {"metrics": {"test_error": float, "val_error?": (float, None),
+                        "real_vs_hybrid_accuracy?": ([float], None)}}
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = OneLineParser(description=__doc__.split("\n\n")[0])
     p.add_argument("results", nargs="+", help="JSON-lines files written by sweep.py")
     p.add_argument("--out", default="viz/blur_sweep.png")
     args = p.parse_args(argv)
     return main_of(lambda: plot(args))
 
 
-def plot(args):
-    check_out(args.out)
-    records = [r for r in finished(read_records(args.results))
-               if r["metrics"].get("val_error") is not None]
-    rows = sorted(records, key=lambda r: option(r["args"], "--n-blur", 6))
+def sweep_rows(records):
+    """The runs of one n_blur sweep, by n_blur; records of another sweep (runs that differ
+    in more than --n-blur, label runs, one n_blur twice) are refused, not drawn."""
+    rows = [r for r in finished(records) if r["metrics"].get("val_error") is not None]
     if len(rows) < 2:
-        raise RecordsError("need at least two finished runs with a validation split")
-    n_blur = [option(r["args"], "--n-blur", 6) for r in rows]
+        raise RecordsError(f"need at least two finished runs with a validation split: {EXPECTS}")
+    one_experiment(rows, "--n-blur", 6, EXPECTS)
+    for r in rows:
+        if r["metrics"].get("real_vs_hybrid_accuracy") is None:
+            raise RecordsError(f"{r.where} has no real-vs-hybrid accuracy (not a "
+                               f"hybrid-negative run): {EXPECTS}")
+    return sorted(rows, key=lambda r: option(r, "--n-blur", 6))
+
+
+def plot(args):
+    check_figure(args.out)
+    rows = sweep_rows(read_records(args.results, FINISHED))
+    n_blur = [option(r, "--n-blur", 6) for r in rows]
     val = [100 * r["metrics"]["val_error"] for r in rows]
     test = [100 * r["metrics"]["test_error"] for r in rows]
     acc = [[100 * a for a in r["metrics"]["real_vs_hybrid_accuracy"]] for r in rows]
@@ -52,7 +68,7 @@ def plot(args):
     ax2.set(xlabel="n_blur", ylabel="real-vs-hybrid accuracy, last epoch (%)",
             title="how hard the negatives are", xticks=n_blur)
     ax2.legend(fontsize=8)
-    a = rows[0]["args"]
+    a = rows[0]
     fig.suptitle(f"n_blur sweep: {option(a, '--layer-sizes', '')}, "
                  f"{option(a, '--n-epochs', 30)} epochs, threshold {option(a, '--threshold', 2.0)}, "
                  f"seed {option(a, '--seed', 0)}, 10,000 training digits held out")

@@ -5,11 +5,12 @@ differ from the small-budget baseline (784-500x4, mean goodness, n_blur 6, batch
 lr 0.03) in the threshold alone, and plots their validation error per epoch budget, with
 the test error beside it, faint. Also prints every run as a markdown table ranked by
 validation error. Runs without a validation split (older sweeps) are listed, unranked.
+Records that hold no such sweep (another list's), or whose runs of one budget differ in
+more than the threshold, are refused in one line before anything is printed or drawn.
 
     python3 experiments/plot_threshold_sweep.py experiments/results/sweep-val-threshold.jsonl
 """
 
-import argparse
 import sys
 
 import matplotlib
@@ -17,30 +18,22 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from records import RecordsError, check_out, finished, main_of, read_records  # noqa: E402
+from records import (OneLineParser, RecordsError, check_figure, finished, main_of,  # noqa: E402
+                     one_experiment, option, pairs, read_records)
 
-
-def option(args, name, default):
-    """The value of the flag's last occurrence, as argparse reads it."""
-    if name not in args:
-        return default
-    return type(default)(args[len(args) - 1 - args[::-1].index(name) + 1])
+SWEEP_FLAGS = ("--layer-sizes", "--softmax-lr", "--softmax-epochs", "--n-epochs", "--threshold",
+               "--val-size", "--head")  # what a line of sweep_val_threshold.txt may set
+EXPECTS = ("plot_threshold_sweep.py expects two or more finished runs of 784-500x4 with a "
+           "validation split, of one --n-epochs, that differ in --threshold alone, as "
+           "experiments/sweep_val_threshold.txt makes them "
+           "(experiments/results/sweep-val-threshold.jsonl)")
+FINISHED = {"metrics": {"ff_seconds": float, "test_error": float, "val_error?": (float, None),
+                        "real_vs_hybrid_accuracy?": ([float], None)},
+            "refit_val_error?": (float, None), "refit_test_error?": (float, None)}
 
 
 def val_error(r):
     return r["metrics"].get("val_error")
-
-
-def pairs(args):
-    """CLI arguments as (flag, value) pairs, value None for a switch; a repeated flag
-    (a sweep line overriding its base) keeps its last value."""
-    out, i = {}, 0
-    while i < len(args):
-        has_value = i + 1 < len(args) and not args[i + 1].startswith("--")
-        out.pop(args[i], None)
-        out[args[i]] = args[i + 1] if has_value else None
-        i += 2 if has_value else 1
-    return list(out.items())
 
 
 def percent(x):
@@ -59,7 +52,7 @@ def markdown_table(records):
         changed = " ".join(f if v is None else f"{f} {v}"
                            for f, v in pairs(r["args"]) if (f, v) not in common)
         m = r["metrics"]
-        acc = " / ".join(f"{100 * a:.1f}" for a in m["real_vs_hybrid_accuracy"] or [])
+        acc = " / ".join(f"{100 * a:.1f}" for a in m.get("real_vs_hybrid_accuracy") or [])
         lines.append(f"| {r['label']} | `{changed}` | {m['ff_seconds']:.0f} | {acc} | "
                      f"{percent(val_error(r))} | {percent(r.get('refit_val_error'))} | "
                      f"{percent(m['test_error'])} | {percent(r.get('refit_test_error'))} |")
@@ -67,43 +60,54 @@ def markdown_table(records):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = OneLineParser(description=__doc__.split("\n\n")[0])
     p.add_argument("results", nargs="+")
     p.add_argument("--out", default="viz/threshold_sweep.png")
     args = p.parse_args(argv)
     return main_of(lambda: plot(args))
 
 
+def sweep_runs(records):
+    """The runs of the threshold sweep: 784-500x4 with a validation split, no flag but the
+    sweep's own."""
+    return [r for r in records if val_error(r) is not None
+            and option(r, "--layer-sizes", "") == "784,500,500,500,500"
+            and all(f in SWEEP_FLAGS for f, _ in pairs(r["args"]))]
+
+
+def threshold_series(runs):
+    """{epochs: [(threshold, val %, test %)]} of the budgets with two thresholds or more;
+    runs of a budget that differ in more than --threshold, or share one, are refused (the
+    line would mix experiments), and so are records that hold no such budget."""
+    series = {}
+    for r in runs:
+        if option(r, "--n-epochs", 30) > 0:
+            series.setdefault(option(r, "--n-epochs", 30), []).append(r)
+    for rs in series.values():
+        one_experiment(rs, "--threshold", 2.0, EXPECTS)
+    series = {epochs: sorted((option(r, "--threshold", 2.0), 100 * val_error(r),
+                              100 * r["metrics"]["test_error"]) for r in rs)
+              for epochs, rs in series.items() if len(rs) >= 2}
+    if not series:
+        raise RecordsError(f"not the records of a threshold sweep: {EXPECTS}")
+    return series
+
+
 def plot(args):
-    check_out(args.out)
-    records = finished(read_records(args.results))
+    check_figure(args.out)
+    records = finished(read_records(args.results, FINISHED))
     if not records:
         raise RecordsError("no finished run in the results: nothing to plot")
+    runs = sweep_runs(records)
+    series = threshold_series(runs)  # before the table: other sweeps' records print nothing
     print(markdown_table(records))
-    series = {}
-    for r in records:
-        a = r["args"]
-        other = [x for x in a if x.startswith("--") and x not in
-                 ("--layer-sizes", "--softmax-lr", "--softmax-epochs", "--n-epochs",
-                  "--threshold", "--val-size")]
-        if other or option(a, "--layer-sizes", "") != "784,500,500,500,500" \
-                or val_error(r) is None or option(a, "--n-epochs", 30) == 0:
-            continue
-        series.setdefault(option(a, "--n-epochs", 30), []).append(
-            (option(a, "--threshold", 2.0), 100 * val_error(r), 100 * r["metrics"]["test_error"]))
-    if not any(len(pts) >= 2 for pts in series.values()):
-        raise RecordsError("no two runs of the same budget that differ in --threshold alone: "
-                           "nothing to plot")
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    untrained = [r for r in records if option(r["args"], "--n-epochs", 30) == 0
-                 and val_error(r) is not None]
+    untrained = [r for r in runs if option(r, "--n-epochs", 30) == 0]
     for r in untrained:
         ax.axhline(100 * val_error(r), color="grey", lw=1, ls="-.",
                    label=f"untrained network, same head: {100 * val_error(r):.2f}% validation")
     for epochs in sorted(series):
-        pts = sorted(series[epochs])
-        if len(pts) < 2:
-            continue
+        pts = series[epochs]
         th = [t for t, _, _ in pts]
         line, = ax.plot(th, [v for _, v, _ in pts], "o-",
                         label=f"{epochs} epochs: validation error (chooses)")
@@ -112,9 +116,9 @@ def plot(args):
         for t, v, _ in pts:
             ax.annotate(f"{v:.2f}", (t, v), textcoords="offset points", xytext=(0, -14),
                         ha="center", fontsize=8)
-    plotted = [r for r in records if option(r["args"], "--n-epochs", 30) in series]
-    seeds = ", ".join(sorted({str(option(r["args"], "--seed", 0)) for r in plotted}))
-    held_out = ", ".join(sorted({f"{option(r['args'], '--val-size', 0):,}" for r in plotted}))
+    plotted = [r for r in runs if option(r, "--n-epochs", 30) in series]
+    seeds = ", ".join(sorted({str(option(r, "--seed", 0)) for r in plotted}))
+    held_out = ", ".join(sorted({f"{option(r, '--val-size', 0):,}" for r in plotted}))
     ax.axvline(2.0, color="grey", lw=0.8, ls=":")
     ax.set_xscale("log", base=2)
     ax.set(xlabel="goodness threshold theta (mean of h^2); reference: 2",

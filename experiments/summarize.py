@@ -5,6 +5,14 @@ the mean +- standard deviation (n - 1) of each error over its seeds. Errors of t
 read-out (supervised runs) appear when a record has them. Validation error comes first:
 settings are chosen on it; test error is reported beside it.
 
+A label recorded more than once (a run resumed or extended by its sweep, a file given
+twice) is one run, counted once: its last finished record is used (else its last), with a
+warning where two of them finished. A seed group whose runs
+differ in more than --seed (records of other experiments given together) gets no mean row,
+with a warning naming the records and the flags. A record that is not JSON, not UTF-8, or
+lacks a field or has one of the wrong type ends the script with one line naming the file
+and line (exit 1).
+
     python3 experiments/summarize.py experiments/results/spec-budget.jsonl
 """
 import argparse
@@ -12,7 +20,8 @@ import re
 import statistics
 import sys
 
-from records import RecordsError, finished as finished_runs, main_of, read_records
+from records import (OneLineParser, RecordsError, finished as finished_runs, main_of,
+                     one_experiment, read_records)
 
 
 COLUMNS = [  # (heading, key in metrics)
@@ -20,6 +29,9 @@ COLUMNS = [  # (heading, key in metrics)
     ("goodness val error", "goodness_val_error"), ("goodness test error", "goodness_test_error"),
     ("head-along val error", "hard_head_val_error"), ("head-along test error", "hard_head_test_error"),
 ]
+
+
+FINISHED = {"metrics": {"ff_seconds": float, **{k + "?": (float, None) for _, k in COLUMNS}}}
 
 
 def pct(x):
@@ -41,14 +53,7 @@ def table(records):
         m = r["metrics"]
         lines.append(f"| {r['label']} | " + " | ".join(pct(m.get(k)) for _, k in cols)
                      + f" | {m['ff_seconds']:.0f} | {r.get('commit') or '-'} |")
-    groups = {}
-    for r in finished:
-        match = re.fullmatch(r"(.*)-s(\d+)", r["label"])
-        if match:
-            groups.setdefault(match.group(1), []).append(r)
-    for name, rs in groups.items():
-        if len(rs) < 2:
-            continue
+    for name, rs in seed_groups(finished).items():
         cells = []
         for _, k in cols:
             xs = [100 * r["metrics"][k] for r in rs if r["metrics"].get(k) is not None]
@@ -59,11 +64,34 @@ def table(records):
     return "\n".join(lines)
 
 
+def seed_groups(finished):
+    """{name: runs} of the labels NAME-sN with two runs or more, each a run of one
+    experiment with its seeds: a group mixing configurations is left out (warned)."""
+    groups = {}
+    for r in finished:
+        match = re.fullmatch(r"(.*)-s(\d+)", r["label"])
+        if match:
+            groups.setdefault(match.group(1), []).append(r)
+    return {name: rs for name, rs in groups.items() if len(rs) >= 2
+            and one_experiment_or_warn(name, rs)}
+
+
+def one_experiment_or_warn(name, rs):
+    """Whether the runs differ in their seed and in nothing else; else a warning."""
+    try:
+        one_experiment(rs, "--seed", 0, "a mean over seeds needs one configuration's runs, "
+                                       "each seed once; no mean given")
+    except RecordsError as e:
+        print(f"warning: seed group {name}: {e}", file=sys.stderr)
+        return False
+    return True
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("results", nargs="+", help="JSON-lines files written by sweep.py")
     args = p.parse_args(argv)
-    return main_of(lambda: print(table(read_records(args.results))))
+    return main_of(lambda: print(table(read_records(args.results, FINISHED))))
 
 
 if __name__ == "__main__":

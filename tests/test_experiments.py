@@ -1,14 +1,23 @@
 """The experiment scripts: the threshold and blur plots read sweep records, and the
-goodness read-out errors match the run's own (the sweep runner: tests/test_sweep.py)."""
+goodness read-out errors match the run's own (the sweep runner: tests/test_sweep.py); each
+script refuses unusable flags, output paths and records in one line before it computes
+anything (docs/reliability.md, "Experiment scripts")."""
 import json
 import os
 import sys
 
 import numpy as np
+import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "experiments"))
+import backprop_baseline as bp  # noqa: E402
+import data_movement as dm  # noqa: E402
+import plot_blur_sweep  # noqa: E402
 import plot_threshold_sweep  # noqa: E402
-from conftest import TINY_LINE  # noqa: E402
+import summarize  # noqa: E402
+from conftest import TINY_LINE, one_line  # noqa: E402
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "experiments", "results")
 
 
 def test_pairs_keeps_flag_values_together():
@@ -83,3 +92,188 @@ def test_ff_generalisation_measures_each_split_with_the_frozen_weights(tmp_path,
     assert out["train_ff_loss"] != out["val_ff_loss"]
     assert ff.main(TINY_LINE.split() + ["--out", str(tmp_path / "noval")]) == 0
     assert ff_generalisation.main(["--run", str(tmp_path / "noval")]) == 2
+
+
+# -- refusals before anything is computed ----------------------------------------------------
+
+def never(*args, **kwargs):
+    raise AssertionError("computed before the flags and paths were checked")
+
+
+@pytest.mark.parametrize("out, says", [
+    ("no/x.jsonl", "the folder"), (".", "is a folder"), ("afile/x.jsonl", "which is a file")])
+def test_backprop_baseline_checks_out_before_training(tmp_path, monkeypatch, capsys, out, says):
+    """A folder that does not exist lost the record after the whole training."""
+    (tmp_path / "afile").write_text("")
+    monkeypatch.setattr(bp.ff, "load_mnist", never)
+    with pytest.raises(SystemExit) as e:
+        bp.main(["--out", str(tmp_path / out)])
+    assert e.value.code == 2 and says in one_line(capsys.readouterr().err)
+
+
+def test_backprop_baseline_prints_a_record_it_cannot_append(tmp_path, capsys):
+    assert bp.append_record(str(tmp_path / "gone" / "x.jsonl"), '{"label": "a"}') == 1
+    out, err = capsys.readouterr()
+    assert out == '{"label": "a"}\n' and "printed above" in one_line(err)
+
+
+@pytest.fixture
+def no_computing(monkeypatch):
+    """data_movement with every subcommand's work replaced by a failure."""
+    for name in ("run_grid", "run_steps", "run_curves", "run_cost", "run_plot", "run_tables"):
+        monkeypatch.setattr(dm, name, never)
+
+
+@pytest.mark.parametrize("args, says", [
+    (["grid", "--out", "no/g.json"], "the folder"),
+    (["steps", "--out", "."], "is a folder"),
+    (["curves", "--widths", "0", "--out", "c.json"], "--widths: 0 must be >= 1"),
+    (["curves", "--seeds", "-1", "--out", "c.json"], "--seeds: -1 must be >= 0"),
+    (["curves", "--seeds", "1", "1", "--out", "c.json"], "--seeds 1 1 repeats a value"),
+    (["cost", "--steps", "s", "--curves", "c", "--targets", "6", "--out", "c.json"],
+     "6 is above 1"),
+    (["plot", "--grid", "g", "--out", "p.pgn"], "give a file name ending in"),
+])
+def test_data_movement_refuses_flags_and_outputs_before_computing(tmp_path, monkeypatch, capsys,
+                                                                  no_computing, args, says):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        dm.main(args)
+    assert e.value.code == 2 and says in one_line(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("args, says", [
+    (["plot", "--grid", "missing.json", "--out", "p.png"], "missing.json: cannot be read"),
+    (["plot", "--grid", os.path.join(RESULTS, "data-movement-steps.json"), "--out", "p.png"],
+     "not the record of `data_movement.py grid` (no base)"),
+    (["tables", "--grid", os.path.join(RESULTS, "data-movement.json"),
+      "--cost", os.path.join(RESULTS, "data-movement-curves.json")],
+     "not the record of `data_movement.py cost` (no rows)"),
+    (["tables", "--grid", "latin1.json"], "latin1.json:2: not UTF-8 text"),
+    (["cost", "--steps", os.path.join(RESULTS, "data-movement.json"), "--curves",
+      os.path.join(RESULTS, "data-movement-curves.json"), "--targets", "0.1", "--out", "c.json"],
+     "not the record of `data_movement.py steps` (no train_batch)"),
+])
+def test_data_movement_refuses_unusable_records_before_computing(tmp_path, monkeypatch, capsys,
+                                                                 no_computing, args, says):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "latin1.json").write_bytes(b'{\n"what": "caf\xe9"}')
+    assert dm.main(args) == 1
+    assert says in one_line(capsys.readouterr().err)
+
+
+def shift_seeds(curves, by):
+    for run in curves["runs"]:
+        run["seed"] += by
+
+
+@pytest.mark.parametrize("change, says", [
+    (lambda c: shift_seeds(c, -10), "both hold the ff run of 784-64-64, seed 0"),
+    (lambda c: c["settings"].update(bp_lr=0.01), "different settings"),
+    (lambda c: [r.update(width=256) for r in c["runs"]], "784-256-256, which --steps"),
+    (lambda c: c["runs"].pop(), "the ff run of 784-64-64, seed 12, and no backprop run"),
+])
+def test_data_movement_cost_refuses_curves_of_two_experiments(tmp_path, capsys, no_computing,
+                                                              change, says):
+    """The committed 784-64-64 curves and a copy with seeds 10-12, changed."""
+    curves = os.path.join(RESULTS, "data-movement-curves.json")
+    copy = json.load(open(curves))
+    shift_seeds(copy, 10)
+    change(copy)
+    (tmp_path / "c.json").write_text(json.dumps(copy))
+    assert dm.main(["cost", "--steps", os.path.join(RESULTS, "data-movement-steps.json"),
+                    "--curves", curves, str(tmp_path / "c.json"), "--targets", "0.1",
+                    "--out", str(tmp_path / "cost.json")]) == 1
+    assert says in one_line(capsys.readouterr().err)
+
+
+def sweep_record(label, args=(), rc=0, **metrics):
+    metrics = {"val_error": 0.05, "test_error": 0.06, "ff_seconds": 10.0,
+               "real_vs_hybrid_accuracy": [0.9, 0.8], **metrics}
+    return {"label": label, "args": list(args), "rc": rc, "status": "finished",
+            "metrics": metrics}
+
+
+def write_records(path, *records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(path)
+
+
+@pytest.mark.parametrize("line, says", [
+    (b'{"label": "b", "rc": "0"}', 'rc is "0", not an integer or null'),
+    (json.dumps(sweep_record("b", test_error="six")).encode(),
+     'metrics.test_error is "six", not a number or null'),
+    (json.dumps(sweep_record("b", args=["--lr", 3])).encode(), "args[1] is 3, not a string"),
+    (json.dumps({**sweep_record("b"), "metrics": {"test_error": 0.1}}).encode(),
+     "no metrics.ff_seconds"),
+    (json.dumps({"label": "b"}).encode(), "no rc"),
+    (b'{"label": "caf\xe9", "rc": 0}', "not UTF-8 text (byte 0xe9)"),
+])
+def test_summarize_names_the_file_and_line_of_a_bad_record(tmp_path, capsys, line, says):
+    path = tmp_path / "r.jsonl"
+    path.write_bytes(json.dumps(sweep_record("a")).encode() + b"\n" + line + b"\n")
+    assert summarize.main([str(path)]) == 1
+    err = one_line(capsys.readouterr().err)
+    assert err.startswith(f"error: {path}:2: ") and says in err
+
+
+def test_summarize_counts_a_label_recorded_twice_once(tmp_path, capsys):
+    """The last record of a label is used: a re-run or extended run is not a second seed."""
+    first = write_records(tmp_path / "a.jsonl", sweep_record("x-s0", ["--seed", "0"]),
+                          sweep_record("x-s1", ["--seed", "1"], val_error=0.07))
+    again = write_records(tmp_path / "b.jsonl", sweep_record("x-s0", ["--seed", "0"],
+                                                             val_error=0.03))
+    assert summarize.main([first, again]) == 0
+    out, err = capsys.readouterr()
+    assert "| x, seeds 1/0 | **5.00 +- 2.83%**" in out and out.count("| x-s0 |") == 1
+    assert f"label x-s0 is recorded more than once ({first}:1, {again}:1); only {again}:1" in err
+
+
+def test_a_run_recorded_as_interrupted_then_finished_is_one_run(tmp_path, capsys):
+    path = write_records(tmp_path / "r.jsonl", sweep_record("x-s0", rc=None),
+                         sweep_record("x-s0"), sweep_record("x-s1", ["--seed", "1"]),
+                         sweep_record("x-s1", ["--seed", "1"], rc=1))
+    assert summarize.main([path]) == 0
+    out, err = capsys.readouterr()
+    assert err == "" and "| x, seeds 0/1 |" in out and "failed" not in out
+
+
+@pytest.mark.parametrize("second, says", [
+    (sweep_record("x-s1", ["--seed", "1", "--lr", "0.1"]),
+     "differ in --lr 0.03 vs 0.1, not in --seed alone"),
+    (sweep_record("x-s1", ["--lr", "0.03", "--seed", "0"]), ":2 are both --seed 0"),
+])
+def test_summarize_gives_no_mean_of_two_experiments(tmp_path, capsys, second, says):
+    path = write_records(tmp_path / "r.jsonl", sweep_record("x-s0", ["--lr", "0.03"]), second)
+    assert summarize.main([path]) == 0
+    out, err = capsys.readouterr()
+    assert "seeds" not in out and f"warning: seed group x: {path}:1" in err and says in err
+
+
+THRESHOLD_BASE = ["--layer-sizes", "784,500,500,500,500", "--n-epochs", "10", "--val-size",
+                  "10000"]
+
+
+@pytest.mark.parametrize("plot, records, says", [
+    (plot_blur_sweep, [sweep_record(f"th{t}", THRESHOLD_BASE + ["--threshold", str(t)])
+                       for t in (2, 4)], "differ in --threshold 2 vs 4, not in --n-blur alone"),
+    (plot_blur_sweep, [sweep_record(f"b{n}", ["--n-blur", "4"]) for n in (1, 2)],
+     "are both --n-blur 4"),
+    (plot_blur_sweep, [sweep_record(f"b{n}", ["--n-blur", str(n)], real_vs_hybrid_accuracy=None)
+                       for n in (2, 4)], "not a hybrid-negative run"),
+    (plot_threshold_sweep, [sweep_record(f"b{n}", THRESHOLD_BASE + ["--n-blur", str(n)])
+                            for n in (2, 4)], "not the records of a threshold sweep"),
+    (plot_threshold_sweep, [sweep_record(f"th{n}", THRESHOLD_BASE + ["--threshold", "2"])
+                            for n in (1, 2)], "are both --threshold 2.0"),
+    (plot_threshold_sweep, [sweep_record("th2", THRESHOLD_BASE + ["--threshold", "2"]),
+                            sweep_record("th4", THRESHOLD_BASE + ["--threshold", "4",
+                                                                  "--softmax-lr", "1"])],
+     "differ in --softmax-lr not given vs 1, not in --threshold alone"),
+])
+def test_plots_refuse_the_records_of_another_sweep(tmp_path, capsys, plot, records, says):
+    """One line saying which records the plot reads; nothing drawn or printed."""
+    path = write_records(tmp_path / "r.jsonl", *records)
+    assert plot.main([path, "--out", str(tmp_path / "p.png")]) == 1
+    out, err = capsys.readouterr()
+    assert says in one_line(err) and plot.EXPECTS in err and out == ""
+    assert not (tmp_path / "p.png").exists()
