@@ -100,8 +100,8 @@ def goodness_figure(run, g_real, g_hybrid):
 def converged_head_curves(ax, hist, metrics):
     """The converged head's fits one after another: training and choice-set error per L-BFGS
     iteration, each fit's penalty written where it starts, the chosen head's test error as
-    one point at the end (the test set is read once, by the finished head)."""
-    start = 0
+    one point where its fit ends (the test set is read once, by the finished head)."""
+    start = chosen_end = 0
     for fit in hist["fits"]:
         its = start + np.arange(1, len(fit["train_error"]) + 1)
         first = start == 0
@@ -114,8 +114,10 @@ def converged_head_curves(ax, hist, metrics):
         ax.text(start, 1.0, f" C {fit['C']:g}", transform=ax.get_xaxis_transform(),
                 fontsize=7, va="top", color="0.4")
         start = its[-1] if len(its) else start
+        if fit["C"] == hist["C"]:
+            chosen_end = start  # the last fit of the chosen C ends here
     if metrics and metrics.get("test_error") is not None:
-        ax.plot([start], [100 * metrics["test_error"]], "o", color="C2",
+        ax.plot([chosen_end], [100 * metrics["test_error"]], "o", color="C2",
                 label=f"test, chosen C {hist['C']:g}: "
                       f"{100 * metrics['test_error']:.2f}%")
 
