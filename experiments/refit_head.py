@@ -48,13 +48,14 @@ def build_parser():
                    "the metrics new): what the trainer writes with these head settings, for the "
                    "figure scripts")
     p.add_argument("--softmax-epochs", type=ff.number_arg(int, 1), default=d["softmax_epochs"],
-                   help="epochs of the new head (default: %(default)s)")
+                   help="with --head sgd: epochs of the new head (default: %(default)s, the "
+                   "trainer's default, not the run's own)")
     p.add_argument("--softmax-lr", type=ff.number_arg(float, 0, above=True),
-                   default=d["softmax_lr"], help="SGD step size of the new head "
-                   "(default: %(default)s)")
+                   default=d["softmax_lr"], help="with --head sgd: its step size "
+                   "(default: %(default)s, the trainer's default, not the run's own)")
     p.add_argument("--softmax-weight-decay", type=ff.number_arg(float, 0),
-                   default=d["softmax_weight_decay"], help="L2 penalty of the new head "
-                   "(default: %(default)s)")
+                   default=d["softmax_weight_decay"], help="with --head sgd: its L2 "
+                   "penalty (default: %(default)s, the trainer's default, not the run's own)")
     p.add_argument("--top-k", type=ff.number_arg(int, 1), help="default: the run's own")
     p.add_argument("--val-size", type=ff.number_arg(int, 0), help="default: the run's own")
     p.add_argument("--seed", type=ff.number_arg(int, 0), default=d["seed"],
