@@ -18,7 +18,14 @@ With --resume, a run with a finished record in the results file is not run again
 whose folder holds a checkpoint goes on from its last finished epoch (the training CLI's
 --resume, with the same flags), and a run whose folder already holds its metrics gets its
 record without training again. Runs too long for one sitting are started and continued
-with the same command.
+with the same command. A record or run folder that holds another configuration than the
+list's line is refused before anything starts, except a larger --n-epochs: that run goes on
+from its checkpoint to the new count (the training CLI's --resume with the new --n-epochs).
+
+Before anything starts (also with --dry-run) every line's flags, the labels (each names a
+folder in --out-dir), the numbers and the paths are checked; what would fail is refused in
+one line, exit status 2. A sweep holds --out-dir and --results for its lifetime (flock, as
+the training CLI holds a run folder): a second sweep on either is refused at once.
 
 Faults: when a worker dies during a run, the scheduler gives the task to another worker,
 which continues the run from its checkpoint if the run folder is on storage both can reach
@@ -26,19 +33,27 @@ which continues the run from its checkpoint if the run folder is on storage both
 distributed.scheduler.allowed-failures (3 unless set) is recorded as failed. A run that
 fails by itself is recorded as failed and not tried again. Ctrl-C or SIGTERM stops the
 trainings (each keeps its checkpoint), records every run without a record as interrupted,
-and exits 130.
+and exits 130; a scheduler or cluster that goes away mid-sweep does the same, exit status 1.
 """
 
 import argparse
+import asyncio
+import concurrent.futures
+import contextlib
+import errno
+import fcntl
 import importlib.util
 import json
+import logging
 import os
+import re
 import shlex
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+from collections import namedtuple
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -54,17 +69,37 @@ PROGRESS_SECONDS = 60  # a progress line at least this often, even when nothing 
 # -----------------------------------------------------------------------------
 # The sweep list
 
-def read_configs(path):
-    """[(label, args)]; a line `base ARGS...` sets flags that every later line starts from
-    (a later flag overrides, as argparse keeps the last occurrence). A list the sweep would
-    misread raises SettingsError naming the line."""
+Run = namedtuple("Run", "label args line")  # a line of the sweep list
+
+# a label names the run's folder and log in --out-dir: a plain name, never a path
+LABEL = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]*\Z")
+
+
+def read_text(path, what):
+    """The text of a file the sweep reads; SettingsError in one line naming it."""
     try:
-        with open(path) as f:
-            lines = f.readlines()
+        with open(path, "rb") as f:
+            data = f.read()
     except OSError as e:
-        raise ff.SettingsError(f"cannot read the sweep list {path} ({e.strerror or e})") from None
-    configs, base, seen = [], [], {}
-    for n, line in enumerate(lines, 1):
+        raise ff.SettingsError(f"cannot read {what} {path} ({e.strerror or e})") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise ff.SettingsError(f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x}); "
+                               f"is it {what}?") from None
+
+
+def read_configs(path):
+    """[Run]; a line `base ARGS...` sets flags that every later line starts from (a later flag
+    overrides, as argparse keeps the last occurrence). A list the sweep would misread raises
+    SettingsError naming the line."""
+    if "backprop" in os.path.basename(path).lower():  # its flags would parse as FF flags
+        raise ff.SettingsError(
+            f"{path} is a backprop list (lines of experiments/backprop_baseline.py flags), not "
+            f"FF runs: run it with experiments/run_backprop_list.sh {path} RESULTS [LOGDIR]")
+    runs, base, seen = [], [], {}
+    for n, line in enumerate(read_text(path, "the sweep list").split("\n"), 1):
         line = line.strip()
         if not line or line.startswith("#"):
             continue
@@ -77,11 +112,71 @@ def read_configs(path):
         if label == "base":
             base = args
             continue
+        if not LABEL.match(label) or ".." in label:
+            raise ff.SettingsError(
+                f"{path}:{n} ({label}): a label names its run folder in --out-dir: letters, "
+                "digits and _ . + - only, not starting with . + - (no path)")
         if label in seen:
             raise ff.SettingsError(f"{path}:{n}: label {label} repeats line {seen[label]}")
         seen[label] = n
-        configs.append((label, base + args))
-    return configs
+        runs.append(Run(label, base + args, n))
+    if not runs:
+        raise ff.SettingsError(f"no runs in {path}")
+    return runs
+
+
+def where(path, run):
+    return f"{path}:{run.line} ({run.label})"
+
+
+class LineError(ff.SettingsError):
+    """A list line's flags that the training CLI refuses, already prefixed with the line."""
+
+
+def line_parser(prefix):
+    """The training CLI's parser, whose errors raise LineError `prefix: what is wrong`
+    rather than printing the trainer's usage under this script's name."""
+    parser = ff.build_parser()
+
+    def refuse(message):
+        raise LineError(f"{prefix}: {message}")
+    parser.error = refuse
+    return parser
+
+
+def flags_config(args, prefix, defaults=None):
+    """The FFConfig of training flags, checked as the training CLI checks them; defaults:
+    fields that flags not given take instead of FFConfig's."""
+    parser = line_parser(prefix)
+    given = parser.parse_args(args)
+    try:
+        return ff.FFConfig(**{**(defaults or {}), **{name: getattr(given, name)
+                                                     for name in ff.flags_given(given)}})
+    except ValueError as e:
+        parser.error(str(e))
+
+
+def record_config(record):
+    """The configuration a finished record's run had, or None where today's training CLI
+    cannot read it: the record's config (its run's args.json), else, in a record written
+    before records held it, its args read as the training CLI reads a run saved before the
+    converged head (ff.run_config): with the SGD head unless they name one."""
+    try:
+        if isinstance(record.get("config"), dict):
+            return ff.run_config(record["config"])
+        return flags_config(record["args"], "", defaults={"head": "sgd"})
+    except (LineError, TypeError, ValueError):
+        return None
+
+
+def difference(stored, wanted):
+    """(field, stored value, wanted value) of the first field where two configurations
+    differ, --n-epochs last (the one a resumed run may change); None where none does."""
+    for name in sorted(ff.CONFIG_FIELDS, key=lambda name: name == "n_epochs"):
+        have, want = getattr(stored, name), getattr(wanted, name)
+        if have != want:
+            return name, have, want
+    return None
 
 
 # -----------------------------------------------------------------------------
@@ -169,10 +264,12 @@ def refit(run_dir, job, env, log, stopped):
     return fields
 
 
-def train_on_worker(label, args, job):
+def train_on_worker(label, args, job, extend_to=None):
     """The record of one configuration, trained on this worker with its own run folder and
     log. A log that already shows an attempt of this sweep means a worker died while running
-    it: the run goes on from its checkpoint (the folder is shared) or, without one, afresh."""
+    it: the run goes on from its checkpoint (the folder is shared) or, without one, afresh.
+    extend_to: the list's --n-epochs, larger than the run folder's (see plan): the run goes on
+    from its checkpoint to it, and a metrics.json there is the shorter run's."""
     from distributed import Event, get_worker
     record = {"label": label, "args": args, "rc": None, "commit": job.commit}
     stop = Event(job.stop_event)
@@ -187,7 +284,7 @@ def train_on_worker(label, args, job):
     header = f"--- sweep {job.token}, attempt "
     attempt = attempts_in(log_path, header) + 1
     go_on = job.resume or attempt > 1
-    finished = os.path.exists(os.path.join(run_dir, "metrics.json"))
+    finished = os.path.exists(os.path.join(run_dir, "metrics.json")) and not extend_to
     resumed = go_on and not finished and os.path.exists(os.path.join(run_dir, "checkpoint.npz"))
     env = dict(os.environ, OPENBLAS_NUM_THREADS=str(job.threads), OMP_NUM_THREADS=str(job.threads),
                MKL_NUM_THREADS=str(job.threads), PYTHONUNBUFFERED="1")
@@ -201,7 +298,9 @@ def train_on_worker(label, args, job):
             log.write(f"{header}{attempt} on {worker.address}, commit {job.commit}"
                       f"{', resumed from its checkpoint' if resumed else ''} ---\n")
             log.flush()
-            cmd = [job.train_script, *args, "--resume" if resumed else "--out", run_dir]
+            # --n-epochs given again: without it --resume goes on to the run's own count
+            more = ["--n-epochs", str(extend_to)] if extend_to else []
+            cmd = [job.train_script, *args, *more, "--resume" if resumed else "--out", run_dir]
             rc, interrupted = run_stoppable(cmd, log, subprocess.STDOUT, env, stopped)
             wall = time.time() - t0
         record.update(rc=rc, wall_seconds=wall, status="finished" if rc == 0 else
@@ -210,6 +309,8 @@ def train_on_worker(label, args, job):
         if rc == 0:
             with open(os.path.join(run_dir, "metrics.json")) as f:
                 record["metrics"] = json.load(f)
+            with open(os.path.join(run_dir, "args.json")) as f:  # what --resume compares
+                record["config"] = json.load(f)
             with open(os.path.join(run_dir, "history.json")) as f:
                 record["environment"] = json.load(f)["environment"]
             if job.refit_top_k:
@@ -223,27 +324,218 @@ def dashboard_served():
 
 
 # -----------------------------------------------------------------------------
+# On the client, before anything starts: the checks, --resume's plan, the locks
+
+def check_paths(ns):
+    """--out-dir a folder or one to make; --results a file in a folder that is there, or that
+    the sweep makes for --out-dir (runs/x.jsonl beside runs/x)."""
+    ff.check_writable(ns.out_dir, "--out-dir")
+    if os.path.isdir(ns.results):
+        raise ff.SettingsError(f"--results {ns.results} is a folder; give the path of a file")
+    ff.check_writable(ns.results, "--results", folder=False)
+    folder, out_dir = (os.path.dirname(os.path.abspath(ns.results)), os.path.abspath(ns.out_dir))
+    if not os.path.isdir(folder) and not (out_dir + os.sep).startswith(folder + os.sep):
+        raise ff.SettingsError(f"--results {ns.results}: its folder {folder} does not exist")
+
+
+def check_sweep(ns, runs):
+    """{label: FFConfig} of the runs, after refusing what would fail only later, or write
+    outside --out-dir: the numbers, the paths, every line's flags (also under --dry-run)."""
+    for name, value in (("--jobs", ns.jobs), ("--threads", ns.threads)):
+        if value < 1:
+            raise ff.SettingsError(f"{name} {value} must be at least 1")
+    if not ns.start_within >= 0:  # NaN too, which every comparison with the clock ignores
+        raise ff.SettingsError(f"--start-within {ns.start_within:g} must be a number of "
+                               "seconds, 0 or more")
+    if ns.refit_top_k < 0:
+        raise ff.SettingsError(f"--refit-top-k {ns.refit_top_k} must be 0 (no refit) or more")
+    check_paths(ns)
+    configs = {}
+    for run in runs:
+        cfg = configs[run.label] = flags_config(run.args, where(ns.configs, run))
+        n_layers = len(cfg.layer_sizes) - 1
+        if ns.refit_top_k > n_layers:
+            raise ff.SettingsError(f"{where(ns.configs, run)}: --refit-top-k {ns.refit_top_k} "
+                                   f"exceeds the run's {n_layers} layers")
+    return configs
+
+
+def finished_records(path):
+    """{label: [(line number, record)]} of the finished records in the results file. A line
+    that is not a whole record (a sweep killed while writing it) is skipped with a warning;
+    JSON that is not a record means another file, and is refused."""
+    found = {}
+    if not os.path.exists(path):
+        return found
+    for n, line in enumerate(read_text(path, "a results file").split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            print(f"warning: {path}:{n} is not a whole record (cut short?); skipped",
+                  file=sys.stderr)
+            continue
+        if not (isinstance(record, dict) and isinstance(record.get("label"), str)
+                and isinstance(record.get("status"), str) and isinstance(record.get("args"), list)
+                and all(isinstance(a, str) for a in record["args"])):
+            raise ff.SettingsError(f"{path}:{n}: not a sweep record (a JSON object with label, "
+                                   "args and status); is --results a sweep's results file?")
+        if record["status"] == "finished":
+            found.setdefault(record["label"], []).append((n, record))
+    return found
+
+
+def recorded(ns, run, cfg, records):
+    """Whether one of the run's finished records has the configuration of its line. Else the
+    last is refused, unless its --n-epochs was smaller: the run goes on (see folder_plan)."""
+    if not records:
+        return False
+    for n, record in records:
+        stored = record_config(record)
+        if stored == cfg if stored is not None else record["args"] == run.args:
+            return True
+    if stored is None:  # flags this training CLI no longer reads
+        raise ff.SettingsError(f"{where(ns.configs, run)}: {ns.results}:{n} holds the flags "
+                               f"{shlex.join(record['args'])}, the list says "
+                               f"{shlex.join(run.args)}")
+    name, have, want = difference(stored, cfg)
+    if name == "n_epochs" and want > have:
+        return False
+    raise ff.SettingsError(f"{where(ns.configs, run)}: {ns.results}:{n} holds {ff.flag(name)} "
+                           f"{ff.shown(have)}, the list says {ff.shown(want)}")
+
+
+def stored_config(run_dir):
+    """The configuration a run folder holds: its checkpoint's (what --resume goes on from),
+    else a finished run's args.json; None where it holds neither (the run starts afresh)."""
+    if os.path.exists(os.path.join(run_dir, "checkpoint.npz")):
+        return ff.read_checkpoint_config(run_dir)[0]
+    path = os.path.join(run_dir, "args.json")
+    if not (os.path.exists(path) and os.path.exists(os.path.join(run_dir, "metrics.json"))):
+        return None
+    try:
+        with open(path) as f:
+            return ff.run_config(json.load(f))
+    except ff.READ_ERRORS as e:
+        raise ff.damaged_error(path, e) from None
+
+
+def folder_plan(ns, run, cfg):
+    """The --n-epochs to extend the run in its folder to, or None to take it as it stands.
+    A folder holding another configuration is refused (the run would mix the two), except
+    one of fewer --n-epochs than the list's, with a checkpoint to go on from."""
+    run_dir = os.path.join(ns.out_dir, run.label)
+    stored = stored_config(run_dir)
+    diff = stored and difference(stored, cfg)
+    if not diff:
+        return None
+    name, have, want = diff
+    extends = name == "n_epochs" and want > have
+    if extends and os.path.exists(os.path.join(run_dir, "checkpoint.npz")):
+        return want
+    raise ff.SettingsError(f"{where(ns.configs, run)}: run folder holds {ff.flag(name)} "
+                           f"{ff.shown(have)}, the list says {ff.shown(want)}"
+                           + (" (and no checkpoint to go on from)" if extends else ""))
+
+
+def plan(ns, runs, configs):
+    """[(run, --n-epochs to extend it to or None)] to run. With --resume, a run recorded as
+    finished with its line's configuration is left out, and a record or run folder with
+    another configuration is refused here, before anything starts."""
+    if not ns.resume:
+        return [(run, None) for run in runs]
+    records = finished_records(ns.results)
+    todo = []
+    for run in runs:
+        if recorded(ns, run, configs[run.label], records.get(run.label)):
+            print(f"{run.label:24s} finished earlier: recorded in {ns.results}", flush=True)
+        else:
+            todo.append((run, folder_plan(ns, run, configs[run.label])))
+    return todo
+
+
+def lock_file(path, what, holder):
+    """An exclusive flock on the file at path (made if missing), held until release(f),
+    or until the process ends however it ends; refused at once, naming the sweep that
+    holds it."""
+    while True:
+        f = open(path, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            f.seek(0)
+            other = f.read().strip()
+            f.close()
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise ff.SettingsError(f"{what}: cannot lock {path} ({e.strerror or e})") from None
+            raise ff.SettingsError(f"{what} is in use by another sweep ({other or 'unknown'}); "
+                                   f"wait for it to end or give another {what.split()[0]}")
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(path).st_ino == os.fstat(f.fileno()).st_ino:
+                break
+        f.close()  # its holder removed it as we opened it: lock the file there now
+    f.seek(0)
+    f.truncate()
+    f.write(holder + "\n")
+    f.flush()
+    return f
+
+
+def release(f):
+    with contextlib.suppress(OSError):
+        os.remove(f.name)  # while still held, so a sweep waiting on this file locks anew
+    f.close()
+
+
+def first_missing(path):
+    """The outermost folder of path that does not exist yet (None if path exists)."""
+    path, missing = os.path.abspath(path), None
+    while not os.path.exists(path):
+        path, missing = os.path.dirname(path), path
+    return missing
+
+
+@contextlib.contextmanager
+def sweep_locks(ns):
+    """--out-dir (OUT_DIR/.sweep.lock) and --results (RESULTS.lock) locked for the sweep's
+    lifetime, as the training CLI locks a run folder: a second sweep on either would train
+    in the same folders and append to the same file. Folders made for --out-dir that are
+    still empty at the end (the scheduler was out of reach) are removed."""
+    holder = (f"process {os.getpid()}, the sweep of {ns.configs}, since "
+              f"{time.strftime('%Y-%m-%d %H:%M:%S')}")
+    made, out_dir = first_missing(ns.out_dir), os.path.abspath(ns.out_dir)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        raise ff.SettingsError(f"--out-dir {ns.out_dir}: {e.strerror or e}") from None
+    locks = []
+    try:
+        locks.append(lock_file(os.path.join(out_dir, ".sweep.lock"), f"--out-dir {ns.out_dir}",
+                               holder))
+        locks.append(lock_file(ns.results + ".lock", f"--results {ns.results}", holder))
+        yield
+    finally:
+        for f in reversed(locks):
+            release(f)
+        folder = out_dir
+        while made and folder != os.path.dirname(made):
+            try:
+                os.rmdir(folder)
+            except OSError:  # not empty: the sweep's
+                break
+            folder = os.path.dirname(folder)
+
+
+# -----------------------------------------------------------------------------
 # On the client: the cluster, the results file, progress, Ctrl-C
 
-def finished_labels(path):
-    """Labels with a finished record in the results file. A line that is not a whole
-    record (a sweep killed while writing it) is skipped with a warning."""
-    labels = set()
-    if not os.path.exists(path):
-        return labels
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except ValueError:
-                print(f"warning: {path}:{n} is not a whole record (cut short?); skipped",
-                      file=sys.stderr)
-                continue
-            if record.get("status") == "finished":
-                labels.add(record["label"])
-    return labels
+class ClusterLost(Exception):
+    """The scheduler or the cluster went away mid-sweep."""
+
+
+# what the client raises for tasks the cluster dropped (the scheduler out of reach)
+CANCELLED = (concurrent.futures.CancelledError, asyncio.CancelledError)
 
 
 def open_results(path):
@@ -272,7 +564,6 @@ def write_record(results, record):
 def connect(ns):
     """(client, cluster): a LocalCluster of --jobs single-threaded worker processes on this
     machine, or (client, None) for the cluster at --scheduler."""
-    import dask
     from distributed import Client, LocalCluster
     if ns.scheduler:
         try:
@@ -283,15 +574,42 @@ def connect(ns):
     # group, and the sweep, not each worker, decides what stops
     handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        # a saturation of 1: a worker is given a run only when its one thread is free.
-        # Dask's default 1.1 gives a single-threaded worker two, and a short run could then
-        # wait behind a long one while another worker stood idle (seen in a sweep here)
-        with dask.config.set({"distributed.scheduler.worker-saturation": 1.0}):
-            cluster = LocalCluster(n_workers=ns.jobs, threads_per_worker=1, processes=True,
-                                   host="127.0.0.1", dashboard_address="127.0.0.1:0")
+        cluster = LocalCluster(n_workers=ns.jobs, threads_per_worker=1, processes=True,
+                               host="127.0.0.1", dashboard_address="127.0.0.1:0")
     finally:
         signal.signal(signal.SIGINT, handler)
     return Client(cluster), cluster
+
+
+def free_threads(client, busy):
+    """Threads of the cluster's workers (as many as join) less the runs handed out."""
+    try:
+        return sum(client.nthreads().values()) - busy
+    except (OSError, *CANCELLED) as e:
+        raise ClusterLost(f"no answer from the scheduler: {type(e).__name__}") from None
+
+
+@contextlib.contextmanager
+def quiet_distributed():
+    """distributed's log lines held back: a client whose scheduler went away logs its
+    failed reconnection and tracebacks as it closes, after the sweep said so in one line."""
+    loggers = [logging.getLogger(name) for name in ["distributed"] + list(
+        logging.root.manager.loggerDict) if name.startswith("distributed")]
+    levels = [log.level for log in loggers]
+    for log in loggers:
+        log.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        for log, level in zip(loggers, levels):
+            log.setLevel(level)
+
+
+def why_cancelled(e):
+    """One line: why the client dropped the tasks."""
+    groups = getattr(e, "error_groups", None)
+    reasons = ({g.reason for g in groups} if groups else {getattr(e, "reason", None) or str(e)})
+    return " ".join(", ".join(sorted(r for r in reasons if r) or [type(e).__name__]).split())
 
 
 def outcome(future, label, args, job):
@@ -327,110 +645,147 @@ def report(record, refit_top_k):
 
 
 def collect(client, todo, job, results):
-    """Submits one task a configuration, writes each record as its task ends and prints the
-    progress; on SIGINT or SIGTERM stops the tasks and raises RunInterrupted."""
+    """Hands each (run, extend_to) of todo to the cluster as a worker thread comes free, in
+    list order, writes each record as its task ends and prints the progress. On SIGINT or
+    SIGTERM stops the tasks and raises RunInterrupted; so too, exit status 1, when the
+    scheduler or the cluster goes away.
+
+    Why not submit every run at once: the scheduler holds a task back until a thread is
+    free only when its group (its key's name) is larger than twice the cluster's threads;
+    each run's key makes a small group, so every run would be placed on a worker at once,
+    behind that worker's runs, and could reach a worker that came free only by work
+    stealing, which moves it only if its duration guess (by the label's stem) says so: a
+    worker stood idle for minutes with nine runs queued elsewhere."""
     from distributed import Event, wait
     started, ended = set(), set()
     client.subscribe_topic(job.topic, lambda event: started.add(event[1]))
-    futures = {client.submit(train_on_worker, label, args, job, key=f"{label}-{job.token}",
-                             pure=False): (label, args) for label, args in todo}
-    pending = set(futures)
-    signals = []
+    waiting, futures, pending = list(todo), {}, set()
+    signals, lost = [], None
     handlers = {s: signal.signal(s, lambda signum, frame: signals.append(signum))
                 for s in (signal.SIGINT, signal.SIGTERM)}
     t0, shown = time.time(), (None, 0)
     try:
-        while pending and not signals:
-            try:
-                done, pending = wait(pending, timeout=POLL_SECONDS, return_when="FIRST_COMPLETED")
-            except TimeoutError:
-                done = ()
-            for future in done:
-                record = outcome(future, *futures[future], job)
-                write_record(results, record)
-                report(record, job.refit_top_k)
-                ended.add(record["label"])
-            running = len(started - ended)
-            counts = (len(ended), running, len(todo) - len(ended) - running)
-            if counts != shown[0] or time.time() - shown[1] > PROGRESS_SECONDS:
-                elapsed = time.strftime("%H:%M:%S", time.gmtime(time.time() - t0))
-                print(f"[{elapsed}] %d ended, %d running, %d queued" % counts, flush=True)
-                shown = (counts, time.time())
-        if not pending:
-            return 0
-        # stopped: queued tasks are cancelled, running ones stop their training
-        Event(job.stop_event, client=client).set()
-        running = {f for f in pending if futures[f][0] in started}
-        client.cancel(list(pending - running))
         try:
-            wait(running, timeout=GRACE_SECONDS + 2 * POLL_SECONDS)
-        except TimeoutError:
-            pass
+            while (pending or waiting) and not signals:
+                for _ in range(min(len(waiting), free_threads(client, len(pending))
+                                   if waiting else 0)):
+                    run, extend_to = waiting.pop(0)
+                    future = client.submit(train_on_worker, run.label, run.args, job, extend_to,
+                                           key=f"{run.label}-{job.token}", pure=False)
+                    futures[future] = run
+                    pending.add(future)
+                done = ()
+                if not pending:  # no worker yet (or none left): wait for one to join
+                    time.sleep(POLL_SECONDS)
+                else:
+                    try:
+                        done, pending = wait(pending, timeout=POLL_SECONDS,
+                                             return_when="FIRST_COMPLETED")
+                    except TimeoutError:
+                        pass
+                for future in done:
+                    record = outcome(future, *futures[future][:2], job)
+                    write_record(results, record)
+                    report(record, job.refit_top_k)
+                    ended.add(record["label"])
+                running = len(started - ended)
+                counts = (len(ended), running, len(todo) - len(ended) - running)
+                if counts != shown[0] or time.time() - shown[1] > PROGRESS_SECONDS:
+                    elapsed = time.strftime("%H:%M:%S", time.gmtime(time.time() - t0))
+                    print(f"[{elapsed}] %d ended, %d running, %d queued" % counts, flush=True)
+                    shown = (counts, time.time())
+        except (ClusterLost, *CANCELLED) as e:
+            lost = why_cancelled(e)
+        if not pending and not waiting:
+            return 0
+        if lost is None:  # stopped: queued tasks are cancelled, running ones stop their training
+            Event(job.stop_event, client=client).set()
+            running = {f for f in pending if futures[f].label in started}
+            client.cancel(list(pending - running))
+            with contextlib.suppress(TimeoutError, *CANCELLED):
+                wait(running, timeout=GRACE_SECONDS + 2 * POLL_SECONDS)
         interrupted = 0
-        for future in pending:
-            label, args = futures[future]
-            record = (outcome(future, label, args, job) if future.status == "finished" else
-                      {"label": label, "args": args, "rc": None, "commit": job.commit,
+        left = [(futures[f], f) for f in pending] + [(run, None) for run, _ in waiting]
+        for run, future in sorted(left, key=lambda pair: pair[0].line):
+            # a lost scheduler cannot hand over a result: a run that ended meanwhile is
+            # recorded from its folder by --resume
+            record = (outcome(future, run.label, run.args, job)
+                      if lost is None and future is not None and future.status == "finished" else
+                      {"label": run.label, "args": run.args, "rc": None, "commit": job.commit,
                        "status": "interrupted"})
             write_record(results, record)
             report(record, job.refit_top_k)
             interrupted += record["status"] == "interrupted"
-        raise ff.RunInterrupted(
-            f"interrupted by {signal.Signals(signals[0]).name}; {interrupted} runs recorded as "
-            "interrupted, with their checkpoints kept: the same command with --resume goes on")
+        kept = (f"{interrupted} runs recorded as interrupted, with their checkpoints kept: the "
+                "same command with --resume goes on")
+        if lost is not None:
+            raise ff.RunInterrupted(f"the scheduler or the cluster went away ({lost}); {kept}", 1)
+        raise ff.RunInterrupted(f"interrupted by {signal.Signals(signals[0]).name}; {kept}")
     finally:
         for s, handler in handlers.items():
             signal.signal(s, handler)
 
 
-def check_configs(configs, ns):
-    """--dry-run: every run's flags and folder, checked by the training CLI."""
-    for label, args in configs:
-        run_dir = os.path.join(ns.out_dir, label)
+def check_configs(runs, configs, ns):
+    """--dry-run: every run's flags and folder, checked by the training CLI as the sweep
+    would start it."""
+    for run, extend_to in plan(ns, runs, configs):
+        run_dir = os.path.join(ns.out_dir, run.label)
         go_on = ns.resume and os.path.exists(os.path.join(run_dir, "checkpoint.npz"))
-        ff.parse_args(args + ["--resume" if go_on else "--out", run_dir])
-        print(f"{label:24s} ok: {shlex.join(args)}")
+        if ns.resume and not extend_to and os.path.exists(os.path.join(run_dir, "metrics.json")):
+            print(f"{run.label:24s} ok: finished in its folder, recorded without training")
+            continue
+        more = ["--n-epochs", str(extend_to)] if extend_to else []
+        prefix = where(ns.configs, run)
+        try:
+            ff.parse_args(run.args + more + ["--resume" if go_on else "--out", run_dir],
+                          parser=line_parser(prefix))
+        except LineError:
+            raise
+        except ff.SettingsError as e:  # the run's folder, memory, GPU
+            raise ff.SettingsError(f"{prefix}: {e}") from None
+        print(f"{run.label:24s} ok: {shlex.join(run.args)}"
+              + (f"  (goes on from its checkpoint to --n-epochs {extend_to})" if more else ""))
     return 0
 
 
-def run_sweep(ns):
-    configs = read_configs(ns.configs)
-    if os.path.isdir(ns.results):
-        raise ff.SettingsError(f"--results {ns.results} is a folder; give the path of a file")
-    if ns.dry_run:
-        return check_configs(configs, ns)
-    recorded = finished_labels(ns.results) if ns.resume else set()
-    todo = [(label, args) for label, args in configs if label not in recorded]
-    for label, _ in configs:
-        if label in recorded:
-            print(f"{label:24s} finished earlier: recorded in {ns.results}", flush=True)
-    if not todo:
-        return 0
+def make_job(ns):
+    """What each task of the sweep is sent with."""
     token = os.urandom(4).hex()  # names this sweep's tasks, event and log lines
-    job = argparse.Namespace(
+    return argparse.Namespace(
         out_dir=os.path.abspath(ns.out_dir),  # the same path on every worker
         threads=ns.threads, resume=ns.resume, refit_top_k=ns.refit_top_k,
         commit=ff.code_commit(), deadline=time.time() + ns.start_within, token=token,
         topic=f"ff-sweep-{token}", stop_event=f"ff-sweep-stop-{token}",
         train_script=os.path.join(ROOT, "ff_hybrid_mnist.py"),
         refit_script=os.path.join(HERE, "refit_head.py"))
-    client, cluster = connect(ns)
-    try:
-        with open_results(ns.results) as results:
-            try:
-                os.makedirs(job.out_dir, exist_ok=True)
-            except OSError as e:
-                raise ff.SettingsError(f"--out-dir {ns.out_dir}: {e.strerror or e}") from None
-            where = (f"the cluster at {ns.scheduler} ({len(client.scheduler_info()['workers'])} "
-                     "workers now)" if ns.scheduler else f"{ns.jobs} local worker processes")
-            print(f"{len(todo)} runs on {where}, {ns.threads} BLAS threads each", flush=True)
-            if client.run_on_scheduler(dashboard_served):
-                print(f"dashboard: {client.dashboard_link}", flush=True)
-            return collect(client, todo, job, results)
-    finally:
-        client.close()
-        if cluster is not None:
-            cluster.close()
+
+
+def run_sweep(ns):
+    runs = read_configs(ns.configs)
+    configs = check_sweep(ns, runs)
+    if ns.dry_run:
+        return check_configs(runs, configs, ns)
+    with sweep_locks(ns):
+        todo = plan(ns, runs, configs)
+        if not todo:
+            return 0
+        job = make_job(ns)
+        client, cluster = connect(ns)
+        try:
+            with open_results(ns.results) as results:
+                n_workers = len(client.scheduler_info()["workers"]) if ns.scheduler else ns.jobs
+                place = (f"the cluster at {ns.scheduler} ({n_workers} workers now)"
+                         if ns.scheduler else f"{n_workers} local worker processes")
+                print(f"{len(todo)} runs on {place}, {ns.threads} BLAS threads each", flush=True)
+                if client.run_on_scheduler(dashboard_served):
+                    print(f"dashboard: {client.dashboard_link}", flush=True)
+                return collect(client, todo, job, results)
+        finally:
+            with quiet_distributed():
+                client.close()
+                if cluster is not None:
+                    cluster.close()
 
 
 def build_parser():
@@ -459,8 +814,6 @@ def build_parser():
 def main(argv=None):
     p = build_parser()
     ns = p.parse_args(argv)
-    if ns.jobs < 1 or ns.threads < 1:
-        p.error("--jobs and --threads must be >= 1")
     return ff.exit_status(lambda: run_sweep(ns))
 
 

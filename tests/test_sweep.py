@@ -4,6 +4,8 @@ killed mid-run is survived, Ctrl-C leaves no training behind, and lists or paths
 misread are refused with one line. Real processes on 127.0.0.1 only; every process a test
 starts is killed at its end, with whatever it started."""
 import argparse
+import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -16,13 +18,29 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "experiments"))
+import ff_hybrid_mnist as ff  # noqa: E402
 import plot_threshold_sweep  # noqa: E402
 import sweep  # noqa: E402
-from conftest import TINY_LINE  # noqa: E402
+from conftest import TINY_LINE, one_line  # noqa: E402
 
 # about 1.2 s of training in 12 epochs of 0.1 s: time to kill what runs it
 SLOW = "--layer-sizes 784,200,200 --n-epochs 12 --n-train 2000 --batch-size 50 --softmax-epochs 1 --top-k 1"
 SWEEP = [sys.executable, os.path.join(ROOT, "experiments", "sweep.py")]
+
+# a stand-in for the training CLI that sleeps --sleep S seconds and writes what a run's
+# record reads, its start and end times as its metrics: runs of known length, no CPU
+SLEEPER = """\
+import json, os, sys, time
+args = sys.argv[1:]
+out = args[args.index("--out") + 1]
+os.makedirs(out, exist_ok=True)
+start = time.time()
+time.sleep(float(args[args.index("--sleep") + 1]))
+for name, data in (("args.json", {}), ("history.json", {"environment": {}}),
+                   ("metrics.json", {"start": start, "end": time.time()})):
+    with open(os.path.join(out, name), "w") as f:
+        json.dump(data, f)
+"""
 
 
 def records_of(path):
@@ -70,12 +88,12 @@ def spawn():
         psutil.wait_procs(family, timeout=5)
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    """A `dask scheduler` and two `dask worker` processes of one thread each on 127.0.0.1,
-    started as docs/sweeps.md says: {"address", "workers"}. Workers have no nanny, so a
-    killed worker stays dead."""
-    tmp = tmp_path_factory.mktemp("cluster")
+@contextlib.contextmanager
+def dask_processes(tmp, n_workers):
+    """A `dask scheduler` and n_workers `dask worker` processes of one thread each on
+    127.0.0.1, started as docs/sweeps.md says: {"address", "scheduler", "workers"}. Workers
+    have no nanny, so a killed worker stays dead; each is killed at the end, with what it
+    started."""
     loopback = ["--host", "127.0.0.1", "--dashboard-address", "127.0.0.1:0"]
     procs = []
     try:
@@ -89,16 +107,45 @@ def cluster(tmp_path_factory):
         workers = [subprocess.Popen(
             [sys.executable, "-m", "dask", "worker", address, "--nthreads", "1", "--no-nanny",
              *loopback, "--local-directory", str(tmp)], stderr=subprocess.DEVNULL)
-            for _ in range(2)]
+            for _ in range(n_workers)]
         procs += workers
         from distributed import Client
         with Client(address, timeout=10) as client:
-            client.wait_for_workers(2, timeout=20)
-        yield {"address": address, "workers": workers}
+            client.wait_for_workers(n_workers, timeout=20)
+        yield {"address": address, "scheduler": procs[0], "workers": workers}
     finally:
         for p in procs:
-            p.kill()
+            try:
+                family = [p] + psutil.Process(p.pid).children(recursive=True)
+            except psutil.NoSuchProcess:
+                family = [p]
+            for q in family:
+                with contextlib.suppress(psutil.NoSuchProcess, ProcessLookupError):
+                    q.kill()
             p.wait()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """A scheduler and two single-threaded workers (see dask_processes), for the module."""
+    with dask_processes(tmp_path_factory.mktemp("cluster"), 2) as started:
+        yield started
+
+
+def sweep_ns(tmp_path, **given):
+    """The sweep's settings, as build_parser gives them, for a test that calls its parts."""
+    argv = [str(tmp_path / "cfg.txt"), "--out-dir", str(tmp_path / "runs"),
+            "--results", str(tmp_path / "r.jsonl")]
+    return argparse.Namespace(**{**vars(sweep.build_parser().parse_args(argv)), **given})
+
+
+def sleeper_runs(tmp_path, ns, seconds):
+    """(job, todo) of runs of the sleeping stand-in: {label: seconds} in list order."""
+    (tmp_path / "sleeper.py").write_text(SLEEPER)
+    job = sweep.make_job(ns)
+    job.train_script = str(tmp_path / "sleeper.py")
+    return job, [(sweep.Run(label, ["--sleep", str(s)], n), None)
+                 for n, (label, s) in enumerate(seconds.items(), 1)]
 
 
 def test_sweep_records_each_run_and_its_refit(tmp_path):
@@ -115,6 +162,7 @@ def test_sweep_records_each_run_and_its_refit(tmp_path):
         assert r["status"] == "finished" and r["attempts"] == 1 and r["threads"] == 1
         saved = json.load(open(tmp_path / "runs" / label / "metrics.json"))
         assert r["metrics"]["test_error"] == saved["test_error"]
+        assert r["config"] == json.load(open(tmp_path / "runs" / label / "args.json"))
         assert 0 <= r["refit_test_error"] <= 1
     assert json.load(open(tmp_path / "runs" / "b" / "args.json"))["threshold"] == 8
     table = plot_threshold_sweep.markdown_table(list(records.values()))
@@ -122,10 +170,10 @@ def test_sweep_records_each_run_and_its_refit(tmp_path):
 
 
 def test_sweep_on_a_cluster_given_by_address_records_every_run(cluster, tmp_path):
-    """Three runs through --scheduler: two finish, one fails by itself (exit 2: a batch
-    larger than its training set) and is recorded once, not tried again."""
+    """Three runs through --scheduler: two finish, one fails by itself (exit 1: its
+    --data-dir holds no MNIST) and is recorded once, not tried again."""
     cfg = tmp_path / "cfg.txt"
-    cfg.write_text(f"base {TINY_LINE}\na\nb --seed 1\nbad --n-train 20\n")
+    cfg.write_text(f"base {TINY_LINE}\na\nb --seed 1\nbad --data-dir {tmp_path}\n")
     results, out = tmp_path / "r.jsonl", tmp_path / "runs"
     done = subprocess.run(SWEEP + [str(cfg), "--scheduler", cluster["address"], "--threads", "1",
                                    "--out-dir", str(out), "--results", str(results)],
@@ -140,8 +188,8 @@ def test_sweep_on_a_cluster_given_by_address_records_every_run(cluster, tmp_path
         assert r["environment"]["numpy"] and r["worker"].startswith("tcp://127.0.0.1:")
     assert records["a"]["metrics"]["test_error"] != records["b"]["metrics"]["test_error"]
     bad = records["bad"]
-    assert bad["status"] == "failed" and bad["rc"] == 2 and bad["attempts"] == 1
-    assert "--batch-size" in open(out / "bad.log").read()
+    assert bad["status"] == "failed" and bad["rc"] == 1 and bad["attempts"] == 1
+    assert "lacks train-images-idx3-ubyte" in open(out / "bad.log").read()
     printed = done.stdout
     assert f"3 runs on the cluster at {cluster['address']}" in printed
     assert "[00:00:" in printed and "3 ended, 0 running, 0 queued" in printed
@@ -239,7 +287,7 @@ def test_an_unreachable_scheduler_is_one_line_and_exit_2(tmp_path, capsys):
     assert status == 2 and time.time() - t0 < 10
     err = capsys.readouterr().err
     assert err.startswith("error: cannot reach the scheduler at tcp://127.0.0.1:9") and err.count("\n") == 1
-    assert not os.path.exists(tmp_path / "runs") and not os.path.exists(tmp_path / "r.jsonl")
+    assert os.listdir(tmp_path) == ["cfg.txt"]  # no run folder, results or lock left
 
 
 @pytest.mark.parametrize("text, says", [
@@ -248,16 +296,84 @@ def test_an_unreachable_scheduler_is_one_line_and_exit_2(tmp_path, capsys):
     ("a --lr 0.1\n\na --lr 0.2\n", "cfg.txt:3: label a repeats line 1"),
     ("a --lr 0.1\nb --note 'unbalanced\n", "cfg.txt:2: No closing quotation"),
     (None, "cannot read the sweep list"),
+    # a line's flags, as the training CLI reads them: the line and label, not its usage
+    ("a --lr 0.1\nb --lr\n", "cfg.txt:2 (b): argument --lr: expected one argument"),
+    ("a --nope 3\n", "cfg.txt:1 (a): unrecognized arguments: --nope 3"),
+    ("a --lr x\n", "cfg.txt:1 (a): argument --lr: 'x' is not a number"),
+    ("a --top-k 9\n", "cfg.txt:1 (a): --top-k 9 exceeds the 4 layers of --layer-sizes"),
+    ("", "no runs in "),
+    ("# only\n\n# comments\n", "no runs in "),
+    (f"base {TINY_LINE}\n", "no runs in "),
+    (b"a --lr 0.1\nb --note caf\xe9\n", "cfg.txt:2: not UTF-8 text (byte 0xe9)"),
+    # a label names a folder in --out-dir: nothing outside it
+    ("../up --lr 0.1\n", "cfg.txt:1 (../up): a label names its run folder in --out-dir"),
+    ("a/b --lr 0.1\n", "cfg.txt:1 (a/b): a label names"),
+    ("/tmp/x --lr 0.1\n", "cfg.txt:1 (/tmp/x): a label names"),
+    (".hidden --lr 0.1\n", "cfg.txt:1 (.hidden): a label names"),
+    ("a..b --lr 0.1\n", "cfg.txt:1 (a..b): a label names"),
+    ("--lr 0.1\n", "cfg.txt:1 (--lr): a label names"),
 ])
-def test_sweep_refuses_lists_it_would_misread(tmp_path, capsys, text, says):
+@pytest.mark.parametrize("dry_run", [False, True], ids=["run", "dry-run"])
+def test_sweep_refuses_lists_it_would_misread(tmp_path, capsys, text, says, dry_run):
     cfg = tmp_path / "cfg.txt"
-    if text is not None:
+    if isinstance(text, str):
         cfg.write_text(text)
+    elif text is not None:
+        cfg.write_bytes(text)
     assert sweep.main([str(cfg), "--out-dir", str(tmp_path / "runs"),
+                       "--results", str(tmp_path / "r.jsonl")] + ["--dry-run"] * dry_run) == 2
+    err = one_line(capsys.readouterr().err)
+    assert says in err, err
+    assert sorted(os.listdir(tmp_path)) == ["cfg.txt"] * (text is not None)
+
+
+def test_a_backprop_list_is_refused_with_how_to_run_it(capsys, tmp_path):
+    """experiments/sweep_backprop.txt holds experiments/backprop_baseline.py's flags, which the
+    training CLI would read too (--lr, --n-epochs, ...): read as FF runs, it would train
+    something else than it says."""
+    backprop = os.path.join(ROOT, "experiments", "sweep_backprop.txt")
+    assert sweep.main([backprop, "--out-dir", str(tmp_path / "runs"),
                        "--results", str(tmp_path / "r.jsonl")]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and says in err and err.count("\n") == 1, err
-    assert not os.path.exists(tmp_path / "r.jsonl")
+    err = one_line(capsys.readouterr().err)
+    assert f"{backprop} is a backprop list" in err
+    assert f"experiments/run_backprop_list.sh {backprop} RESULTS" in err
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--jobs", "0"], "--jobs 0 must be at least 1"),
+    (["--jobs", "-2"], "--jobs -2 must be at least 1"),
+    (["--threads", "0"], "--threads 0 must be at least 1"),
+    (["--start-within", "-1"], "--start-within -1 must be a number of seconds, 0 or more"),
+    (["--start-within", "nan"], "--start-within nan must be a number of seconds"),
+    (["--refit-top-k", "-1"], "--refit-top-k -1 must be 0 (no refit) or more"),
+    (["--refit-top-k", "3"], "cfg.txt:2 (b): --refit-top-k 3 exceeds the run's 2 layers"),
+    (["--out-dir", "{tmp}/afile"], "--out-dir {tmp}/afile is a file, not a folder"),
+    (["--results", "{tmp}/nofolder/r.jsonl"],
+     "--results {tmp}/nofolder/r.jsonl: its folder {tmp}/nofolder does not exist"),
+    (["--results", "{tmp}"], "--results {tmp} is a folder; give the path of a file"),
+])
+@pytest.mark.parametrize("dry_run", [False, True], ids=["run", "dry-run"])
+def test_sweep_refuses_settings_before_anything_starts(tmp_path, capsys, flags, says, dry_run):
+    """Each in one line, exit status 2, before a cluster starts or anything is written."""
+    cfg = tmp_path / "cfg.txt"
+    cfg.write_text(f"a --layer-sizes 784,20,20,20\nb {TINY_LINE}\n")
+    (tmp_path / "afile").write_text("")
+    flags = [f.format(tmp=tmp_path) for f in flags]
+    assert sweep.main([str(cfg), "--out-dir", str(tmp_path / "runs"), "--results",
+                       str(tmp_path / "r.jsonl"), *flags] + ["--dry-run"] * dry_run) == 2
+    assert says.format(tmp=tmp_path) in one_line(capsys.readouterr().err)
+    assert sorted(os.listdir(tmp_path)) == ["afile", "cfg.txt"]
+
+
+def test_the_results_folder_may_be_the_one_the_sweep_makes_for_out_dir(tmp_path, capsys):
+    """--out-dir runs/x --results runs/x.jsonl in a checkout without runs/ yet (as the docs
+    show it): the sweep makes runs/ for the run folders, so the results' folder is there."""
+    cfg = tmp_path / "cfg.txt"
+    cfg.write_text(f"a {TINY_LINE}\n")
+    assert sweep.main([str(cfg), "--out-dir", str(tmp_path / "runs" / "x"),
+                       "--results", str(tmp_path / "runs" / "x.jsonl"), "--dry-run"]) == 0
+    assert "a                        ok: " in capsys.readouterr().out
 
 
 def test_sweep_refuses_a_results_folder_before_training(tmp_path, capsys):
@@ -277,7 +393,7 @@ def test_resume_skips_a_cut_short_last_line_with_a_warning(tmp_path, capsys):
     it, and the next record starts a line of its own."""
     cfg, results = tmp_path / "cfg.txt", tmp_path / "r.jsonl"
     cfg.write_text(f"a {TINY_LINE}\n")
-    whole = json.dumps({"label": "a", "args": [], "rc": 0, "status": "finished"})
+    whole = json.dumps({"label": "a", "args": TINY_LINE.split(), "rc": 0, "status": "finished"})
     results.write_text(whole + "\n" + whole[:20])
     assert sweep.main([str(cfg), "--resume", "--out-dir", str(tmp_path / "runs"),
                        "--results", str(results)]) == 0
@@ -291,39 +407,187 @@ def test_resume_skips_a_cut_short_last_line_with_a_warning(tmp_path, capsys):
 
 def test_sweep_resume_goes_on_from_the_checkpoint_and_skips_recorded_runs(tmp_path, capsys):
     """A run cut after its first epoch, continued by `sweep --resume`, ends with the numbers
-    of an uninterrupted run; running the sweep again leaves the recorded runs alone."""
+    of an uninterrupted run; so does a run recorded as finished after one epoch when the list
+    now says two (its record no longer counts, it goes on from its checkpoint); running the
+    sweep again leaves the recorded runs alone."""
     out, results = tmp_path / "runs", tmp_path / "r.jsonl"
     flags = TINY_LINE.split() + ["--n-epochs", "2"]
     first = tmp_path / "first.txt"
-    first.write_text(f"cut {TINY_LINE}\n")  # 1 epoch, checkpointed, BLAS threads as below
-    sweep.main([str(first), "--threads", "1", "--out-dir", str(out),
-                "--results", str(tmp_path / "first.jsonl")])
+    first.write_text(f"base {TINY_LINE}\ncut\ndone\n")  # 1 epoch, checkpointed, 1 BLAS thread
+    sweep.main([str(first), "--threads", "1", "--jobs", "2", "--out-dir", str(out),
+                "--results", str(results)])
     for name in ("metrics.json", "model.npz"):  # as if killed before the end
         os.remove(out / "cut" / name)
     cfg = tmp_path / "cfg.txt"
-    cfg.write_text(f"base {' '.join(flags)}\ncut\nfull\n")
+    cfg.write_text(f"base {' '.join(flags)}\ncut\ndone\nfull\n")
     argv = [str(cfg), "--threads", "1", "--jobs", "2", "--resume", "--out-dir", str(out),
             "--results", str(results)]
     assert sweep.main(argv[:1] + ["--dry-run"] + argv[1:]) == 0
+    assert (f"done                     ok: {' '.join(flags)}  (goes on from its checkpoint to "
+            "--n-epochs 2)") in capsys.readouterr().out
     sweep.main(argv)
-    records = {r["label"]: r for r in records_of(results)}
-    assert records["cut"]["resumed"] and not records["full"]["resumed"]
-    assert records["cut"]["metrics"]["ff_loss"] == records["full"]["metrics"]["ff_loss"]
-    assert records["cut"]["metrics"]["test_error"] == records["full"]["metrics"]["test_error"]
+    records = {r["label"]: r for r in records_of(results)[2:]}
+    assert records["cut"]["resumed"] and records["done"]["resumed"]
+    assert not records["full"]["resumed"]
+    for label in ("cut", "done"):
+        assert records[label]["metrics"]["ff_epochs"] == 2
+        assert records[label]["metrics"]["ff_loss"] == records["full"]["metrics"]["ff_loss"]
+        assert records[label]["metrics"]["test_error"] == records["full"]["metrics"]["test_error"]
+        assert records[label]["args"] == flags
     log = (out / "cut.log").read_text()  # the first sitting's lines are kept
     assert "epoch   1/1" in log and "resuming" in log
     capsys.readouterr()
     sweep.main(argv)
-    assert len(results.read_text().splitlines()) == 2
-    assert capsys.readouterr().out.count("finished earlier") == 2
+    assert len(results.read_text().splitlines()) == 5
+    assert capsys.readouterr().out.count("finished earlier") == 3
 
 
-def test_the_local_cluster_gives_a_worker_a_run_only_when_it_is_free():
-    """Saturation 1: Dask's default would queue a second run on a busy single-threaded
-    worker, where it can wait behind a long run while another worker is idle."""
-    client, cluster = sweep.connect(argparse.Namespace(scheduler=None, jobs=1))
+def finished_run(folder, flags):
+    """A run folder as a finished run leaves it (without a checkpoint: --n-epochs 0), and its
+    record: what --resume compares with the list."""
+    folder.mkdir(parents=True)
+    cfg = ff.parse_args(flags + ["--out", str(folder)]).config
+    (folder / "args.json").write_text(json.dumps(dataclasses.asdict(cfg)))
+    (folder / "metrics.json").write_text("{}")
+    return {"label": folder.name, "args": flags, "rc": 0, "status": "finished"}
+
+
+@pytest.mark.parametrize("kept, listed, says", [
+    ("--threshold 2", "--threshold 8", "run folder holds --threshold 2.0, the list says 8.0"),
+    ("--n-epochs 2", "--n-epochs 1", "run folder holds --n-epochs 2, the list says 1"),
+    ("--n-epochs 0", "--n-epochs 1",
+     "run folder holds --n-epochs 0, the list says 1 (and no checkpoint to go on from)"),
+    ("--head lbfgs", "", "run folder holds --head lbfgs, the list says sgd"),
+])
+def test_resume_refuses_a_run_folder_of_another_configuration(tmp_path, capsys, kept, listed, says):
+    """A list changed since the run folder was written: --resume would mix the two, so the
+    sweep refuses in one line naming the line, before anything starts."""
+    cfg = tmp_path / "cfg.txt"
+    cfg.write_text(f"ok {TINY_LINE}\nchanged {TINY_LINE} {listed}\n")
+    finished_run(tmp_path / "runs" / "changed", TINY_LINE.split() + kept.split())
+    for extra in ([], ["--dry-run"]):
+        assert sweep.main([str(cfg), "--resume", "--out-dir", str(tmp_path / "runs"),
+                           "--results", str(tmp_path / "r.jsonl"), *extra]) == 2
+        assert f"cfg.txt:2 (changed): {says}" in one_line(capsys.readouterr().err)
+    assert sorted(os.listdir(tmp_path)) == ["cfg.txt", "runs"]
+    assert os.listdir(tmp_path / "runs") == ["changed"]
+
+
+def test_resume_refuses_a_finished_record_of_another_configuration(tmp_path, capsys):
+    """A finished record counts only with the list line's configuration (written the same
+    way or not: `base` and the order of the flags do not matter). A record written before
+    the converged head, whose args name no head, ran the SGD head: a line that says
+    --head sgd is the same run."""
+    cfg, results = tmp_path / "cfg.txt", tmp_path / "r.jsonl"
+    cfg.write_text(f"base {TINY_LINE}\nsame --seed 1\nold --seed 2\nchanged --lr 0.01\n")
+    no_head = TINY_LINE.replace("--head sgd ", "").split()
+    records = [{"label": "same", "args": ["--seed", "1"] + TINY_LINE.split()},
+               {"label": "old", "args": no_head + ["--seed", "2"]},
+               {"label": "changed", "args": TINY_LINE.split() + ["--lr", "0.02"]}]
+    results.write_text("".join(json.dumps({**r, "rc": 0, "status": "finished"}) + "\n"
+                               for r in records))
+    assert sweep.main([str(cfg), "--resume", "--out-dir", str(tmp_path / "runs"),
+                       "--results", str(results)]) == 2
+    captured = capsys.readouterr()
+    assert "same                     finished earlier" in captured.out
+    assert "old                      finished earlier" in captured.out
+    assert (f"cfg.txt:4 (changed): {results}:3 holds --lr 0.02, the list says 0.01"
+            in one_line(captured.err))
+    assert sorted(os.listdir(tmp_path)) == ["cfg.txt", "r.jsonl"]
+
+
+@pytest.mark.parametrize("content, says", [
+    (b'{"label": "a", "args": [], "status": "finished"}\n42\n', "r.jsonl:2: not a sweep record"),
+    (b'{"status": "finished"}\n', "r.jsonl:1: not a sweep record"),
+    (b'{"label": "a", "status": "finished", "args": "--lr 1"}\n', "r.jsonl:1: not a sweep record"),
+    (b'{"label": "a\xff"}\n', "r.jsonl:1: not UTF-8 text (byte 0xff); is it a results file?"),
+])
+def test_resume_refuses_a_results_file_it_cannot_read(tmp_path, capsys, content, says):
+    cfg, results = tmp_path / "cfg.txt", tmp_path / "r.jsonl"
+    cfg.write_text(f"a {TINY_LINE}\n")
+    results.write_bytes(content)
+    assert sweep.main([str(cfg), "--resume", "--out-dir", str(tmp_path / "runs"),
+                       "--results", str(results)]) == 2
+    assert says in one_line(capsys.readouterr().err)
+    assert results.read_bytes() == content
+    assert sorted(os.listdir(tmp_path)) == ["cfg.txt", "r.jsonl"]
+
+
+@pytest.mark.parametrize("held", ["--out-dir", "--results"])
+def test_a_second_sweep_on_the_same_out_dir_or_results_is_refused_at_once(tmp_path, capsys, held):
+    """Another sweep holds the folder or the results file (here this process, through the
+    sweep's own locks: flock is per open file, so a second open is a second holder): this one
+    is refused in one line naming that sweep, before a cluster starts; once it ends, the
+    locks are gone with their files."""
+    cfg = tmp_path / "cfg.txt"
+    cfg.write_text(f"a {TINY_LINE}\n")
+    other = {"--out-dir": (tmp_path / "runs", tmp_path / "other.jsonl"),
+             "--results": (tmp_path / "other-runs", tmp_path / "r.jsonl")}[held]
+    first = sweep_ns(tmp_path, configs="first.txt", out_dir=str(other[0]), results=str(other[1]))
+    with sweep.sweep_locks(first):
+        t0 = time.time()
+        assert sweep.main([str(cfg), "--out-dir", str(tmp_path / "runs"),
+                           "--results", str(tmp_path / "r.jsonl")]) == 2
+        assert time.time() - t0 < 5
+        err = one_line(capsys.readouterr().err)
+        path = tmp_path / ("runs" if held == "--out-dir" else "r.jsonl")
+        assert err.startswith(f"error: {held} {path} is in use by another sweep (process "
+                              f"{os.getpid()}, the sweep of first.txt, since ")
+        assert f"wait for it to end or give another {held}" in err
+        assert not os.path.exists(tmp_path / "r.jsonl")
+    assert not os.path.exists(other[0]) and not os.path.exists(str(other[1]) + ".lock")
+    with sweep.sweep_locks(sweep_ns(tmp_path)):  # free again
+        pass
+
+
+def test_every_worker_is_busy_while_runs_wait(tmp_path):
+    """Two quick runs, a long one, three short ones, on two single-threaded workers: a run
+    goes to a worker only when its thread is free, in list order, so the long one starts as
+    soon as a quick one ends and the other worker takes the short ones meanwhile. (Handed to
+    the scheduler all at once, each run was placed on a worker at submission, and there the
+    long one waited behind short ones.)"""
+    ns = sweep_ns(tmp_path, jobs=2, threads=1)
+    seconds = {"q-1": 0.2, "q-2": 0.2, "a-1": 3, "b-1": 1, "b-2": 1, "b-3": 1}
+    job, todo = sleeper_runs(tmp_path, ns, seconds)
+    client, cluster = sweep.connect(ns)
     try:
-        assert cluster.scheduler.WORKER_SATURATION == 1.0
+        with open(tmp_path / "r.jsonl", "a") as results:
+            assert sweep.collect(client, todo, job, results) == 0
     finally:
         client.close()
         cluster.close()
+    runs = {r["label"]: r for r in records_of(tmp_path / "r.jsonl")}
+    start = {label: r["metrics"]["start"] for label, r in runs.items()}
+    end = {label: r["metrics"]["end"] for label, r in runs.items()}
+    assert len({r["worker"] for r in runs.values()}) == 2
+    assert start["a-1"] < start["b-2"]  # in list order: b-2 waits for b-1, on the other worker
+    # the long run starts as a quick one frees a thread (0.3 s here; handed out at once, it
+    # waited behind a short run on its worker: 1.6-1.9 s)
+    assert start["a-1"] - min(end["q-1"], end["q-2"]) < 0.8
+    assert all(start[b] < end["a-1"] for b in ("b-1", "b-2", "b-3"))  # both workers busy
+    ideal = seconds["q-1"] + seconds["a-1"]  # the long run right after a quick one
+    span = max(end.values()) - min(start.values())
+    assert span < ideal + 2, span  # process starts and polling: about 4.3 s here
+
+
+def test_a_scheduler_that_goes_away_ends_the_sweep_in_one_line(tmp_path, spawn):
+    """The scheduler killed while a run trains: the client's tasks are cancelled
+    (FuturesCancelledError); the sweep records the running and the queued run as
+    interrupted and exits 1 with one line, at once."""
+    cfg, results, out = tmp_path / "cfg.txt", tmp_path / "r.jsonl", tmp_path / "runs"
+    cfg.write_text(f"base {SLOW}\nfirst\nsecond\n")
+    with dask_processes(tmp_path, 1) as started:
+        client = spawn(SWEEP + [str(cfg), "--scheduler", started["address"], "--threads", "1",
+                                "--out-dir", str(out), "--results", str(results)],
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        wait_for(lambda: trainings(out / "first"), 30, "training")
+        started["scheduler"].kill()
+        t0 = time.time()
+        stdout, stderr = client.communicate(timeout=30)
+        assert time.time() - t0 < 10
+    assert client.returncode == 1
+    err = one_line(stderr)  # the cancelled tasks, or the scheduler's silence: either may come first
+    assert err.startswith("error: the scheduler or the cluster went away (")
+    assert "); 2 runs recorded as interrupted, with their checkpoints kept" in err
+    assert [(r["label"], r["status"]) for r in records_of(results)] == [
+        ("first", "interrupted"), ("second", "interrupted")]
