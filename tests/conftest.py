@@ -83,3 +83,19 @@ def run_cut_after(out, flags, epochs=1):
             raise StopTraining
     with pytest.raises(StopTraining):
         ff.run_experiment(ff.parse_args(flags + ["--out", str(out)]), callback=stop, **QUIET)
+
+
+CONVERGED_FLAGS = ["--n-epochs", "1", "--val-size", "300"]  # with TINY_NO_HEAD: the default head
+
+
+@pytest.fixture(scope="session")
+def converged_run(tmp_path_factory):
+    """(run folder, what it printed) of one tiny run read out by the converged head, the
+    default; trained once for every test that reads such a run."""
+    import contextlib
+    import io
+    out = tmp_path_factory.mktemp("converged") / "run"
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert ff.main(TINY_NO_HEAD + CONVERGED_FLAGS + ["--out", str(out)]) == 0
+    return str(out), printed.getvalue()

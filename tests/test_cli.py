@@ -143,11 +143,10 @@ def test_greedy_schedule_trains_one_layer_at_a_time(tmp_path):
 CONVERGED = [a for a in TINY if a not in ("--head", "sgd")]  # the default read-out
 
 
-def test_the_default_read_out_is_the_converged_head(tmp_path, capsys):
-    out = tmp_path / "run"
-    assert ff.main(CONVERGED + ["--n-epochs", "1", "--val-size", "300", "--out", str(out)]) == 0
-    assert "chosen on the validation split" in capsys.readouterr().out
-    run = ff.load_run(str(out))
+def test_the_default_read_out_is_the_converged_head(converged_run):
+    out, printed = converged_run
+    assert "chosen on the validation split" in printed
+    run = ff.load_run(out)
     assert run.cfg.head == "lbfgs" and run.softmax_history["kind"] == "lbfgs"
     assert run.metrics["head_C"] in ff.HEAD_C
     fits = run.softmax_history["fits"]

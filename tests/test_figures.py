@@ -100,7 +100,7 @@ def test_locally_connected_run_is_drawn(tmp_path):
     """The figures read a locally-connected run's blocks: layer 1's weights are drawn as
     28 x 28 images, 0 outside each unit's receptive field."""
     local = ["--local", "10:6:4,2:1:5", "--top-k", "2", "--n-train", "500", "--batch-size", "50",
-             "--softmax-epochs", "2", "--n-epochs", "1"]
+             "--head", "sgd", "--softmax-epochs", "2", "--n-epochs", "1"]
     run_dir, outdir = str(tmp_path / "run"), str(tmp_path / "viz")
     assert viz.main(local + ["--out", run_dir, "--outdir", outdir, "--n-eval", "200"]) == 0
     for name in PNGS:
@@ -114,10 +114,9 @@ def test_locally_connected_run_is_drawn(tmp_path):
     assert iio.imread(path, index=None).shape[0] == 1
 
 
-def test_converged_head_run_draws_its_fits(tmp_path):
-    run_dir, outdir = str(tmp_path / "run"), str(tmp_path / "viz")
-    flags = [a for a in TINY if a not in ("--head", "sgd")] + ["--val-size", "300"]
-    assert viz.main(flags + ["--n-epochs", "1", "--out", run_dir, "--outdir", outdir]) == 0
+def test_converged_head_run_draws_its_fits(converged_run, tmp_path):
+    run_dir, outdir = converged_run[0], str(tmp_path / "viz")
+    assert viz.main(["--run", run_dir, "--outdir", outdir]) == 0
     run = ff.load_run(run_dir)
     assert run.softmax_history["kind"] == "lbfgs"
     fig = viz.classifier_curves_figure(run)

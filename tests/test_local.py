@@ -187,7 +187,7 @@ def test_resumed_local_run_ends_with_the_same_numbers(tmp_path, stored):
     """A locally-connected run cut after epoch 1 and resumed ends bit for bit where the
     uncut run ends; so does one whose checkpoint was saved by the dense masked form."""
     flags = ["--local", "10:6:4,2:1:5", "--top-k", "2", "--n-train", "600", "--batch-size", "50",
-             "--softmax-epochs", "2", "--n-epochs", "2", "--peer-norm", "0.1"]
+             "--head", "sgd", "--softmax-epochs", "2", "--n-epochs", "2", "--peer-norm", "0.1"]
     assert ff.main(flags + ["--out", str(tmp_path / "full")]) == 0
     run_cut_after(tmp_path / "cut", flags)
     cfg = ff.read_checkpoint_config(str(tmp_path / "cut"))[0]

@@ -7,7 +7,7 @@ import os
 import numpy as np
 
 import ff_hybrid_mnist as ff
-from conftest import TINY, TINY_NO_HEAD
+from conftest import CONVERGED_FLAGS, TINY
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 spec = importlib.util.spec_from_file_location(
@@ -16,16 +16,16 @@ refit_head = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(refit_head)
 
 
-def test_refit_into_a_folder_is_the_trainers_own_converged_read_out(tmp_path, capsys):
-    flags = ["--n-epochs", "1", "--val-size", "300"]
-    assert ff.main(TINY + flags + ["--out", str(tmp_path / "sgd")]) == 0
-    assert ff.main(TINY_NO_HEAD + flags + ["--out", str(tmp_path / "direct")]) == 0
+def test_refit_into_a_folder_is_the_trainers_own_converged_read_out(converged_run, tmp_path,
+                                                                  capsys):
+    # the same network read out by SGD, then refitted: the converged run's head exactly
+    assert ff.main(TINY + CONVERGED_FLAGS + ["--out", str(tmp_path / "sgd")]) == 0
     capsys.readouterr()
     into = tmp_path / "refit"
     assert refit_head.main(["--run", str(tmp_path / "sgd"), "--into", str(into),
                             "--out", str(tmp_path / "r.jsonl")]) == 0
     record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    direct, refit = ff.load_run(str(tmp_path / "direct")), ff.load_run(str(into))
+    direct, refit = ff.load_run(converged_run[0]), ff.load_run(str(into))
     for a, b in zip(direct.head, refit.head):
         np.testing.assert_array_equal(a, b)
     for key in ("val_error", "test_error", "train_error", "head_weight_decay"):

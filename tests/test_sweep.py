@@ -148,6 +148,7 @@ def sleeper_runs(tmp_path, ns, seconds):
                  for n, (label, s) in enumerate(seconds.items(), 1)]
 
 
+@pytest.mark.cluster
 def test_sweep_records_each_run_and_its_refit(tmp_path):
     """The default: a LocalCluster of --jobs workers, nothing started by hand."""
     cfg = tmp_path / "cfg.txt"
@@ -169,6 +170,7 @@ def test_sweep_records_each_run_and_its_refit(tmp_path):
     assert "`--layer-sizes 784,30,20" in table and "--threshold 8" in table
 
 
+@pytest.mark.cluster
 def test_sweep_on_a_cluster_given_by_address_records_every_run(cluster, tmp_path):
     """Three runs through --scheduler: two finish, one fails by itself (exit 1: its
     --data-dir holds no MNIST) and is recorded once, not tried again."""
@@ -195,6 +197,7 @@ def test_sweep_on_a_cluster_given_by_address_records_every_run(cluster, tmp_path
     assert "[00:00:" in printed and "3 ended, 0 running, 0 queued" in printed
 
 
+@pytest.mark.cluster
 def test_a_run_whose_worker_is_killed_goes_on_from_its_checkpoint(cluster, tmp_path, spawn):
     """SIGKILL to the worker running a configuration, after its first checkpoint: its
     training dies with it, another worker continues the run (the folder is shared), and the
@@ -222,6 +225,7 @@ def test_a_run_whose_worker_is_killed_goes_on_from_its_checkpoint(cluster, tmp_p
     assert f"attempt 2 on {record['worker']}, commit" in log
 
 
+@pytest.mark.cluster
 def test_a_run_whose_workers_keep_dying_is_recorded_as_failed(tmp_path, spawn):
     """With distributed.scheduler.allowed-failures 0, one worker death is one too many: the
     run is recorded as failed with the reason, and the sweep goes on."""
@@ -245,6 +249,7 @@ def test_a_run_whose_workers_keep_dying_is_recorded_as_failed(tmp_path, spawn):
 
 @pytest.mark.parametrize("signum, to_group", [(signal.SIGINT, True), (signal.SIGTERM, False)],
                          ids=["ctrl-c to the process group", "sigterm to the client"])
+@pytest.mark.cluster
 def test_a_stopped_sweep_stops_its_trainings_and_records_them(tmp_path, spawn, signum, to_group):
     """Ctrl-C at a terminal (SIGINT to the client, its local workers and all) or SIGTERM to
     the client, while one run trains and one waits: the training stops (no process of the
@@ -278,6 +283,7 @@ def test_a_stopped_sweep_stops_its_trainings_and_records_them(tmp_path, spawn, s
     assert "error: interrupted; the checkpoint after epoch" in open(out / f"{stopped[0]}.log").read()
 
 
+@pytest.mark.cluster
 def test_an_unreachable_scheduler_is_one_line_and_exit_2(tmp_path, capsys):
     cfg = tmp_path / "cfg.txt"
     cfg.write_text(f"a {TINY_LINE}\n")
@@ -405,6 +411,7 @@ def test_resume_skips_a_cut_short_last_line_with_a_warning(tmp_path, capsys):
     assert results.read_text() == whole + "\n" + whole[:20] + "\n" + '{"label": "b"}\n'
 
 
+@pytest.mark.cluster
 def test_sweep_resume_goes_on_from_the_checkpoint_and_skips_recorded_runs(tmp_path, capsys):
     """A run cut after its first epoch, continued by `sweep --resume`, ends with the numbers
     of an uninterrupted run; so does a run recorded as finished after one epoch when the list
@@ -540,6 +547,7 @@ def test_a_second_sweep_on_the_same_out_dir_or_results_is_refused_at_once(tmp_pa
         pass
 
 
+@pytest.mark.cluster
 def test_every_worker_is_busy_while_runs_wait(tmp_path):
     """Two quick runs, a long one, three short ones, on two single-threaded workers: a run
     goes to a worker only when its thread is free, in list order, so the long one starts as
@@ -570,6 +578,7 @@ def test_every_worker_is_busy_while_runs_wait(tmp_path):
     assert span < ideal + 2, span  # process starts and polling: about 4.3 s here
 
 
+@pytest.mark.cluster
 def test_a_scheduler_that_goes_away_ends_the_sweep_in_one_line(tmp_path, spawn):
     """The scheduler killed while a run trains: the client's tasks are cancelled
     (FuturesCancelledError); the sweep records the running and the queued run as
