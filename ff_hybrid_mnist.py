@@ -33,7 +33,6 @@ import signal
 import sys
 import tempfile
 import time
-import urllib.request
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -1411,7 +1410,7 @@ def draw_goodness_histogram(ax, g_real, g_hybrid, threshold, bins):
 
 
 # -----------------------------------------------------------------------------
-# MNIST: find, download, verify and read the four IDX files; the validation split
+# MNIST: find, verify and read the four IDX files; the validation split
 
 class DataError(Exception):
     """A data or file problem the user can fix; the CLI prints it as one line and exits 1."""
@@ -1434,13 +1433,6 @@ MNIST_FILES = {  # role -> (file name, SHA-256 of the decompressed file)
 }
 
 
-MNIST_MIRRORS = [
-    "https://storage.googleapis.com/cvdf-datasets/mnist/",
-    "https://ossci-datasets.s3.amazonaws.com/mnist/",
-    "http://yann.lecun.com/exdb/mnist/",
-]
-
-
 EMBEDDED_MNIST_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "mnist")
 
 
@@ -1449,11 +1441,6 @@ HOW_TO_SUPPLY = ("put the four MNIST *-ubyte.gz files in a folder and pass it wi
 
 
 GZIP_MAGIC = b"\x1f\x8b"
-
-
-def default_cache_dir():
-    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(root, "ff-hybrid-mnist")
 
 
 def find_idx_file(folder, name):
@@ -1508,84 +1495,28 @@ def load_idx(path, sha256, is_images):
     return parse_idx(data, path, is_images)
 
 
-def download_mnist(cache_dir, files, mirrors, log=sys.stderr):
-    """Fetch the missing files into cache_dir; each is verified before it is renamed into place."""
-    os.makedirs(cache_dir, exist_ok=True)
-    for name, sha256 in files.values():
-        if find_idx_file(cache_dir, name):
-            continue
-        errors = []
-        for mirror in mirrors:
-            url = mirror + name + ".gz"
-            fd, tmp = tempfile.mkstemp(prefix=name + ".", suffix=".part", dir=cache_dir)
-            try:
-                with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=30) as resp:
-                    total = int(resp.headers.get("Content-Length") or 0)
-                    done = 0
-                    while chunk := resp.read(1 << 16):
-                        out.write(chunk)
-                        done += len(chunk)
-                        if total:
-                            print(f"\rdownloading {url}: {100 * done // total:3d}%", end="", file=log)
-                    print(f"\rdownloading {url}: {done} bytes", file=log)
-                if not _is_gzip(tmp):
-                    raise DataError("not a gzip archive")
-                if hashlib.sha256(read_idx_bytes(tmp)).hexdigest() != sha256:
-                    raise DataError("SHA-256 of the decompressed file does not match")
-                os.replace(tmp, os.path.join(cache_dir, name + ".gz"))
-                break
-            except (OSError, DataError, ValueError) as e:
-                errors.append(f"{url} ({e})")
-            finally:
-                if os.path.exists(tmp):
-                    os.remove(tmp)
-        else:
-            raise DataError(f"could not download {name}.gz from any mirror: "
-                            + "; ".join(errors) + f". Offline? {HOW_TO_SUPPLY}")
-
-
-def _is_gzip(path):
-    with open(path, "rb") as f:
-        return f.read(2) == GZIP_MAGIC
-
-
-def load_mnist(data_dir=None, files=MNIST_FILES, mirrors=MNIST_MIRRORS, cache_dir=None,
-               embedded_dir=EMBEDDED_MNIST_DIR):
+def load_mnist(data_dir=None, files=MNIST_FILES, embedded_dir=EMBEDDED_MNIST_DIR):
     """(x_train, y_train, x_test, y_test): float32 images in [0, 1], shape (n, 784); int64 labels.
 
-    Search order: data_dir (--data-dir), $MNIST_DIR, the repository's data/mnist/, the user
-    cache, then a verified download into the cache. A folder named explicitly must hold the
-    files and is never changed, even when it is the cache; a damaged file that the search
-    found in the cache is removed so the next run downloads it again.
-    """
-    cache_dir = cache_dir or default_cache_dir()
+    The files come from data_dir (--data-dir), else $MNIST_DIR, else the copy the repository
+    ships in data/mnist/; each is checked against its SHA-256 and never changed. Nothing is
+    downloaded: a folder without the four files is refused, with how to supply them."""
     names = [name for name, _ in files.values()]
-    from_cache = False  # only files the suite put in its own cache may be deleted
-    explicit = [(d, src) for d, src in ((data_dir, "--data-dir"),
-                                        (os.environ.get("MNIST_DIR"), "MNIST_DIR")) if d]
-    if explicit:
-        folder, source = explicit[0]
-        missing = [n for n in names if not find_idx_file(folder, n)]
-        if missing:
-            raise DataError(f"{source} folder {folder} lacks {', '.join(missing)} (.gz or raw); "
-                            + HOW_TO_SUPPLY)
-    else:
-        def complete(d):
-            return all(find_idx_file(d, n) for n in names)
-        folder = next((d for d in (embedded_dir, cache_dir) if d and complete(d)), None)
-        if folder is None:
-            download_mnist(cache_dir, files, mirrors)
-            folder = cache_dir
-        from_cache = folder == cache_dir
+    source = next(((d, src) for d, src in ((data_dir, "--data-dir"),
+                                           (os.environ.get("MNIST_DIR"), "MNIST_DIR"),
+                                           (embedded_dir, "the repository's data/mnist"))
+                   if d), (None, None))
+    folder, where = source
+    missing = [n for n in names if folder is None or not find_idx_file(folder, n)]
+    if missing:
+        raise DataError(f"{where} folder {folder} lacks {', '.join(missing)} (.gz or raw); "
+                        + HOW_TO_SUPPLY)
     arrays = {}
     for role, (name, sha256) in files.items():
         path = find_idx_file(folder, name)
         try:
             arrays[role] = load_idx(path, sha256, is_images=role.endswith("images"))
         except DataError as e:
-            if from_cache:
-                os.remove(path)
-                raise DataError(f"{e}; removed it from the cache, re-run to download it again")
             raise DataError(f"{e}; replace it with a good copy ({HOW_TO_SUPPLY})")
     for split in ("train", "test"):
         n_img, n_lab = len(arrays[split + "_images"]), len(arrays[split + "_labels"])
@@ -2132,7 +2063,7 @@ def build_parser(resume=True, description=None, parents=()):
                                   default=None, metavar=metavar, help=help_text)
     files = p.add_argument_group("data and run folder")
     files.add_argument("--data-dir", help="folder with the four MNIST files (default: "
-                       "$MNIST_DIR, the repository's data/mnist, the cache, a download)")
+                       "$MNIST_DIR, else the repository's data/mnist; nothing is downloaded)")
     files.add_argument("--out", help="run folder (default: runs/<timestamp>-<4 random hex "
                        "digits>)")
     files.add_argument("--checkpoint-every", type=number_arg(int, 1), default=1, metavar="K",

@@ -1,4 +1,4 @@
-"""MNIST loader on small IDX files written here; the embedded copy; downloads from file:// mirrors."""
+"""MNIST loader on small IDX files written here; the embedded copy; nothing downloaded."""
 import gzip
 import hashlib
 import os
@@ -39,13 +39,11 @@ def write(folder, files, raw, compress=True, damage=None):
 @pytest.fixture
 def clean_env(monkeypatch, tmp_path):
     monkeypatch.delenv("MNIST_DIR", raising=False)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     return tmp_path
 
 
 def load(folder, files, **kw):
     kw.setdefault("embedded_dir", None)
-    kw.setdefault("mirrors", ["http://127.0.0.1:9/"])
     return ff.load_mnist(folder, files=files, **kw)
 
 
@@ -115,43 +113,12 @@ def test_explicit_folder_must_hold_the_files(clean_env, monkeypatch):
     assert load(None, files)[0].shape == (6, 784)
 
 
-def test_download_from_mirror_into_cache(clean_env):
-    arrays, raw, files = tiny_dataset()
-    write(clean_env / "mirror", files, raw)
-    cache = clean_env / "cache"
-    mirrors = ["http://127.0.0.1:9/", (clean_env / "mirror").as_uri() + "/"]  # first one fails
-    out = load(None, files, mirrors=mirrors, cache_dir=str(cache))
-    np.testing.assert_array_equal(out[1], arrays["train_labels"])
-    assert sorted(os.listdir(cache)) == sorted(n + ".gz" for n, _ in files.values())
-    # the second call reads the cache and needs no mirror
-    assert load(None, files, mirrors=[], cache_dir=str(cache))[0].shape == (6, 784)
-
-
-def test_failed_download_leaves_nothing(clean_env):
-    _, raw, files = tiny_dataset()
-    bad = dict(files, train_images=(files["train_images"][0], "f" * 64))
-    write(clean_env / "mirror", files, raw)
-    cache = clean_env / "cache"
-    with pytest.raises(ff.DataError, match="could not download"):
-        load(None, bad, mirrors=[(clean_env / "mirror").as_uri() + "/"], cache_dir=str(cache))
-    assert not any("train-images" in n or n.endswith(".part") for n in os.listdir(cache))
-
-
-def test_no_data_no_network_says_how_to_supply(clean_env):
+def test_no_data_says_how_to_supply_it(clean_env):
     _, _, files = tiny_dataset()
-    with pytest.raises(ff.DataError) as e:
-        load(None, files, cache_dir=str(clean_env / "cache"))
-    assert "--data-dir" in str(e.value) and "MNIST_DIR" in str(e.value)
-
-
-def test_damaged_cache_file_is_removed(clean_env):
-    _, raw, files = tiny_dataset()
-    cache = clean_env / "cache"
-    write(cache, files, raw, damage=("test_images", lambda d: d[:-1] + b"\x00"))
-    fixed = dict(files)
-    with pytest.raises(ff.DataError, match="removed it from the cache"):
-        load(None, fixed, cache_dir=str(cache))
-    assert not (cache / (files["test_images"][0] + ".gz")).exists()
+    for embedded in (None, str(clean_env / "no-copy")):
+        with pytest.raises(ff.DataError) as e:
+            load(None, files, embedded_dir=embedded)
+        assert "--data-dir" in str(e.value) and "MNIST_DIR" in str(e.value)
 
 
 def test_damaged_embedded_copy_is_refused(clean_env):
@@ -159,20 +126,19 @@ def test_damaged_embedded_copy_is_refused(clean_env):
     embedded = clean_env / "embedded"
     write(embedded, files, raw, damage=("train_labels", lambda d: d[:-1] + b"\x09"))
     with pytest.raises(ff.DataError, match="SHA-256.*good copy"):
-        load(None, files, embedded_dir=str(embedded), cache_dir=str(clean_env / "cache"))
+        load(None, files, embedded_dir=str(embedded))
     assert (embedded / (files["train_labels"][0] + ".gz")).exists()  # never deletes the user's data
 
 
 def test_embedded_copy_found_from_another_directory(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "MNIST_DIR"}
-    env.update(XDG_CACHE_HOME=str(tmp_path / "xdg"), PYTHONPATH=ROOT)
-    code = ("import ff_hybrid_mnist as ff; ff.MNIST_MIRRORS[:] = ['http://127.0.0.1:9/'];"
+    env.update(PYTHONPATH=ROOT)
+    code = ("import ff_hybrid_mnist as ff;"
             "x, y, xt, yt = ff.load_mnist(); print(x.shape, xt.shape, y[:5].tolist())")
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "(60000, 784) (10000, 784) [5, 0, 4, 1, 9]" in out.stdout
-    assert not (tmp_path / "xdg").exists()
 
 
 def test_cli_data_error_is_one_line_exit_1(tmp_path):
@@ -186,13 +152,12 @@ def test_cli_data_error_is_one_line_exit_1(tmp_path):
 
 
 @pytest.mark.parametrize("how", ["--data-dir", "MNIST_DIR"])
-def test_damaged_file_in_a_named_folder_is_kept_even_when_it_is_the_cache(clean_env, monkeypatch,
-                                                                          how):
+def test_damaged_file_in_a_named_folder_is_refused_and_kept(clean_env, monkeypatch, how):
     _, raw, files = tiny_dataset()
-    cache = clean_env / "cache"
-    write(cache, files, raw, damage=("test_images", lambda d: d[:-1] + b"\x00"))
+    folder = clean_env / "named"
+    write(folder, files, raw, damage=("test_images", lambda d: d[:-1] + b"\x00"))
     if how == "MNIST_DIR":
-        monkeypatch.setenv("MNIST_DIR", str(cache))
+        monkeypatch.setenv("MNIST_DIR", str(folder))
     with pytest.raises(ff.DataError, match="good copy"):
-        load(str(cache) if how == "--data-dir" else None, files, cache_dir=str(cache))
-    assert (cache / (files["test_images"][0] + ".gz")).exists()  # the user named it: not ours
+        load(str(folder) if how == "--data-dir" else None, files)
+    assert (folder / (files["test_images"][0] + ".gz")).exists()  # the user's data: never deleted
