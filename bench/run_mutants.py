@@ -1,13 +1,13 @@
-"""Break the training loop on purpose, on a scratch copy, and check that the tests notice.
+"""Break the module on purpose, on a scratch copy, and check that the tests notice.
 
 Each mutant is one textual change to ff_hybrid_mnist.py that a broken implementation could
 plausibly contain. For each, the repository is copied to a temporary folder, the change is
 applied, and the given tests are run there; a mutant that passes every test is reported
 as SURVIVED (the tests cannot see that bug). Not collected by pytest (no test_ prefix).
 
-    python3 tests/run_mutants.py                     # all mutants: training, label, local, recipe, CLI tests
-    python3 tests/run_mutants.py --tests tests       # against the whole suite
-    python3 tests/run_mutants.py --tests "tests/test_training.py -k tiny"  # one test
+    python3 bench/run_mutants.py                     # all mutants: training, label, local, recipe, CLI tests
+    python3 bench/run_mutants.py --tests tests       # against the whole suite
+    python3 bench/run_mutants.py --tests "tests/test_training.py -k tiny"  # one test
 """
 import argparse
 import os
