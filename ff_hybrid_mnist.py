@@ -1507,7 +1507,9 @@ def load_mnist(data_dir=None, files=MNIST_FILES, embedded_dir=EMBEDDED_MNIST_DIR
                                            (embedded_dir, "the repository's data/mnist"))
                    if d), (None, None))
     folder, where = source
-    missing = [n for n in names if folder is None or not find_idx_file(folder, n)]
+    if folder is None:
+        raise DataError("no MNIST folder given and no copy in the repository; " + HOW_TO_SUPPLY)
+    missing = [n for n in names if not find_idx_file(folder, n)]
     if missing:
         raise DataError(f"{where} folder {folder} lacks {', '.join(missing)} (.gz or raw); "
                         + HOW_TO_SUPPLY)
