@@ -491,7 +491,8 @@ def steps_to(points, target):
 
 def run_cost(args):
     """Cost to a validation error: steps from the curves times the cost of a step at batch
-    100 (the affine fit of the traced batches 1-8), FF's softmax head added once."""
+    100 (the quadratic fitted to every traced batch, extrapolated: batch 100 is not traced),
+    FF's softmax head added once."""
     with open(args.steps) as f:
         steps = json.load(f)
     curves = {"runs": []}
