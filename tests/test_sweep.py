@@ -600,3 +600,17 @@ def test_a_scheduler_that_goes_away_ends_the_sweep_in_one_line(tmp_path, spawn):
     assert "); 2 runs recorded as interrupted, with their checkpoints kept" in err
     assert [(r["label"], r["status"]) for r in records_of(results)] == [
         ("first", "interrupted"), ("second", "interrupted")]
+
+
+LISTS = sorted(name for name in os.listdir(os.path.join(ROOT, "experiments"))
+               if name.startswith("sweep_") and name.endswith(".txt") and "backprop" not in name)
+
+
+@pytest.mark.parametrize("name", LISTS)
+def test_every_committed_list_is_accepted_as_it_stands(name, tmp_path, capsys):
+    # the lists reproduce the committed records: each line must still pass the trainer's
+    # checks (a rule added later, such as refusing an ignored flag, must not break one)
+    path = os.path.join(ROOT, "experiments", name)
+    status = sweep.main([path, "--out-dir", str(tmp_path / "o"),
+                         "--results", str(tmp_path / "r.jsonl"), "--dry-run"])
+    assert status in (0, None), capsys.readouterr().err
