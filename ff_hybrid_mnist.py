@@ -2280,7 +2280,8 @@ def run_experiment(args, log=print, callback=None):
                 "continues from it")
 
     def after_epoch(epoch, state):
-        done[0] = epoch + 1
+        # an epoch counts as finished for the messages once its checkpoint, if due, is
+        # written: a signal during that write leaves the one before it, and says so
         if (epoch + 1) % every == 0 or epoch + 1 == total_epochs(cfg):
             t = time.perf_counter()
             try:
@@ -2290,6 +2291,7 @@ def run_experiment(args, log=print, callback=None):
                                 f"{run_dir} ({e.strerror or e}); {recovery()}") from None
             checkpoint_seconds[0] += time.perf_counter() - t
             saved[0] = epoch + 1
+        done[0] = epoch + 1
         if callback is not None:
             callback(epoch, state)
 
