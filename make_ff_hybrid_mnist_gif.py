@@ -2,13 +2,15 @@
 
     python3 make_ff_hybrid_mnist_gif.py --n-epochs 20 --n-train 10000 --gif viz/ff_hybrid_mnist.gif
 
-Takes the training CLI's flags (not --resume: the GIF shows a run from its first epoch; not
---negatives label: its frames show hybrids), trains with ff_hybrid_mnist.run_experiment (the
-run is saved in --out, default runs/<timestamp>-<hex>, and the GIF, unless --gif, in the run
-folder as training.gif) and after every --snapshot-every epochs, and after the last, draws a
+Takes ff_hybrid_mnist.py's flags (not --resume: the GIF shows a run from its first epoch; the
+other scripts' flags are refused, naming their script: its frames show hybrids), trains with
+ff_runs.run_experiment (the run is saved in --out, default runs/<timestamp>-<hex>, and the GIF,
+unless --gif, in the run folder as training.gif) and after every --snapshot-every epochs, and
+after the last, draws a
 frame: a fixed real test digit and a fixed hybrid with their goodness, the goodness
 histograms of a fixed evaluation set per layer on fixed bins, and the per-layer FF loss so
-far with the current epoch marked.
+far with the current epoch marked. The evaluation set, goodness and histograms are
+visualize_ff_hybrid_mnist.py's figure helpers, so a frame and the figures agree.
 """
 
 import argparse
@@ -22,6 +24,8 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 import ff_hybrid_mnist as ff
+import ff_runs
+import visualize_ff_hybrid_mnist as viz
 
 
 def own_flags():
@@ -29,23 +33,24 @@ def own_flags():
     group = own.add_argument_group(
         "animation", "--seed also seeds the evaluation set; the run is saved in --out "
         "(default runs/<timestamp>-<hex>)")
-    group.add_argument("--snapshot-every", type=ff.number_arg(int, 1), default=1, metavar="K",
+    group.add_argument("--snapshot-every", type=ff_runs.number_arg(int, 1), default=1,
+                       metavar="K",
                        help="draw a frame every K FF epochs (and after the last)")
-    group.add_argument("--fps", type=ff.number_arg(float, 0, above=True), default=5.0,
+    group.add_argument("--fps", type=ff_runs.number_arg(float, 0, above=True), default=5.0,
                        help="frames per second")
-    group.add_argument("--hold-final", type=ff.number_arg(int, 0), default=10,
+    group.add_argument("--hold-final", type=ff_runs.number_arg(int, 0), default=10,
                        help="the last frame stays on screen this many frame times longer")
     group.add_argument("--gif", help="path of the GIF (default: <run folder>/training.gif)")
-    group.add_argument("--n-eval", type=ff.number_arg(int, 2), default=500,
+    group.add_argument("--n-eval", type=ff_runs.number_arg(int, 2), default=500,
                        help="real test digits and as many hybrids for the histograms")
     return own
 
 
 def render_frame(cfg, state, epoch, real, hybrids, bins):
     """One frame as an (height, width, 3) uint8 array; the network is state's, now."""
-    kind, norm, local = cfg.goodness, cfg.normalize, cfg.local
-    g_real = ff.layer_goodness(state.weights, state.biases, real, kind, norm, local)
-    g_hybrid = ff.layer_goodness(state.weights, state.biases, hybrids, kind, norm, local)
+    kind, norm, kinds = cfg.goodness, cfg.normalize, cfg.layer_kinds()
+    g_real = viz.layer_goodness(state.weights, state.biases, real, kind, norm, kinds)
+    g_hybrid = viz.layer_goodness(state.weights, state.biases, hybrids, kind, norm, kinds)
     n_layers, total = len(state.weights), ff.total_epochs(cfg)
     fig = Figure(figsize=(9, 6), dpi=80)
     canvas = FigureCanvasAgg(fig)
@@ -77,9 +82,9 @@ def render_frame(cfg, state, epoch, real, hybrids, bins):
 
     for l in range(n_layers):
         ax = fig.add_subplot(grid[1, l])
-        ff.draw_goodness_histogram(ax, g_real[l], g_hybrid[l],
+        viz.draw_goodness_histogram(ax, g_real[l], g_hybrid[l],
                                     cfg.layer_threshold(cfg.layer_sizes[l + 1]), bins[l])
-        ax.set_title(f"layer {l + 1}: {ff.separation(g_real[l], g_hybrid[l]):.1f} sigma",
+        ax.set_title(f"layer {l + 1}: {viz.separation(g_real[l], g_hybrid[l]):.1f} sigma",
                      fontsize=10)
         ax.xaxis.label.set_fontsize(7)
         ax.tick_params(labelsize=7)
@@ -93,8 +98,8 @@ def render_frame(cfg, state, epoch, real, hybrids, bins):
 
 
 def build_parser():
-    return ff.build_parser(resume=False, description=__doc__.split("\n\n")[0],
-                           parents=[own_flags()])
+    return ff_runs.build_parser(ff.FFConfig, resume=False, description=__doc__.split("\n\n")[0],
+                                parents=[own_flags()])
 
 
 def main(argv=None):
@@ -102,30 +107,29 @@ def main(argv=None):
 
     def body():
         args = parser.parse_args(argv)
-        if args.negatives == "label":
-            raise ff.SettingsError("--negatives label: the GIF's frames show hybrids and their "
-                                   "goodness; draw a label run with visualize_ff_hybrid_mnist.py")
         if args.n_eval > ff.N_TEST:
-            raise ff.SettingsError(f"--n-eval {args.n_eval} exceeds the {ff.N_TEST} test digits")
-        ff.prepare_run(args, parser)
+            raise ff_runs.SettingsError(f"--n-eval {args.n_eval} exceeds the {ff.N_TEST} "
+                                        "test digits")
+        ff_runs.prepare_run(args, parser)
         args.gif = args.gif or os.path.join(args.run_dir, "training.gif")
-        ff.check_writable(args.gif, "--gif", folder=False)
+        ff_runs.check_writable(args.gif, "--gif", folder=False)
         if args.dry_run:
-            ff.print_dry_run(args, gif=args.gif, n_eval=args.n_eval)
+            ff_runs.print_dry_run(args, gif=args.gif, n_eval=args.n_eval)
             return 0
         return animate(args)
-    return ff.exit_status(body)
+    return ff_runs.exit_status(body)
 
 
 def animate(args):
     cfg, total = args.config, ff.total_epochs(args.config)
     if total == 0:
-        raise ff.SettingsError("--n-epochs 0 trains nothing, so the GIF would have no frame")
+        raise ff_runs.SettingsError("--n-epochs 0 trains nothing, so the GIF would have no "
+                                    "frame")
     _, _, x_test, _ = ff.load_mnist(args.data_dir)
     # a stream of its own, apart from training's (seed) and the softmax head's ([seed, 1])
-    real, hybrids = ff.evaluation_set(x_test, args.n_eval, np.random.default_rng([cfg.seed, 2]),
-                                      cfg.n_blur)
-    bins = [ff.goodness_bins(cfg.layer_threshold(n)) for n in cfg.layer_sizes[1:]]
+    real, hybrids = viz.evaluation_set(x_test, args.n_eval,
+                                       np.random.default_rng([cfg.seed, 2]), cfg.n_blur)
+    bins = [viz.goodness_bins(cfg.layer_threshold(n)) for n in cfg.layer_sizes[1:]]
     frames = []
 
     def snapshot(epoch, state):
@@ -134,7 +138,7 @@ def animate(args):
         frames.append(render_frame(cfg, state, epoch, real, hybrids, bins))
         print(f"frame {len(frames)}: epoch {epoch + 1}/{total}", flush=True)
 
-    ff.run_experiment(args, callback=snapshot)
+    ff_runs.run_experiment(args, callback=snapshot)
     # Pillow merges identical consecutive frames into one longer frame anyway, so the hold is
     # written as the last frame's duration rather than as copies. One frame takes one number:
     # Pillow 13 fails on a list of one duration.
@@ -145,12 +149,12 @@ def animate(args):
     # would otherwise print "Exception ignored" tracebacks as its objects are collected
     hook, sys.unraisablehook = sys.unraisablehook, lambda unraisable: None
     try:
-        ff.atomic_write(args.gif, lambda f: iio.imwrite(
+        ff_runs.atomic_write(args.gif, lambda f: iio.imwrite(
             f, np.stack(frames), extension=".gif",
             duration=durations if len(frames) > 1 else durations[0], loop=0))
     except OSError as e:
-        raise ff.DataError(f"could not write {args.gif} ({e.strerror or e}); the run is "
-                           f"saved in {args.run_dir}") from None
+        raise ff_runs.DataError(f"could not write {args.gif} ({e.strerror or e}); the run is "
+                                f"saved in {args.run_dir}") from None
     finally:
         sys.unraisablehook = hook
     print(f"wrote {args.gif}: {len(frames)} frames, "

@@ -1,19 +1,22 @@
-"""Figures of a Forward-Forward run (hybrid or label negatives), drawn from a saved run folder.
+"""Figures of a Forward-Forward run, drawn from a saved run folder of any experiment script.
 
     python3 visualize_ff_hybrid_mnist.py --run runs/spec-seed0 --outdir viz
     python3 visualize_ff_hybrid_mnist.py --n-epochs 2 --n-train 5000 --outdir viz  # train, then draw
 
 Writes hybrid_examples.png, goodness_distributions.png, classifier_curves.png,
 weights_layer1.png and figure_numbers.json (the numbers the README quotes) into --outdir.
-Without --run it first trains a whole run with the training CLI's flags (by default the full
-SPEC run, 30 epochs on 60000 digits), saved by ff_hybrid_mnist.run_experiment into --out
-(default runs/<timestamp>-<hex>), and draws from that saved run. Without --outdir the
-figures go into <run folder>/figures: the committed figures in viz/ change only when asked. Nothing here re-derives the model: activities, goodness, masks,
-hybrids and the evaluation set all come from ff_hybrid_mnist.
+A run of ff_label_mnist.py gets label_goodness.png and confusion_matrix.png instead of
+hybrid_examples.png; a run of ff_local_mnist.py has its layer-1 blocks drawn as 28 x 28 images.
+Without --run it first trains a whole run with ff_hybrid_mnist.py's flags (by default the full
+SPEC run, 30 epochs on 60000 digits), saved by ff_runs.run_experiment into --out (default
+runs/<timestamp>-<hex>), and draws from that saved run. Without --outdir the figures go into
+<run folder>/figures: the committed figures in viz/ change only when asked. Nothing here
+re-derives the model: activities, goodness, masks and hybrids come from ff_hybrid_mnist (the
+label read-out from ff_label_mnist); the figure helpers below (the GIF script uses them too)
+only count and draw.
 """
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
@@ -24,9 +27,61 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from matplotlib.ticker import MaxNLocator
 
+import ff_devices
 import ff_hybrid_mnist as ff
+import ff_label_mnist as ff_label
+import ff_local_mnist as ff_local
+import ff_runs
 
 PAPER_TEST_ERROR = 0.0137  # Hinton 2022, section 3.2: 4x2000 ReLU MLP with hybrid negatives
+
+
+# -----------------------------------------------------------------------------
+# Figure helpers (the GIF script uses them too): fixed digits, goodness, separation
+
+def evaluation_set(x_test, n, rng, n_blur):
+    """n real test digits and n hybrids of test digits, the pairs drawn as in training."""
+    real = x_test[rng.choice(len(x_test), n, replace=n > len(x_test))]
+    a, b = x_test[rng.choice(len(x_test), n)], x_test[rng.choice(len(x_test), n)]
+    hybrids, _ = ff.make_hybrid_batch(a, b, rng, n_blur)
+    return real, hybrids
+
+
+def layer_goodness(weights, biases, x, kind, norm="l2", kinds=None):
+    """Goodness of every layer for raw input rows x: a list of (n,) numpy arrays. kinds: the
+    layers' kinds (cfg.layer_kinds())."""
+    return [ff_devices.to_host(ff.goodness(h, kind))
+            for h in ff.network_activities(weights, biases, x, norm=norm, kinds=kinds)]
+
+
+def separation(g_real, g_hybrid):
+    """Difference of the means over the pooled standard deviation (equal group sizes)."""
+    g_real, g_hybrid = np.asarray(g_real, np.float64), np.asarray(g_hybrid, np.float64)
+    pooled = np.sqrt((g_real.var() + g_hybrid.var()) / 2)
+    return (g_real.mean() - g_hybrid.mean()) / pooled
+
+
+def goodness_bins(threshold, n_bins=50):
+    """Log-spaced bins two decades either side of the threshold. Goodness spans orders of
+    magnitude and shifts during training; fixed bins keep GIF frames comparable."""
+    return np.geomspace(threshold / 100, threshold * 100, n_bins + 1)
+
+
+REAL_COLOUR, HYBRID_COLOUR = "tab:blue", "tab:orange"
+
+
+def draw_goodness_histogram(ax, g_real, g_hybrid, threshold, bins):
+    """Real and hybrid goodness on a matplotlib axis, log scale, threshold marked."""
+    # values beyond the bins (a dead layer gives g = 0) are counted in the end bins; one
+    # filled outline a histogram (stairs), not a bar a bin: the same picture, drawn in
+    # about half the time
+    for g, colour, label in ((g_real, REAL_COLOUR, "real"), (g_hybrid, HYBRID_COLOUR, "hybrid")):
+        counts, _ = np.histogram(np.clip(g, bins[0], bins[-1]), bins)
+        ax.stairs(counts, bins, fill=True, color=colour, alpha=0.55, label=label)
+    ax.axvline(threshold, color="k", linestyle="--", linewidth=1, label="threshold")
+    ax.set_xscale("log")
+    ax.set_xlabel("goodness (log; ends hold the outliers)")
+
 
 
 # -----------------------------------------------------------------------------
@@ -41,7 +96,7 @@ def own_flags():
     group.add_argument("--run", metavar="DIR",
                        help="saved run to draw; without it, train one with the flags above")
     group.add_argument("--outdir", help="folder for the figures (default: <run folder>/figures)")
-    group.add_argument("--n-eval", type=ff.number_arg(int, 2), default=1000,
+    group.add_argument("--n-eval", type=ff_runs.number_arg(int, 2), default=1000,
                        help="real test digits and as many hybrids for the goodness histograms")
     return own
 
@@ -50,12 +105,12 @@ def own_flags():
 # The four figures
 
 def save_png(fig, path):
-    """Render with Agg into a temporary file beside path, then rename (ff.atomic_write)."""
+    """Render with Agg into a temporary file beside path, then rename (ff_runs.atomic_write)."""
     FigureCanvasAgg(fig)
     try:
-        ff.atomic_write(path, lambda f: fig.savefig(f, format="png"))
+        ff_runs.atomic_write(path, lambda f: fig.savefig(f, format="png"))
     except OSError as e:
-        raise ff.DataError(f"could not write {path} ({e.strerror or e})") from None
+        raise ff_runs.DataError(f"could not write {path} ({e.strerror or e})") from None
     print(f"wrote {path}", flush=True)
 
 
@@ -86,9 +141,8 @@ def goodness_figure(run, g_real, g_hybrid):
     axes = np.atleast_1d(fig.subplots(1, n_layers))
     for l, ax in enumerate(axes):
         threshold = run.cfg.layer_threshold(run.cfg.layer_sizes[l + 1])
-        ff.draw_goodness_histogram(ax, g_real[l], g_hybrid[l], threshold,
-                                   ff.goodness_bins(threshold))
-        ax.set_title(f"layer {l + 1}: separation {ff.separation(g_real[l], g_hybrid[l]):.1f} sigma")
+        draw_goodness_histogram(ax, g_real[l], g_hybrid[l], threshold, goodness_bins(threshold))
+        ax.set_title(f"layer {l + 1}: separation {separation(g_real[l], g_hybrid[l]):.1f} sigma")
     axes[0].set_ylabel("test images")
     axes[0].legend(fontsize=8)
     fig.suptitle(f"Goodness ({run.cfg.goodness} of h^2) of {len(g_real[0])} real test digits "
@@ -178,10 +232,10 @@ def top_units_by_norm(W, k=16):
 def first_layer_weights(run):
     """Layer 1's weights as a dense (784, n_units) matrix (a locally-connected layer's blocks
     are spread into it, 0 outside each unit's receptive field)."""
-    W = run.weights[0]
-    if not run.cfg.local:
+    W, kind = run.weights[0], run.cfg.layer_kinds()[0]
+    if kind is None:  # a dense layer
         return W
-    return ff.local_dense(W, ff.local_index(run.cfg.local_layers)[0], run.cfg.layer_sizes[0])
+    return ff_local.local_dense(W, kind.index, run.cfg.layer_sizes[0])
 
 
 def weights_figure(W, k=16, label_pixels=False):
@@ -209,7 +263,7 @@ def weights_figure(W, k=16, label_pixels=False):
 
 
 # -----------------------------------------------------------------------------
-# Label runs (--negatives label): goodness per label, confusion matrix
+# Label runs (ff_label_mnist.py): goodness per label, confusion matrix
 
 def label_goodness_figure(scores, x, y, n_digits=8):
     """Each digit beside the goodness that each of the ten labels gives it."""
@@ -252,8 +306,9 @@ def confusion_figure(y_true, y_pred):
 def draw_label_run(run, x_test, y_test, rng, n_eval, outdir):
     """The label run's figures; returns its numbers for figure_numbers.json."""
     cfg = run.cfg
-    scores = ff.goodness_per_label(run.weights, run.biases, x_test, cfg.goodness,
-                                   cfg.first_readout_layer, norm=cfg.normalize, local=cfg.local)
+    scores = ff_label.goodness_per_label(run.weights, run.biases, x_test, cfg.goodness,
+                                         cfg.first_readout_layer, norm=cfg.normalize,
+                                         kinds=cfg.layer_kinds())
     predicted = scores.argmax(axis=1)
     pick = rng.choice(len(x_test), 8, replace=False)
     save_png(label_goodness_figure(scores[pick], x_test[pick], y_test[pick]),
@@ -262,10 +317,10 @@ def draw_label_run(run, x_test, y_test, rng, n_eval, outdir):
     # goodness histograms: the right label against a wrong one drawn uniformly
     digits = rng.choice(len(x_test), n_eval, replace=n_eval > len(x_test))
     wrong = (y_test[digits] + rng.integers(1, ff.N_CLASSES, n_eval)) % ff.N_CLASSES
-    g_right = ff.layer_goodness(run.weights, run.biases, ff.embed_labels(
-        x_test[digits], y_test[digits]), cfg.goodness, cfg.normalize, cfg.local)
-    g_wrong = ff.layer_goodness(run.weights, run.biases, ff.embed_labels(
-        x_test[digits], wrong), cfg.goodness, cfg.normalize, cfg.local)
+    g_right = layer_goodness(run.weights, run.biases, ff_label.embed_labels(
+        x_test[digits], y_test[digits]), cfg.goodness, cfg.normalize, cfg.layer_kinds())
+    g_wrong = layer_goodness(run.weights, run.biases, ff_label.embed_labels(
+        x_test[digits], wrong), cfg.goodness, cfg.normalize, cfg.layer_kinds())
     fig = goodness_figure(run, g_right, g_wrong)
     for ax in fig.axes:
         if ax.get_legend() is not None:
@@ -274,7 +329,7 @@ def draw_label_run(run, x_test, y_test, rng, n_eval, outdir):
     fig.suptitle(f"Goodness of {n_eval} test digits with their right label and with a wrong one")
     save_png(fig, os.path.join(outdir, "goodness_distributions.png"))
     return {"goodness_test_error": float(np.mean(predicted != y_test)),
-            "separation_sigma": [float(ff.separation(r, w)) for r, w in zip(g_right, g_wrong)]}
+            "separation_sigma": [float(separation(r, w)) for r, w in zip(g_right, g_wrong)]}
 
 
 # -----------------------------------------------------------------------------
@@ -285,24 +340,24 @@ def draw(run, x_test, y_test, rng, n_eval, outdir):
     gets the goodness per label, the confusion matrix, right- against wrong-label goodness,
     the curves and the layer-1 weights (its label pixels boxed)."""
     os.makedirs(outdir, exist_ok=True)
-    if run.cfg.negatives == "label":
+    if isinstance(run.cfg, ff_label.LabelConfig):
         numbers = {"run": run.run_dir, "n_eval": n_eval,
                    **draw_label_run(run, x_test, y_test, rng, n_eval, outdir),
                    "test_error": run.metrics.get("test_error")}
         save_png(classifier_curves_figure(run), os.path.join(outdir, "classifier_curves.png"))
         save_png(weights_figure(first_layer_weights(run), label_pixels=True),
                  os.path.join(outdir, "weights_layer1.png"))
-        ff.write_json(os.path.join(outdir, "figure_numbers.json"), numbers)
+        ff_runs.write_json(os.path.join(outdir, "figure_numbers.json"), numbers)
         print(f"goodness read-out: test error {100 * numbers['goodness_test_error']:.2f}%")
         return numbers
     save_png(hybrid_examples_figure(x_test, y_test, rng, run.cfg.n_blur),
              os.path.join(outdir, "hybrid_examples.png"))
-    real, hybrids = ff.evaluation_set(x_test, n_eval, rng, run.cfg.n_blur)
+    real, hybrids = evaluation_set(x_test, n_eval, rng, run.cfg.n_blur)
     cfg = run.cfg
-    g_real = ff.layer_goodness(run.weights, run.biases, real, cfg.goodness, cfg.normalize,
-                               cfg.local)
-    g_hybrid = ff.layer_goodness(run.weights, run.biases, hybrids, cfg.goodness, cfg.normalize,
-                                 cfg.local)
+    g_real = layer_goodness(run.weights, run.biases, real, cfg.goodness, cfg.normalize,
+                            cfg.layer_kinds())
+    g_hybrid = layer_goodness(run.weights, run.biases, hybrids, cfg.goodness, cfg.normalize,
+                              cfg.layer_kinds())
     save_png(goodness_figure(run, g_real, g_hybrid),
              os.path.join(outdir, "goodness_distributions.png"))
     save_png(classifier_curves_figure(run), os.path.join(outdir, "classifier_curves.png"))
@@ -310,11 +365,11 @@ def draw(run, x_test, y_test, rng, n_eval, outdir):
              os.path.join(outdir, "weights_layer1.png"))
 
     numbers = {"run": run.run_dir, "n_eval": n_eval,
-               "separation_sigma": [float(ff.separation(r, h)) for r, h in zip(g_real, g_hybrid)],
+               "separation_sigma": [float(separation(r, h)) for r, h in zip(g_real, g_hybrid)],
                "mean_goodness_real": [float(g.mean()) for g in g_real],
                "mean_goodness_hybrid": [float(g.mean()) for g in g_hybrid],
                "test_error": run.metrics.get("test_error")}
-    ff.write_json(os.path.join(outdir, "figure_numbers.json"), numbers)
+    ff_runs.write_json(os.path.join(outdir, "figure_numbers.json"), numbers)
     print("separation real vs hybrid: " + "  ".join(
         f"L{l + 1} {s:.1f} sigma" for l, s in enumerate(numbers["separation_sigma"])))
     error = numbers["test_error"]
@@ -325,7 +380,9 @@ def draw(run, x_test, y_test, rng, n_eval, outdir):
 
 
 def build_parser():
-    return ff.build_parser(description=__doc__.split("\n\n")[0], parents=[own_flags()])
+    # a run it trains itself is ff_hybrid_mnist.py's; a saved run of any script is drawn
+    return ff_runs.build_parser(ff.FFConfig, description=__doc__.split("\n\n")[0],
+                                parents=[own_flags()])
 
 
 def main(argv=None):
@@ -334,37 +391,38 @@ def main(argv=None):
     def body():
         args = parser.parse_args(argv)
         if args.n_eval > ff.N_TEST:
-            raise ff.SettingsError(f"--n-eval {args.n_eval} exceeds the {ff.N_TEST} test digits")
+            raise ff_runs.SettingsError(f"--n-eval {args.n_eval} exceeds the {ff.N_TEST} "
+                                        "test digits")
         if args.outdir:
-            ff.check_writable(args.outdir, "--outdir")
+            ff_runs.check_writable(args.outdir, "--outdir")
         if args.run:
-            ignored = ((ff.flags_given(args) - {"seed"})
+            ignored = ((ff_runs.flags_given(args) - {"seed"})
                        | {name for name in ("out", "resume") if getattr(args, name)})
             if ignored:
-                raise ff.SettingsError("--run draws a saved run; drop the training flags "
-                                       + ", ".join(ff.flag(k) for k in sorted(ignored)))
+                raise ff_runs.SettingsError("--run draws a saved run; drop the training flags "
+                                            + ", ".join(ff_runs.flag(k) for k in sorted(ignored)))
             seed = 0 if args.seed is None else args.seed
-            run = ff.load_run(args.run)  # a damaged run is refused before anything is drawn
+            run = ff_runs.load_run(args.run)  # a damaged run is refused before anything is drawn
             args.outdir = args.outdir or os.path.join(args.run, "figures")
             if args.dry_run:
-                print(json.dumps({"run": args.run, "config": dataclasses.asdict(run.cfg),
+                print(json.dumps({"run": args.run, "config": ff_runs.config_record(run.cfg),
                                   "outdir": args.outdir, "n_eval": args.n_eval}, indent=1))
                 return 0
         else:
-            ff.prepare_run(args, parser)
+            ff_runs.prepare_run(args, parser)
             seed = args.config.seed
             args.outdir = args.outdir or os.path.join(args.run_dir, "figures")
-            ff.check_writable(args.outdir, "--outdir")
+            ff_runs.check_writable(args.outdir, "--outdir")
             if args.dry_run:
-                ff.print_dry_run(args, outdir=args.outdir, n_eval=args.n_eval)
+                ff_runs.print_dry_run(args, outdir=args.outdir, n_eval=args.n_eval)
                 return 0
-            run = ff.load_run(ff.run_experiment(args).run_dir)
+            run = ff_runs.load_run(ff_runs.run_experiment(args).run_dir)
         _, _, x_test, y_test = ff.load_mnist(args.data_dir)
         # a stream of its own, apart from training's (seed) and the softmax head's ([seed, 1])
         draw(run, x_test, y_test, np.random.default_rng([seed, 2]), args.n_eval,
              args.outdir)
         return 0
-    return ff.exit_status(body)
+    return ff_runs.exit_status(body)
 
 
 if __name__ == "__main__":

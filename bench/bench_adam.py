@@ -19,11 +19,13 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import ff_hybrid_mnist as ff  # noqa: E402
+import ff_devices  # noqa: E402
+import ff_runs  # noqa: E402
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--layer-sizes", type=ff.layer_sizes_arg, default=ff.FFConfig().layer_sizes)
+    p.add_argument("--layer-sizes", type=ff_runs.layer_sizes_arg, default=ff.FFConfig().layer_sizes)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--repeats", type=int, default=5)
     args = p.parse_args()
@@ -38,8 +40,8 @@ def main():
     whole = max(W.size for W in Ws)
     for threads in (1, 2):
         for chunk in (whole, 1 << 14, 1 << 16, 1 << 18, 1 << 20):
-            ff.ADAM_CHUNK, ff.ADAM_THREADS = chunk, threads
-            ff._ADAM_POOL.clear()
+            ff_devices.ADAM_CHUNK, ff_devices.ADAM_THREADS = chunk, threads
+            ff_devices._ADAM_POOL.clear()
             opts = [ff.Adam(W) for W in Ws]
             best = np.inf
             for _ in range(args.repeats):

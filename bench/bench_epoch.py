@@ -20,8 +20,10 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import ff_hybrid_mnist as ff  # noqa: E402
+import ff_devices  # noqa: E402
+import ff_runs  # noqa: E402
 
-cupy = ff.cupy
+cupy = ff_devices.cupy
 
 
 def cupy_sync():
@@ -40,7 +42,7 @@ def best_of(fn, repeats):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--layer-sizes", type=ff.layer_sizes_arg, default=ff.FFConfig().layer_sizes)
+    p.add_argument("--layer-sizes", type=ff_runs.layer_sizes_arg, default=ff.FFConfig().layer_sizes)
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--n-train", type=int, default=60000)
     p.add_argument("--epochs", type=int, default=2, help="timed epochs after the warm-up")
@@ -48,8 +50,8 @@ def main():
     p.add_argument("--part-steps", type=int, default=50, help="steps per part timing")
     p.add_argument("--device", choices=ff.DEVICES, default="cpu")
     args = p.parse_args()
-    if args.device == "gpu" and ff.gpu_problem():
-        print(f"error: {ff.gpu_problem()}", file=sys.stderr)
+    if args.device == "gpu" and ff_devices.gpu_problem():
+        print(f"error: {ff_devices.gpu_problem()}", file=sys.stderr)
         sys.exit(2)
     gpu = args.device == "gpu"
     xp = ff.array_module(args.device)
@@ -147,14 +149,14 @@ def main():
             sync()
         add()
     else:
-        halves = np.array_split(big, ff.ADAM_THREADS)
-        add = lambda: list(ff._adam_pool().map(lambda a: np.add(a, 1.0, out=a), halves))
+        halves = np.array_split(big, ff_devices.ADAM_THREADS)
+        add = lambda: list(ff_devices._adam_pool().map(lambda a: np.add(a, 1.0, out=a), halves))
     bandwidth = 2 * big.nbytes / best_of(add, args.repeats)
     del big
     n_weights = sum(n_in * n_out for n_in, n_out in shapes)
     adam_bound = 28 * n_weights / bandwidth * n_batches
 
-    env = ff.environment(args.device)
+    env = ff_runs.environment(args.device)
     print(f"layers {'-'.join(map(str, sizes))}  batch {B}+{B}  n_train {len(x_train)}  "
           f"numpy {np.__version__}  device {args.device}"
           + (f" ({env['gpu']}, CuPy {env['cupy']}, CUDA runtime {env['cuda_runtime']})"
@@ -162,7 +164,7 @@ def main():
     print(f"floor (2 products/layer/batch, best of {args.repeats}): {floor:7.2f} s/epoch")
     print(f"training loop (best of {args.epochs} epochs):          {epoch:7.2f} s/epoch")
     print(f"ratio epoch/floor: {epoch / floor:.3f}")
-    print(f"memory bandwidth (in-place add{'' if gpu else f', {ff.ADAM_THREADS} threads'}): "
+    print(f"memory bandwidth (in-place add{'' if gpu else f', {ff_devices.ADAM_THREADS} threads'}): "
           f"{bandwidth / 1e9:.1f} GB/s; "
           f"Adam's 28 bytes/weight/step alone take >= {adam_bound:.2f} s/epoch, so no loop "
           f"with Adam beats ratio {(floor + adam_bound) / floor:.3f} here")

@@ -20,6 +20,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import ff_hybrid_mnist as ff  # noqa: E402
+import ff_runs  # noqa: E402
 
 
 def main():
@@ -55,7 +56,7 @@ def main():
     n_weights = {"blocks": sum(W.size for W in ff.FFState.fresh(blocks, np.random.default_rng(0))
                                .weights),
                  "dense": sum(a * b for a, b in zip(dense.layer_sizes[:-1], dense.layer_sizes[1:]))}
-    env = ff.environment()
+    env = ff_runs.environment()
     print(f"--local {args.local} (layers {'-'.join(map(str, blocks.layer_sizes))}) against "
           f"dense {'-'.join(map(str, dense.layer_sizes))}; batch {B}+{B}; {args.steps} steps "
           f"per timing scaled to an epoch of {ff.N_TRAIN_MAX} digits; {args.repeats} pairs")

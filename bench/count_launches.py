@@ -15,15 +15,16 @@ ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 
 import ff_hybrid_mnist as ff  # noqa: E402
+import ff_label_mnist as ff_label  # noqa: E402
 from counting_cupy import ff_step_counts, head_step_counts  # noqa: E402
 
-KINDS = {  # FFConfig settings; the widths do not change the counts, the depth does
-    "hybrid negatives, 4 layers": dict(layer_sizes=(784, 24, 24, 24, 24)),
-    "label negatives, 3 layers": dict(layer_sizes=(784, 24, 24, 24), negatives="label"),
-    "the recipe (hard from head), 3 layers": dict(
-        layer_sizes=(784, 24, 24, 24), negatives="label", hard_negatives=True,
-        hard_from="head", optimizer="sgd", normalize="rms", init="fan-in", goodness="sum",
-        threshold=1.0, peer_kind="author", peer_norm=0.06),
+KINDS = {  # configuration class and settings; the widths do not change the counts, the depth does
+    "hybrid negatives, 4 layers": (ff.FFConfig, dict(layer_sizes=(784, 24, 24, 24, 24))),
+    "label negatives, 3 layers": (ff_label.LabelConfig, dict(layer_sizes=(784, 24, 24, 24))),
+    "the recipe (hard from head), 3 layers": (ff_label.LabelConfig, dict(
+        layer_sizes=(784, 24, 24, 24), hard_negatives=True, hard_from="head", optimizer="sgd",
+        normalize="rms", init="fan-in", goodness="sum", threshold=1.0, peer_kind="author",
+        peer_norm=0.06)),
 }
 
 
@@ -31,7 +32,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--by-name", action="store_true", help="list the operations of a step")
     a = p.parse_args()
-    rows = [(kind, ff_step_counts(ff, settings)) for kind, settings in KINDS.items()]
+    rows = [(kind, ff_step_counts(ff, settings, config_class=config_class))
+            for kind, (config_class, settings) in KINDS.items()]
     rows.append(("softmax head", head_step_counts(ff)))
     for kind, (counts, calls) in rows:
         print(f"{kind:40s} per step: {counts['ops']:6.1f} operations  "

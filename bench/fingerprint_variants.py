@@ -1,10 +1,13 @@
 """Fingerprints of tiny real runs of every variant, to show that a refactor changes no result.
 
 Each variant trains 2 FF epochs of 784-40-30-20 on 600 real digits (one BLAS thread, so the
-products round the same way each time) through the trainer's command line, in-process; its
+products round the same way each time) through its script's command line, in-process; its
 fingerprint is the SHA-256 of every saved array (weights, biases, head) and of the metrics
-and histories with the wall-clock fields left out. Run it before and after a change and
-compare the two files: every line must be equal.
+and histories with the wall-clock fields and the configuration record left out (the record
+names the script since the split; the weights, curves and metrics are what must not move).
+The variants are written as flags of the one trainer that held every experiment before the
+split; ff_runs.script_for picks the script that runs them now. Run it before and after a
+change, on the same machine, and compare the two files: every line must be equal.
 
     python3 bench/fingerprint_variants.py --out experiments/results/fingerprints-before.json
     python3 bench/fingerprint_variants.py --out /tmp/after.json --compare experiments/results/fingerprints-before.json
@@ -42,12 +45,13 @@ VARIANTS = {  # name -> the flags beyond TINY
     "refresh-inputs": ["--refresh-inputs", "--softmax-epochs", "0"],
     "local": ["--local", "10:6:8,2:1:8", "--layer-sizes", "784,128,72", "--softmax-epochs", "0"],
 }
-TIMES = {"seconds", "ff_seconds", "softmax_seconds", "feature_seconds", "goodness_seconds",
+TIMES = {"config", "seconds", "ff_seconds", "softmax_seconds", "feature_seconds", "goodness_seconds",
          "checkpoint_seconds", "total_seconds", "peak_rss_mib", "run_dir", "environment"}
 
 
 def without_times(obj):
-    """obj with every wall-clock, memory and path field left out, at any depth."""
+    """obj with every wall-clock, memory, path and configuration field left out, at any
+    depth."""
     if isinstance(obj, dict):
         return {k: without_times(v) for k, v in obj.items() if k not in TIMES}
     if isinstance(obj, list):
@@ -72,15 +76,30 @@ def fingerprint(run_dir):
     return out
 
 
+def trainer(flags):
+    """(main(argv), parse_args(argv), run_experiment, RunInterrupted) of the script that runs
+    flags: since the split, the one ff_runs.script_for picks; before it, the one trainer."""
+    try:
+        import ff_runs
+    except ImportError:  # before the split
+        return ff.main, ff.parse_args, ff.run_experiment, ff.RunInterrupted, flags
+    script, flags = ff_runs.script_for(flags)
+    cls = ff_runs.config_class(script)
+    return (lambda argv: ff_runs.main(cls, argv),
+            lambda argv: ff_runs.parse_args(argv, ff_runs.build_parser(cls)),
+            ff_runs.run_experiment, ff_runs.RunInterrupted, flags)
+
+
 def run_variant(flags, folder, resume=False):
     """The trainer on flags into folder; with resume, stopped after epoch 1 and resumed."""
+    main, parse_args, run_experiment, interrupted, flags = trainer(flags)
     if resume:
         def stop(epoch, state):
             raise KeyboardInterrupt
         try:
-            ff.run_experiment(ff.parse_args(flags + ["--out", folder]), callback=stop,
-                              log=lambda *a, **k: None)
-        except ff.RunInterrupted:
+            run_experiment(parse_args(flags + ["--out", folder]), callback=stop,
+                           log=lambda *a, **k: None)
+        except interrupted:
             pass
         argv = ["--resume", folder]
     else:
@@ -88,7 +107,7 @@ def run_variant(flags, folder, resume=False):
     with open(os.devnull, "w") as quiet:
         stdout, sys.stdout = sys.stdout, quiet
         try:
-            status = ff.main(argv)
+            status = main(argv)
         finally:
             sys.stdout = stdout
     if status != 0:

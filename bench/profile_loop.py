@@ -18,6 +18,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import ff_hybrid_mnist as ff  # noqa: E402
+import ff_runs  # noqa: E402
 
 
 def timed(owner, name, totals):
@@ -41,7 +42,7 @@ def timed(owner, name, totals):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--layer-sizes", type=ff.layer_sizes_arg, default=ff.FFConfig().layer_sizes)
+    p.add_argument("--layer-sizes", type=ff_runs.layer_sizes_arg, default=ff.FFConfig().layer_sizes)
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--n-train", type=int, default=12000)
     p.add_argument("--epochs", type=int, default=2)

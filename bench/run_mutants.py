@@ -1,7 +1,8 @@
 """Break the module on purpose, on a scratch copy, and check that the tests notice.
 
-Each mutant is one textual change to ff_hybrid_mnist.py that a broken implementation could
-plausibly contain. For each, the repository is copied to a temporary folder, the change is
+Each mutant is one textual change to the code (ff_hybrid_mnist.py, ff_label_mnist.py,
+ff_local_mnist.py, ff_runs.py, ff_devices.py: each text is found once among them) that a
+broken implementation could plausibly contain. For each, the repository is copied to a temporary folder, the change is
 applied, and the given tests are run there; a mutant that passes every test is reported
 as SURVIVED (the tests cannot see that bug). Not collected by pytest (no test_ prefix).
 
@@ -19,7 +20,10 @@ import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-MUTANTS = {  # name -> (text in ff_hybrid_mnist.py, its replacement, and so on)
+CODE = ("ff_hybrid_mnist.py", "ff_label_mnist.py", "ff_local_mnist.py", "ff_runs.py",
+        "ff_devices.py")
+
+MUTANTS = {  # name -> (text in one of CODE, its replacement, and so on)
     "no FF weight update": (
         "    state.opt_w[l].step(W, dW, lr)\n    state.opt_b[l].step(b, db, lr)\n",
         "    pass\n"),
@@ -50,8 +54,9 @@ MUTANTS = {  # name -> (text in ff_hybrid_mnist.py, its replacement, and so on)
         "dz.reshape(len(dz), n_loc, channels).transpose(1, 0, 2), out=dW)",
         "dz.reshape(n_loc, len(dz), channels), out=dW)"),
     "locally-connected: init not scaled to the fan-in": (
-        "W = local_blocks(W, index) * np.sqrt(np.float32(n_in) / np.float32(index.shape[1]))",
-        "W = local_blocks(W, index)"),
+        "return local_blocks(W, self.index) * np.sqrt(np.float32(len(W))\n"
+        "                                                     / np.float32(self.index.shape[1]))",
+        "return local_blocks(W, self.index)"),
     "locally-connected: masked-form files read as blocks": (
         "return local_blocks(a, index) if index is not None and a.ndim == 2 else a",
         "return a"),
@@ -132,24 +137,34 @@ def main(argv=None):
                                       "tests/test_local.py tests/test_recipe.py "
                                       "tests/test_cli.py tests/test_gpu.py")
     p.add_argument("--only", help="run the mutants whose name contains this text")
+    p.add_argument("--check", action="store_true",
+                   help="only check that every mutant's text is found once, and exit")
     args = p.parse_args(argv)
-    source = open(os.path.join(ROOT, "ff_hybrid_mnist.py")).read()
+    sources = {}
+    for path in CODE:
+        with open(os.path.join(ROOT, path)) as f:
+            sources[path] = f.read()
     survived = []
     for name, edits in MUTANTS.items():
         if args.only and args.only not in name:
             continue
-        mutated = source
+        mutated = dict(sources)
         for old, new in zip(edits[::2], edits[1::2]):
-            if mutated.count(old) != 1:
+            where = [path for path, text in mutated.items() if old in text]
+            if len(where) != 1 or mutated[where[0]].count(old) != 1:
                 sys.exit(f"mutant {name!r}: {old.strip()!r} is not found once in "
-                         "ff_hybrid_mnist.py; update run_mutants.py")
-            mutated = mutated.replace(old, new)
+                         f"{', '.join(CODE)}; update run_mutants.py")
+            mutated[where[0]] = mutated[where[0]].replace(old, new)
+        if args.check:
+            continue
         with tempfile.TemporaryDirectory() as scratch:
             copy = os.path.join(scratch, "repo")
             shutil.copytree(ROOT, copy, ignore=shutil.ignore_patterns(
                 ".git", "runs", "__pycache__", ".pytest_cache", "viz"))
-            with open(os.path.join(copy, "ff_hybrid_mnist.py"), "w") as f:
-                f.write(mutated)
+            for path, text in mutated.items():
+                if text != sources[path]:
+                    with open(os.path.join(copy, path), "w") as f:
+                        f.write(text)
             out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p",
                                   "no:cacheprovider", *shlex.split(args.tests)], cwd=copy,
                                  capture_output=True, text=True)

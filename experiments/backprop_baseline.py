@@ -24,6 +24,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import ff_hybrid_mnist as ff  # noqa: E402
+import ff_runs  # noqa: E402
 from records import OneLineParser, RecordsError, check_out  # noqa: E402
 
 N_CLASSES = 10
@@ -186,7 +187,7 @@ def build_parser():
     p = OneLineParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in fields(BPConfig):
-        kind = {"layer_sizes": ff.layer_sizes_arg, "lr": float}.get(f.name, int)
+        kind = {"layer_sizes": ff_runs.layer_sizes_arg, "lr": float}.get(f.name, int)
         default = ",".join(map(str, f.default)) if f.name == "layer_sizes" else f.default
         p.add_argument("--" + f.name.replace("_", "-"), type=kind, default=default,
                        help=f.metadata["help"])
@@ -231,12 +232,12 @@ def main(argv=None):
               "threads": os.environ.get("OPENBLAS_NUM_THREADS"),
               "command": "python3 experiments/backprop_baseline.py " + " ".join(
                   sys.argv[1:] if argv is None else argv),
-              "environment": ff.environment()}
+              "environment": ff_runs.environment()}
     val = (f"val error {100 * metrics['val_error']:.2f}% (epoch {metrics['chosen_epoch']})  "
            if metrics["val_error"] is not None else "")
     print(f"{val}test error {100 * metrics['test_error']:.2f}%  train error "
           f"{100 * metrics['train_error']:.2f}%  {record['wall_seconds']:.0f} s", flush=True)
-    text = json.dumps(ff.finite_or_none(record))
+    text = json.dumps(ff_runs.finite_or_none(record))
     if args.out:
         return append_record(args.out, text)
     print(text)

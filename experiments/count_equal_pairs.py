@@ -16,6 +16,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import ff_hybrid_mnist as ff  # noqa: E402
+import ff_runs  # noqa: E402
 
 
 def main(argv=None):
@@ -24,7 +25,7 @@ def main(argv=None):
     p.add_argument("--n-epochs", type=int, default=30)
     p.add_argument("--n-train", type=int, default=60000)
     p.add_argument("--batch-size", type=int, default=100)
-    p.add_argument("--layer-sizes", type=ff.layer_sizes_arg, default=ff.FFConfig().layer_sizes)
+    p.add_argument("--layer-sizes", type=ff_runs.layer_sizes_arg, default=ff.FFConfig().layer_sizes)
     args = p.parse_args(argv)
     x = ff.load_mnist()[0][:args.n_train]
     rng = np.random.default_rng(args.seed)

@@ -28,6 +28,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 sys.path.insert(0, HERE)
 import ff_hybrid_mnist as ff  # noqa: E402
+import ff_devices  # noqa: E402
+import ff_runs  # noqa: E402
 import bytedmd  # noqa: E402
 import backprop_baseline as bp  # noqa: E402
 from records import (OneLineParser, RecordsError, check_figure, check_out, main_of,  # noqa: E402
@@ -47,8 +49,8 @@ def adam(t, p, g, m, v):
     shape = p.shape
     p, g, m, v = (a.ravel() for a in (p, g, m, v))
     new = []
-    for lo in range(0, len(p), ff.ADAM_CHUNK):
-        c = slice(lo, lo + ff.ADAM_CHUNK)
+    for lo in range(0, len(p), ff_devices.ADAM_CHUNK):
+        c = slice(lo, lo + ff_devices.ADAM_CHUNK)
         m1 = t.op("update", t.op("update", m[c]), g[c])
         v1 = t.op("update", t.op("update", v[c]), t.op("update", g[c], g[c]))
         tmp = t.op("update", t.op("update", v1))
@@ -331,8 +333,8 @@ def run_grid(args):
                       "all rows", "base": BASE, "rows": rows, "fits": fits,
               "seconds": time.perf_counter() - t0,
               "command": "python3 experiments/data_movement.py " + " ".join(sys.argv[1:]),
-              "environment": ff.environment()}
-    ff.write_json(args.out, record)
+              "environment": ff_runs.environment()}
+    ff_runs.write_json(args.out, record)
     for name, fit in fits.items():
         print(f"{name}: exponents " + ", ".join(f"{k} {v:.2f}" for k, v in
                                                  fit["exponents"].items())
@@ -397,8 +399,8 @@ def run_steps(args):
         out["widths"][w] = row
     out.update(seconds=time.perf_counter() - t0,
                command="python3 experiments/data_movement.py " + " ".join(sys.argv[1:]),
-               environment=ff.environment())
-    ff.write_json(args.out, out)
+               environment=ff_runs.environment())
+    ff_runs.write_json(args.out, out)
 
 
 # The training curves: the real numpy code, FF (train_ff + a fresh softmax head after every
@@ -476,12 +478,12 @@ def run_curves(args):
                       f"{100 * best['val_error']:.2f}% at step {best['steps']}, last "
                       f"{100 * points[-1]['val_error']:.2f}%  ({runs[-1]['seconds']:.0f} s)",
                       flush=True)
-    ff.write_json(args.out, {
+    ff_runs.write_json(args.out, {
         "what": "validation and test error against training steps, FF (a fresh softmax head "
                 "after each epoch) and backprop, 784-w-w, first n_train training digits",
         "settings": s, "runs": runs,
         "command": "python3 experiments/data_movement.py " + " ".join(sys.argv[1:]),
-        "environment": ff.environment()})
+        "environment": ff_runs.environment()})
 
 
 def steps_to(points, target):
@@ -537,7 +539,7 @@ def run_cost(args):
                   f"{reached['ff']}, backprop steps {reached['backprop']}"
                   + (f", cost FF {row['ff_cost']:.3e} / backprop {row['backprop_cost']:.3e}"
                      f" = {row['ratio']:.1f}" if "ratio" in row else ""))
-    ff.write_json(args.out, {
+    ff_runs.write_json(args.out, {
         "what": "ByteDMD cost to reach a validation error: mean steps over the seeds times "
                 "the traced cost of a step at batch 100 (quadratic fit on the traced "
                 "batches); FF adds "
@@ -681,7 +683,7 @@ RECORDS = {  # the fields of each subcommand's record that the others read
 
 def fraction(text):
     """A validation error to reach: a fraction in (0, 1], not a percentage."""
-    value = ff.number_arg(float, 0, above=True)(text)
+    value = ff_runs.number_arg(float, 0, above=True)(text)
     if value > 1:
         raise argparse.ArgumentTypeError(f"{text} is above 1: give validation errors as "
                                          "fractions (0.06 for 6%)")
@@ -696,8 +698,8 @@ def build_parser():
     s = sub.add_parser("steps", help="steps at 784-64-64 and 784-128-128, batches 1-16")
     s.add_argument("--out", required=True, help="JSON record to write")
     c = sub.add_parser("curves", help="train FF and backprop on 784-w-w, errors per step")
-    c.add_argument("--widths", type=ff.number_arg(int, 1), nargs="+", default=[64])
-    c.add_argument("--seeds", type=ff.number_arg(int, 0), nargs="+", default=[0, 1, 2])
+    c.add_argument("--widths", type=ff_runs.number_arg(int, 1), nargs="+", default=[64])
+    c.add_argument("--seeds", type=ff_runs.number_arg(int, 0), nargs="+", default=[0, 1, 2])
     c.add_argument("--out", required=True, help="JSON record to write")
     k = sub.add_parser("cost", help="cost to a validation error, from steps and curves")
     k.add_argument("--steps", required=True, help="the record of `steps`")

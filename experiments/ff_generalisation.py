@@ -14,20 +14,24 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import ff_devices  # noqa: E402
 import ff_hybrid_mnist as ff  # noqa: E402
+import ff_runs  # noqa: E402
+import visualize_ff_hybrid_mnist as viz  # noqa: E402
 
 
 def split_objective(run, x, n, rng):
     """Per layer (loss, accuracy) on n real digits of x and n hybrids of pairs of x."""
     cfg = run.cfg
-    real, hybrids = ff.evaluation_set(x, n, rng, cfg.n_blur)
+    real, hybrids = viz.evaluation_set(x, n, rng, cfg.n_blur)
     rows = np.concatenate([real, hybrids])
     losses, accuracies = [], []
     for l, h in enumerate(ff.network_activities(run.weights, run.biases, rows,
-                                                norm=cfg.normalize, local=cfg.local)):
+                                                norm=cfg.normalize,
+                                                kinds=cfg.layer_kinds())):
         threshold = cfg.layer_threshold(h.shape[1])
         loss, g = ff.ff_loss_and_dz(h, n, threshold, cfg.goodness, np.empty_like(h))
-        g = ff.to_host(g)
+        g = ff_devices.to_host(g)
         losses.append(float(loss))
         accuracies.append(float(((g[:n] > threshold).mean() + (g[n:] < threshold).mean()) / 2))
     return losses, accuracies
@@ -36,22 +40,24 @@ def split_objective(run, x, n, rng):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--run", required=True, help="saved run trained with hybrid negatives")
-    p.add_argument("--n", type=ff.number_arg(int, 1), default=10000,
+    p.add_argument("--n", type=ff_runs.number_arg(int, 1), default=10000,
                    help="real digits (and as many hybrids) per split (default: %(default)s)")
-    p.add_argument("--seed", type=ff.number_arg(int, 0), default=0,
+    p.add_argument("--seed", type=ff_runs.number_arg(int, 0), default=0,
                    help="seeds the digits drawn and the hybrids' masks (default: %(default)s)")
     p.add_argument("--data-dir", default=None,
                    help="MNIST folder (default: $MNIST_DIR, else the embedded copy)")
     args = p.parse_args(argv)
 
     def measure():
-        run = ff.load_run(args.run)
+        run = ff_runs.load_run(args.run)
         cfg = run.cfg
         if cfg.negatives != "hybrid":
-            raise ff.SettingsError(f"{args.run} was trained with --negatives {cfg.negatives}; "
-                                   "this measures the hybrid objective")
+            raise ff_runs.SettingsError(f"{args.run} was made by {cfg.SCRIPT}, whose negatives "
+                                        f"are {cfg.negatives}; this measures the hybrid "
+                                        "objective")
         if not cfg.val_size:
-            raise ff.SettingsError(f"{args.run} held out no validation digits (--val-size 0)")
+            raise ff_runs.SettingsError(f"{args.run} held out no validation digits "
+                                        "(--val-size 0)")
         x_train, y_train, _, _ = ff.load_mnist(args.data_dir)
         x_fit, _, x_val, _ = ff.split_validation(x_train, y_train, cfg.val_size, cfg.n_train)
         out = {"run": args.run, "ff_epochs": len(run.ff_history["loss"]), "n": args.n}
@@ -61,7 +67,7 @@ def main(argv=None):
             out[f"{name}_ff_loss"], out[f"{name}_real_vs_hybrid_accuracy"] = loss, accuracy
         print(json.dumps(out))
         return 0
-    return ff.exit_status(measure)
+    return ff_runs.exit_status(measure)
 
 
 if __name__ == "__main__":

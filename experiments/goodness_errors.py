@@ -12,20 +12,23 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import ff_hybrid_mnist as ff  # noqa: E402
+import ff_label_mnist as ff_label  # noqa: E402
+import ff_runs  # noqa: E402
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--run", required=True, help="saved run trained with --negatives label")
-    p.add_argument("--data-dir", default=None, help="MNIST folder (default: $MNIST_DIR, else the embedded copy)")
+    p.add_argument("--run", required=True, help="saved run of ff_label_mnist.py")
+    p.add_argument("--data-dir", default=None,
+                   help="MNIST folder (default: $MNIST_DIR, else the embedded copy)")
     args = p.parse_args(argv)
 
     def measure():
-        run = ff.load_run(args.run)
+        run = ff_runs.load_run(args.run)
         cfg = run.cfg
-        if cfg.negatives != "label":
-            raise ff.SettingsError(f"{args.run} was trained with --negatives {cfg.negatives}; "
-                                   "the goodness read-out needs --negatives label")
+        if not isinstance(cfg, ff_label.LabelConfig):
+            raise ff_runs.SettingsError(f"{args.run} was made by {cfg.SCRIPT}; the goodness "
+                                        "read-out needs a run of ff_label_mnist.py")
         x_train, y_train, x_test, y_test = ff.load_mnist(args.data_dir)
         x_fit, y_fit, x_val, y_val = ff.split_validation(x_train, y_train, cfg.val_size,
                                                          cfg.n_train)
@@ -33,12 +36,12 @@ def main(argv=None):
         out = {"run": args.run}
         for name, (x, y) in splits.items():
             if len(x):
-                out[f"goodness_{name}_error"] = ff.goodness_error_rate(
+                out[f"goodness_{name}_error"] = ff_label.goodness_error_rate(
                     run.weights, run.biases, x, y, cfg.goodness, cfg.first_readout_layer,
-                    norm=cfg.normalize, local=cfg.local)
+                    norm=cfg.normalize, kinds=cfg.layer_kinds())
         print(json.dumps(out))
         return 0
-    return ff.exit_status(measure)
+    return ff_runs.exit_status(measure)
 
 
 if __name__ == "__main__":

@@ -245,12 +245,12 @@ def check_out(path, flag="--out"):
         raise RecordsError(f"{flag} {path}: the folder {folder} does not exist")
     if os.path.dirname(HERE) not in sys.path:  # imported here: summarize needs no trainer
         sys.path.insert(0, os.path.dirname(HERE))
-    import ff_hybrid_mnist as ff
+    import ff_runs
     try:
-        ff.check_writable(path, flag, folder=False)
+        ff_runs.check_writable(path, flag, folder=False)
         if os.path.isfile(path):  # the probe wrote in the folder; the file may be read-only
             open(path, "a").close()
-    except ff.SettingsError as e:
+    except ff_runs.SettingsError as e:
         raise RecordsError(str(e)) from None
     except OSError as e:
         raise RecordsError(f"{flag} {path} cannot be written ({e.strerror or e})") from None

@@ -21,19 +21,25 @@ import types
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import ff_hybrid_mnist as ff  # noqa: E402
+import ff_runs  # noqa: E402
 
 
 def strengths_arg(text):
-    parse = ff.number_arg(float, 0, above=True)
+    parse = ff_runs.number_arg(float, 0, above=True)
     values = tuple(parse(s) for s in text.split(","))
     if len(set(values)) != len(values):
         raise argparse.ArgumentTypeError(f"{text} names a value twice")
     return values
 
 
+def head_defaults(config_class):
+    """The trainer's defaults of config_class's fields (the head's are every script's)."""
+    return {name: f.default for name, f in config_class.__dataclass_fields__.items()}
+
+
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    d = {name: f.default for name, f in ff.CONFIG_FIELDS.items()}
+    d = head_defaults(ff.FFConfig)  # the run, and so its script, is not known yet
     p.add_argument("--run", required=True, help="saved run whose head is refitted")
     p.add_argument("--head", choices=ff.HEADS, default=d["head"],
                    help="lbfgs: the converged head; sgd: minibatch SGD (default: %(default)s)")
@@ -47,18 +53,19 @@ def build_parser():
                    "folder DIR (the FF weights and history copied, the head, its history and "
                    "the metrics new): what the trainer writes with these head settings, for the "
                    "figure scripts")
-    p.add_argument("--softmax-epochs", type=ff.number_arg(int, 1), default=d["softmax_epochs"],
+    p.add_argument("--softmax-epochs", type=ff_runs.number_arg(int, 1),
+                   default=d["softmax_epochs"],
                    help="with --head sgd: epochs of the new head (default: %(default)s, the "
                    "trainer's default, not the run's own)")
-    p.add_argument("--softmax-lr", type=ff.number_arg(float, 0, above=True),
+    p.add_argument("--softmax-lr", type=ff_runs.number_arg(float, 0, above=True),
                    default=d["softmax_lr"], help="with --head sgd: its step size "
                    "(default: %(default)s, the trainer's default, not the run's own)")
-    p.add_argument("--softmax-weight-decay", type=ff.number_arg(float, 0),
+    p.add_argument("--softmax-weight-decay", type=ff_runs.number_arg(float, 0),
                    default=d["softmax_weight_decay"], help="with --head sgd: its L2 "
                    "penalty (default: %(default)s, the trainer's default, not the run's own)")
-    p.add_argument("--top-k", type=ff.number_arg(int, 1), help="default: the run's own")
-    p.add_argument("--val-size", type=ff.number_arg(int, 0), help="default: the run's own")
-    p.add_argument("--seed", type=ff.number_arg(int, 0), default=d["seed"],
+    p.add_argument("--top-k", type=ff_runs.number_arg(int, 1), help="default: the run's own")
+    p.add_argument("--val-size", type=ff_runs.number_arg(int, 0), help="default: the run's own")
+    p.add_argument("--seed", type=ff_runs.number_arg(int, 0), default=d["seed"],
                    help="seeds the head's batches, as [seed, 1] (default: %(default)s)")
     p.add_argument("--dry-run", action="store_true",
                    help="check the flags and the run, print the settings, exit")
@@ -68,9 +75,9 @@ def build_parser():
 def main(argv=None):
     p = build_parser()
     args = p.parse_args(argv)
-    d = {name: f.default for name, f in ff.CONFIG_FIELDS.items()}
     try:
-        run = ff.load_run(args.run)
+        run = ff_runs.load_run(args.run)  # its configuration is of its script's class
+        d = head_defaults(type(run.cfg))
         # the run's configuration with this refit's head settings, checked as a whole
         sgd = args.head == "sgd"
         if not sgd and (args.softmax_lr != d["softmax_lr"]
@@ -83,23 +90,24 @@ def main(argv=None):
             softmax_weight_decay=args.softmax_weight_decay if sgd else d["softmax_weight_decay"],
             val_size=run.cfg.val_size if args.val_size is None else args.val_size)
         if args.into:
-            ff.check_writable(args.into, "--into")
+            ff_runs.check_writable(args.into, "--into")
             if os.path.exists(args.into) and os.listdir(args.into):
-                raise ff.SettingsError(f"--into {args.into} is not empty; give a new folder")
+                raise ff_runs.SettingsError(f"--into {args.into} is not empty; give a new "
+                                            "folder")
         if args.out:
-            ff.check_writable(args.out, "--out", folder=False)
+            ff_runs.check_writable(args.out, "--out", folder=False)
             if not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
-                raise ff.SettingsError(f"--out {args.out}: its folder does not exist")
+                raise ff_runs.SettingsError(f"--out {args.out}: its folder does not exist")
     except ValueError as e:
         p.error(str(e))
-    except ff.SettingsError as e:
+    except ff_runs.SettingsError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except ff.DataError as e:
+    except ff_runs.DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     if args.dry_run:
-        print(json.dumps({"run": args.run, "config": dataclasses.asdict(cfg)}, indent=1))
+        print(json.dumps({"run": args.run, "config": ff_runs.config_record(cfg)}, indent=1))
         return 0
     try:
         x_train, y_train, x_test, y_test = ff.load_mnist()
@@ -110,16 +118,18 @@ def main(argv=None):
                                              log=lambda *a, **k: print(*a, file=sys.stderr,
                                                                        **k),
                                              strengths=args.head_c)
-    except (ff.DataError, ff.TrainingDiverged) as e:
+    except (ff_runs.DataError, ff_runs.TrainingDiverged) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    # run_config names the script that made the run ("script") beside its fields: what
+    # ff_runs.run_config reads back into the right configuration class
     result = {"script": "experiments/refit_head.py",
               "label": args.label or os.path.basename(os.path.normpath(args.run)),
-              "run": args.run, "run_config": dataclasses.asdict(run.cfg),
+              "run": args.run, "run_config": ff_runs.config_record(run.cfg),
               "ff_epochs": len(run.ff_history["loss"]), "head": cfg.head, "top_k": cfg.top_k,
               "val_size": cfg.val_size, "val_error": metrics.get("val_error"),
               "test_error": metrics["test_error"], "train_error": metrics["train_error"],
-              "seconds": metrics["softmax_seconds"], "environment": ff.environment()}
+              "seconds": metrics["softmax_seconds"], "environment": ff_runs.environment()}
     if cfg.head == "sgd":
         result.update(softmax_epochs=cfg.softmax_epochs, softmax_lr=cfg.softmax_lr,
                       softmax_weight_decay=cfg.softmax_weight_decay)
@@ -136,9 +146,9 @@ def main(argv=None):
         os.makedirs(args.into, exist_ok=True)
         frozen = types.SimpleNamespace(weights=run.weights, biases=run.biases,
                                        history=run.ff_history)
-        ff.save_run(args.into, cfg, frozen, head, history,
-                    {**run.metrics, **metrics, "run_dir": args.into, "refitted_from": args.run},
-                    run.environment)
+        ff_runs.save_run(args.into, cfg, frozen, head, history,
+                         {**run.metrics, **metrics, "run_dir": args.into,
+                          "refitted_from": args.run}, run.environment)
         result["into"] = args.into
     line = json.dumps(result)
     print(line)

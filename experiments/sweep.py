@@ -1,6 +1,9 @@
 """Run many training configurations on a Dask cluster and collect their results in one file.
 
-Each line of the sweep list is a label and the training CLI's arguments; blank lines and
+Each line of the sweep list is a label and training flags, written as for the one trainer
+that held every experiment before the scripts were split: a line with `--negatives label`
+runs ff_label_mnist.py (that flag left out), one with `--local` ff_local_mnist.py, any other
+ff_hybrid_mnist.py (ff_runs.script_for), and each record names its `script`; blank lines and
 lines starting with '#' are skipped. Each configuration is one task of a `dask.distributed`
 cluster: by default a LocalCluster on this machine of --jobs worker processes with one
 thread each, or the cluster at --scheduler. A task trains in a subprocess on its worker with
@@ -58,7 +61,7 @@ from collections import namedtuple
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
-import ff_hybrid_mnist as ff  # noqa: E402
+import ff_runs  # noqa: E402
 
 CONNECT_SECONDS = 3    # an unreachable --scheduler is reported after this long
 POLL_SECONDS = 1       # how often a training task asks whether the sweep was stopped
@@ -81,12 +84,12 @@ def read_text(path, what):
         with open(path, "rb") as f:
             data = f.read()
     except OSError as e:
-        raise ff.SettingsError(f"cannot read {what} {path} ({e.strerror or e})") from None
+        raise ff_runs.SettingsError(f"cannot read {what} {path} ({e.strerror or e})") from None
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
         line = data.count(b"\n", 0, e.start) + 1
-        raise ff.SettingsError(f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x}); "
+        raise ff_runs.SettingsError(f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x}); "
                                f"is it {what}?") from None
 
 
@@ -95,7 +98,7 @@ def read_configs(path):
     overrides, as argparse keeps the last occurrence). A list the sweep would misread raises
     SettingsError naming the line."""
     if "backprop" in os.path.basename(path).lower():  # its flags would parse as FF flags
-        raise ff.SettingsError(
+        raise ff_runs.SettingsError(
             f"{path} is a backprop list (lines of experiments/backprop_baseline.py flags), not "
             f"FF runs: run it with experiments/run_backprop_list.sh {path} RESULTS [LOGDIR]")
     runs, base, seen = [], [], {}
@@ -106,22 +109,22 @@ def read_configs(path):
         try:
             label, *args = shlex.split(line)
         except ValueError as e:  # an unbalanced quote
-            raise ff.SettingsError(f"{path}:{n}: {e}") from None
+            raise ff_runs.SettingsError(f"{path}:{n}: {e}") from None
         if any(a.split("=")[0] in ("--out", "--resume") for a in args):
-            raise ff.SettingsError(f"{path}:{n}: the sweep sets --out and --resume itself")
+            raise ff_runs.SettingsError(f"{path}:{n}: the sweep sets --out and --resume itself")
         if label == "base":
             base = args
             continue
         if not LABEL.match(label) or ".." in label:
-            raise ff.SettingsError(
+            raise ff_runs.SettingsError(
                 f"{path}:{n} ({label}): a label names its run folder in --out-dir: letters, "
                 "digits and _ . + - only, not starting with . + - (no path)")
         if label in seen:
-            raise ff.SettingsError(f"{path}:{n}: label {label} repeats line {seen[label]}")
+            raise ff_runs.SettingsError(f"{path}:{n}: label {label} repeats line {seen[label]}")
         seen[label] = n
         runs.append(Run(label, base + args, n))
     if not runs:
-        raise ff.SettingsError(f"no runs in {path}")
+        raise ff_runs.SettingsError(f"no runs in {path}")
     return runs
 
 
@@ -129,29 +132,46 @@ def where(path, run):
     return f"{path}:{run.line} ({run.label})"
 
 
-class LineError(ff.SettingsError):
+class LineError(ff_runs.SettingsError):
     """A list line's flags that the training CLI refuses, already prefixed with the line."""
 
 
-def line_parser(prefix):
-    """The training CLI's parser, whose errors raise LineError `prefix: what is wrong`
-    rather than printing the trainer's usage under this script's name."""
-    parser = ff.build_parser()
+def line_script(args, prefix):
+    """(script, flags): the experiment script that runs a list line's flags, written for
+    the one trainer the scripts were split from, and the flags to give it
+    (ff_runs.script_for); LineError `prefix: what is wrong` where no script runs them."""
+    try:
+        return ff_runs.script_for(args)
+    except ValueError as e:
+        raise LineError(f"{prefix}: {e}") from None
+
+
+def line_parser(prefix, config_class):
+    """The parser of the training script of config_class, whose errors raise LineError
+    `prefix: what is wrong` rather than printing the trainer's usage under this script's
+    name."""
+    parser = ff_runs.build_parser(config_class)
+    parser.prog = config_class.SCRIPT  # what a flag of another script names
 
     def refuse(message):
+        if message.endswith("it belongs to ff_label_mnist.py"):
+            message += " (a list line runs it with --negatives label)"
         raise LineError(f"{prefix}: {message}")
     parser.error = refuse
     return parser
 
 
 def flags_config(args, prefix, defaults=None):
-    """The FFConfig of training flags, checked as the training CLI checks them; defaults:
-    fields that flags not given take instead of FFConfig's."""
-    parser = line_parser(prefix)
-    given = parser.parse_args(args)
+    """The configuration (of its script's class) of a line's training flags, checked as
+    that script's CLI checks them; defaults: fields that flags not given take instead of
+    the class's."""
+    script, flags = line_script(args, prefix)
+    config_class = ff_runs.config_class(script)
+    parser = line_parser(prefix, config_class)
+    given = parser.parse_args(flags)
     try:
-        return ff.FFConfig(**{**(defaults or {}), **{name: getattr(given, name)
-                                                     for name in ff.flags_given(given)}})
+        return config_class(**{**(defaults or {}), **{name: getattr(given, name)
+                                                      for name in ff_runs.flags_given(given)}})
     except ValueError as e:
         parser.error(str(e))
 
@@ -160,10 +180,10 @@ def record_config(record):
     """The configuration a finished record's run had, or None where today's training CLI
     cannot read it: the record's config (its run's args.json), else, in a record written
     before records held it, its args read as the training CLI reads a run saved before the
-    converged head (ff.run_config): with the SGD head unless they name one."""
+    converged head (ff_runs.run_config): with the SGD head unless they name one."""
     try:
         if isinstance(record.get("config"), dict):
-            return ff.run_config(record["config"])
+            return ff_runs.run_config(record["config"])
         return flags_config(record["args"], "", defaults={"head": "sgd"})
     except (LineError, TypeError, ValueError):
         return None
@@ -171,12 +191,22 @@ def record_config(record):
 
 def difference(stored, wanted):
     """(field, stored value, wanted value) of the first field where two configurations
-    differ, --n-epochs last (the one a resumed run may change); None where none does."""
-    for name in sorted(ff.CONFIG_FIELDS, key=lambda name: name == "n_epochs"):
+    differ, --n-epochs last (the one a resumed run may change); None where none does.
+    Configurations of two scripts differ first in ("script", stored's, wanted's)."""
+    if type(stored) is not type(wanted):
+        return "script", stored.SCRIPT, wanted.SCRIPT
+    for name in sorted(type(wanted).__dataclass_fields__, key=lambda name: name == "n_epochs"):
         have, want = getattr(stored, name), getattr(wanted, name)
         if have != want:
             return name, have, want
     return None
+
+
+def held_and_listed(name, have, want):
+    """`X, the list says Y` of a difference, for `... holds X, the list says Y`."""
+    if name == "script":
+        return f"a run of {have}, the list's line runs {want}"
+    return f"{ff_runs.flag(name)} {ff_runs.shown(have)}, the list says {ff_runs.shown(want)}"
 
 
 # -----------------------------------------------------------------------------
@@ -264,14 +294,15 @@ def refit(run_dir, job, env, log, stopped):
     return fields
 
 
-def train_on_worker(label, args, job, extend_to=None):
+def train_on_worker(label, args, script, flags, job, extend_to=None):
     """The record of one configuration, trained on this worker with its own run folder and
-    log. A log that already shows an attempt of this sweep means a worker died while running
-    it: the run goes on from its checkpoint (the folder is shared) or, without one, afresh.
-    extend_to: the list's --n-epochs, larger than the run folder's (see plan): the run goes on
-    from its checkpoint to it, and a metrics.json there is the shorter run's."""
+    log: the list line's args, run as `script flags` (see line_script). A log that already
+    shows an attempt of this sweep means a worker died while running it: the run goes on
+    from its checkpoint (the folder is shared) or, without one, afresh. extend_to: the list's
+    --n-epochs, larger than the run folder's (see plan): the run goes on from its checkpoint
+    to it, and a metrics.json there is the shorter run's."""
     from distributed import Event, get_worker
-    record = {"label": label, "args": args, "rc": None, "commit": job.commit}
+    record = {"label": label, "args": args, "script": script, "rc": None, "commit": job.commit}
     stop = Event(job.stop_event)
     stopped = lambda: stop_requested(stop)  # noqa: E731
     if time.time() > job.deadline:
@@ -300,7 +331,8 @@ def train_on_worker(label, args, job, extend_to=None):
             log.flush()
             # --n-epochs given again: without it --resume goes on to the run's own count
             more = ["--n-epochs", str(extend_to)] if extend_to else []
-            cmd = [job.train_script, *args, *more, "--resume" if resumed else "--out", run_dir]
+            cmd = [job.train_scripts[script], *flags, *more,
+                   "--resume" if resumed else "--out", run_dir]
             rc, interrupted = run_stoppable(cmd, log, subprocess.STDOUT, env, stopped)
             wall = time.time() - t0
         record.update(rc=rc, wall_seconds=wall, status="finished" if rc == 0 else
@@ -329,33 +361,34 @@ def dashboard_served():
 def check_paths(ns):
     """--out-dir a folder or one to make; --results a file in a folder that is there, or that
     the sweep makes for --out-dir (runs/x.jsonl beside runs/x)."""
-    ff.check_writable(ns.out_dir, "--out-dir")
+    ff_runs.check_writable(ns.out_dir, "--out-dir")
     if os.path.isdir(ns.results):
-        raise ff.SettingsError(f"--results {ns.results} is a folder; give the path of a file")
-    ff.check_writable(ns.results, "--results", folder=False)
+        raise ff_runs.SettingsError(f"--results {ns.results} is a folder; give the path of a file")
+    ff_runs.check_writable(ns.results, "--results", folder=False)
     folder, out_dir = (os.path.dirname(os.path.abspath(ns.results)), os.path.abspath(ns.out_dir))
     if not os.path.isdir(folder) and not (out_dir + os.sep).startswith(folder + os.sep):
-        raise ff.SettingsError(f"--results {ns.results}: its folder {folder} does not exist")
+        raise ff_runs.SettingsError(f"--results {ns.results}: its folder {folder} does not exist")
 
 
 def check_sweep(ns, runs):
-    """{label: FFConfig} of the runs, after refusing what would fail only later, or write
-    outside --out-dir: the numbers, the paths, every line's flags (also under --dry-run)."""
+    """{label: configuration, of its script's class} of the runs, after refusing what would
+    fail only later, or write outside --out-dir: the numbers, the paths, every line's flags
+    (also under --dry-run)."""
     for name, value in (("--jobs", ns.jobs), ("--threads", ns.threads)):
         if value < 1:
-            raise ff.SettingsError(f"{name} {value} must be at least 1")
+            raise ff_runs.SettingsError(f"{name} {value} must be at least 1")
     if not ns.start_within >= 0:  # NaN too, which every comparison with the clock ignores
-        raise ff.SettingsError(f"--start-within {ns.start_within:g} must be a number of "
+        raise ff_runs.SettingsError(f"--start-within {ns.start_within:g} must be a number of "
                                "seconds, 0 or more")
     if ns.refit_top_k < 0:
-        raise ff.SettingsError(f"--refit-top-k {ns.refit_top_k} must be 0 (no refit) or more")
+        raise ff_runs.SettingsError(f"--refit-top-k {ns.refit_top_k} must be 0 (no refit) or more")
     check_paths(ns)
     configs = {}
     for run in runs:
         cfg = configs[run.label] = flags_config(run.args, where(ns.configs, run))
         n_layers = len(cfg.layer_sizes) - 1
         if ns.refit_top_k > n_layers:
-            raise ff.SettingsError(f"{where(ns.configs, run)}: --refit-top-k {ns.refit_top_k} "
+            raise ff_runs.SettingsError(f"{where(ns.configs, run)}: --refit-top-k {ns.refit_top_k} "
                                    f"exceeds the run's {n_layers} layers")
     return configs
 
@@ -379,7 +412,7 @@ def finished_records(path):
         if not (isinstance(record, dict) and isinstance(record.get("label"), str)
                 and isinstance(record.get("status"), str) and isinstance(record.get("args"), list)
                 and all(isinstance(a, str) for a in record["args"])):
-            raise ff.SettingsError(f"{path}:{n}: not a sweep record (a JSON object with label, "
+            raise ff_runs.SettingsError(f"{path}:{n}: not a sweep record (a JSON object with label, "
                                    "args and status); is --results a sweep's results file?")
         if record["status"] == "finished":
             found.setdefault(record["label"], []).append((n, record))
@@ -396,29 +429,29 @@ def recorded(ns, run, cfg, records):
         if stored == cfg if stored is not None else record["args"] == run.args:
             return True
     if stored is None:  # flags this training CLI no longer reads
-        raise ff.SettingsError(f"{where(ns.configs, run)}: {ns.results}:{n} holds the flags "
+        raise ff_runs.SettingsError(f"{where(ns.configs, run)}: {ns.results}:{n} holds the flags "
                                f"{shlex.join(record['args'])}, the list says "
                                f"{shlex.join(run.args)}")
     name, have, want = difference(stored, cfg)
     if name == "n_epochs" and want > have:
         return False
-    raise ff.SettingsError(f"{where(ns.configs, run)}: {ns.results}:{n} holds {ff.flag(name)} "
-                           f"{ff.shown(have)}, the list says {ff.shown(want)}")
+    raise ff_runs.SettingsError(f"{where(ns.configs, run)}: {ns.results}:{n} holds "
+                                + held_and_listed(name, have, want))
 
 
 def stored_config(run_dir):
     """The configuration a run folder holds: its checkpoint's (what --resume goes on from),
     else a finished run's args.json; None where it holds neither (the run starts afresh)."""
     if os.path.exists(os.path.join(run_dir, "checkpoint.npz")):
-        return ff.read_checkpoint_config(run_dir)[0]
+        return ff_runs.read_checkpoint_config(run_dir)[0]
     path = os.path.join(run_dir, "args.json")
     if not (os.path.exists(path) and os.path.exists(os.path.join(run_dir, "metrics.json"))):
         return None
     try:
         with open(path) as f:
-            return ff.run_config(json.load(f))
-    except ff.READ_ERRORS as e:
-        raise ff.damaged_error(path, e) from None
+            return ff_runs.run_config(json.load(f))
+    except ff_runs.READ_ERRORS as e:
+        raise ff_runs.damaged_error(path, e) from None
 
 
 def folder_plan(ns, run, cfg):
@@ -434,9 +467,9 @@ def folder_plan(ns, run, cfg):
     extends = name == "n_epochs" and want > have
     if extends and os.path.exists(os.path.join(run_dir, "checkpoint.npz")):
         return want
-    raise ff.SettingsError(f"{where(ns.configs, run)}: run folder holds {ff.flag(name)} "
-                           f"{ff.shown(have)}, the list says {ff.shown(want)}"
-                           + (" (and no checkpoint to go on from)" if extends else ""))
+    raise ff_runs.SettingsError(f"{where(ns.configs, run)}: run folder holds "
+                                + held_and_listed(name, have, want)
+                                + (" (and no checkpoint to go on from)" if extends else ""))
 
 
 def plan(ns, runs, configs):
@@ -468,8 +501,8 @@ def lock_file(path, what, holder):
             other = f.read().strip()
             f.close()
             if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise ff.SettingsError(f"{what}: cannot lock {path} ({e.strerror or e})") from None
-            raise ff.SettingsError(f"{what} is in use by another sweep ({other or 'unknown'}); "
+                raise ff_runs.SettingsError(f"{what}: cannot lock {path} ({e.strerror or e})") from None
+            raise ff_runs.SettingsError(f"{what} is in use by another sweep ({other or 'unknown'}); "
                                    f"wait for it to end or give another {what.split()[0]}")
         with contextlib.suppress(FileNotFoundError):
             if os.stat(path).st_ino == os.fstat(f.fileno()).st_ino:
@@ -508,7 +541,7 @@ def sweep_locks(ns):
     try:
         os.makedirs(out_dir, exist_ok=True)
     except OSError as e:
-        raise ff.SettingsError(f"--out-dir {ns.out_dir}: {e.strerror or e}") from None
+        raise ff_runs.SettingsError(f"--out-dir {ns.out_dir}: {e.strerror or e}") from None
     locks = []
     try:
         locks.append(lock_file(os.path.join(out_dir, ".sweep.lock"), f"--out-dir {ns.out_dir}",
@@ -542,11 +575,11 @@ def open_results(path):
     """The results file, open for appending; a last line cut short gets its newline, so
     that the next record starts a line of its own."""
     if os.path.isdir(path):
-        raise ff.SettingsError(f"--results {path} is a folder; give the path of a file")
+        raise ff_runs.SettingsError(f"--results {path} is a folder; give the path of a file")
     try:
         results = open(path, "a")
     except OSError as e:
-        raise ff.SettingsError(f"--results {path}: cannot append to it ({e.strerror or e})") from None
+        raise ff_runs.SettingsError(f"--results {path}: cannot append to it ({e.strerror or e})") from None
     if results.tell() > 0:
         with open(path, "rb") as f:
             f.seek(-1, os.SEEK_END)
@@ -569,7 +602,7 @@ def connect(ns):
         try:
             return Client(ns.scheduler, timeout=CONNECT_SECONDS), None
         except (OSError, TimeoutError, ValueError) as e:
-            raise ff.SettingsError(f"cannot reach the scheduler at {ns.scheduler} ({e})") from None
+            raise ff_runs.SettingsError(f"cannot reach the scheduler at {ns.scheduler} ({e})") from None
     # the workers start with SIGINT ignored: Ctrl-C at a terminal reaches the whole process
     # group, and the sweep, not each worker, decides what stops
     handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -612,11 +645,17 @@ def why_cancelled(e):
     return " ".join(", ".join(sorted(r for r in reasons if r) or [type(e).__name__]).split())
 
 
-def outcome(future, label, args, job):
+def no_result(run, job):
+    """The record of a run whose task gave none, before its status."""
+    return {"label": run.label, "args": run.args, "script": ff_runs.script_for(run.args)[0],
+            "rc": None, "commit": job.commit}
+
+
+def outcome(future, run, job):
     """The record of an ended task: its own, or one that says why the cluster has none."""
     if future.status == "finished":
         return future.result()
-    record = {"label": label, "args": args, "rc": None, "commit": job.commit}
+    record = no_result(run, job)
     if future.status == "cancelled":
         return {**record, "status": "interrupted"}
     error = future.exception()
@@ -670,7 +709,8 @@ def collect(client, todo, job, results):
                 for _ in range(min(len(waiting), free_threads(client, len(pending))
                                    if waiting else 0)):
                     run, extend_to = waiting.pop(0)
-                    future = client.submit(train_on_worker, run.label, run.args, job, extend_to,
+                    future = client.submit(train_on_worker, run.label, run.args,
+                                           *ff_runs.script_for(run.args), job, extend_to,
                                            key=f"{run.label}-{job.token}", pure=False)
                     futures[future] = run
                     pending.add(future)
@@ -684,7 +724,7 @@ def collect(client, todo, job, results):
                     except TimeoutError:
                         pass
                 for future in done:
-                    record = outcome(future, *futures[future][:2], job)
+                    record = outcome(future, futures[future], job)
                     write_record(results, record)
                     report(record, job.refit_top_k)
                     ended.add(record["label"])
@@ -709,18 +749,17 @@ def collect(client, todo, job, results):
         for run, future in sorted(left, key=lambda pair: pair[0].line):
             # a lost scheduler cannot hand over a result: a run that ended meanwhile is
             # recorded from its folder by --resume
-            record = (outcome(future, run.label, run.args, job)
+            record = (outcome(future, run, job)
                       if lost is None and future is not None and future.status == "finished" else
-                      {"label": run.label, "args": run.args, "rc": None, "commit": job.commit,
-                       "status": "interrupted"})
+                      {**no_result(run, job), "status": "interrupted"})
             write_record(results, record)
             report(record, job.refit_top_k)
             interrupted += record["status"] == "interrupted"
         kept = (f"{interrupted} runs recorded as interrupted, with their checkpoints kept: the "
                 "same command with --resume goes on")
         if lost is not None:
-            raise ff.RunInterrupted(f"the scheduler or the cluster went away ({lost}); {kept}", 1)
-        raise ff.RunInterrupted(f"interrupted by {signal.Signals(signals[0]).name}; {kept}")
+            raise ff_runs.RunInterrupted(f"the scheduler or the cluster went away ({lost}); {kept}", 1)
+        raise ff_runs.RunInterrupted(f"interrupted by {signal.Signals(signals[0]).name}; {kept}")
     finally:
         for s, handler in handlers.items():
             signal.signal(s, handler)
@@ -737,14 +776,15 @@ def check_configs(runs, configs, ns):
             continue
         more = ["--n-epochs", str(extend_to)] if extend_to else []
         prefix = where(ns.configs, run)
+        script, flags = line_script(run.args, prefix)
         try:
-            ff.parse_args(run.args + more + ["--resume" if go_on else "--out", run_dir],
-                          parser=line_parser(prefix))
+            ff_runs.parse_args(flags + more + ["--resume" if go_on else "--out", run_dir],
+                               parser=line_parser(prefix, ff_runs.config_class(script)))
         except LineError:
             raise
-        except ff.SettingsError as e:  # the run's folder, memory, GPU
-            raise ff.SettingsError(f"{prefix}: {e}") from None
-        print(f"{run.label:24s} ok: {shlex.join(run.args)}"
+        except ff_runs.SettingsError as e:  # the run's folder, memory, GPU
+            raise ff_runs.SettingsError(f"{prefix}: {e}") from None
+        print(f"{run.label:24s} ok: {script} {shlex.join(flags)}"
               + (f"  (goes on from its checkpoint to --n-epochs {extend_to})" if more else ""))
     return 0
 
@@ -755,9 +795,9 @@ def make_job(ns):
     return argparse.Namespace(
         out_dir=os.path.abspath(ns.out_dir),  # the same path on every worker
         threads=ns.threads, resume=ns.resume, refit_top_k=ns.refit_top_k,
-        commit=ff.code_commit(), deadline=time.time() + ns.start_within, token=token,
+        commit=ff_runs.code_commit(), deadline=time.time() + ns.start_within, token=token,
         topic=f"ff-sweep-{token}", stop_event=f"ff-sweep-stop-{token}",
-        train_script=os.path.join(ROOT, "ff_hybrid_mnist.py"),
+        train_scripts={script: os.path.join(ROOT, script) for script in ff_runs.SCRIPTS},
         refit_script=os.path.join(HERE, "refit_head.py"))
 
 
@@ -814,7 +854,7 @@ def build_parser():
 def main(argv=None):
     p = build_parser()
     ns = p.parse_args(argv)
-    return ff.exit_status(lambda: run_sweep(ns))
+    return ff_runs.exit_status(lambda: run_sweep(ns))
 
 
 if __name__ == "__main__":

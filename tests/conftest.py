@@ -7,25 +7,26 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 import ff_hybrid_mnist as ff  # noqa: E402
+import ff_runs  # noqa: E402
 
 
 def layer_step(x, W, b, n_pos, threshold, goodness_kind="mean", peer_coef=0.0, peer_mean=None,
-               peer_kind="spread", index=None, work=None):
+               peer_kind="spread", kind=None, work=None):
     """One layer's FF loss and gradient, composed from the module's pieces as
     train_layer_step composes them: (loss, dW, db, h, g, r); r is None without peer
-    normalisation. index: a locally-connected layer's receptive fields (W its blocks).
-    Buffers are allocated here unless `work` is given."""
-    work = work or ff.LayerWork.allocate(len(x), x.shape[1], len(b), index=index)
+    normalisation. kind: the layer's kind (None: dense; a locally-connected layer's
+    ff_local.LocalLayer, W its blocks). Buffers are allocated here unless `work` is given."""
+    work = work or ff.LayerWork.allocate(len(x), x.shape[1], len(b), kind=kind)
     if work.h.dtype != x.dtype:  # the float64 checks
         work = ff.LayerWork(*(None if a is None else np.empty(a.shape, x.dtype)
                               for a in (work.h, work.dz, work.dW, work.fields)))
-    h = ff.layer_forward(x, W, b, out=work.h, index=index, fields=work.fields)
+    h = ff.layer_forward(x, W, b, out=work.h, kind=kind, fields=work.fields)
     loss, g = ff.ff_loss_and_dz(h, n_pos, threshold, goodness_kind, work.dz)
     r = None
     if peer_coef > 0:
         extra, r = ff.PEER[peer_kind](h, n_pos, peer_mean, peer_coef, work.dz)
         loss += extra
-    dW, db = ff.layer_grads(x, work.dz, work.dW, index, work.fields)
+    dW, db = ff.layer_grads(x, work.dz, work.dW, kind, work.fields)
     return loss, dW, db, h, g, r
 
 
@@ -82,7 +83,7 @@ def run_cut_after(out, flags, epochs=1):
         if epoch + 1 >= epochs:
             raise StopTraining
     with pytest.raises(StopTraining):
-        ff.run_experiment(ff.parse_args(flags + ["--out", str(out)]), callback=stop, **QUIET)
+        ff_runs.run_experiment(ff_runs.parse_args(flags + ["--out", str(out)]), callback=stop, **QUIET)
 
 
 CONVERGED_FLAGS = ["--n-epochs", "1", "--val-size", "300"]  # with TINY_NO_HEAD: the default head

@@ -8,13 +8,15 @@ an upload (CuPy copies it to the device). `asarray` of a host array counts as an
 `asnumpy`, `float()`, `int()`, `bool()`, `.item()` and formatting count as reads back (each
 one a wait for the GPU). `calls` counts the module's functions by name.
 
-    fake = CountingCupy(); monkeypatch.setattr(ff, "cupy", fake); ... fake.counts
+    fake = CountingCupy(); monkeypatch.setattr(ff_devices, "cupy", fake); ... fake.counts
 Used by tests/test_gpu.py (the launch budget of a training step) and bench/count_launches.py.
 """
 import types
 from collections import Counter
 
 import numpy as np
+
+import ff_devices
 
 
 class DeviceArray(np.ndarray):
@@ -190,16 +192,17 @@ class CountingCupy(types.ModuleType):
 
 # -- counts per training step -------------------------------------------------------------
 
-def _with_fake(ff, measure):
-    """measure(fake) with the module's CuPy replaced by a fresh stand-in."""
-    fake, saved = CountingCupy(), ff.cupy
-    ff.cupy = fake
-    ff.adam_kernel.cache_clear()
+def _with_fake(measure):
+    """measure(fake) with the CuPy of ff_devices (where every module gets it) replaced by a
+    fresh stand-in."""
+    fake, saved = CountingCupy(), ff_devices.cupy
+    ff_devices.cupy = fake
+    ff_devices.adam_kernel.cache_clear()
     try:
         return measure(fake)
     finally:
-        ff.cupy = saved
-        ff.adam_kernel.cache_clear()
+        ff_devices.cupy = saved
+        ff_devices.adam_kernel.cache_clear()
 
 
 def _per_step(fake, epoch_of):
@@ -216,18 +219,22 @@ def _per_step(fake, epoch_of):
     return counts, calls
 
 
-def ff_step_counts(ff, settings, batch_size=20):
-    """What one FF training step of train_ff asks of the GPU, for FFConfig `settings`."""
+def ff_step_counts(ff, settings, batch_size=20, config_class=None):
+    """What one FF training step of train_ff asks of the GPU, for the configuration
+    config_class(**settings) (default ff.FFConfig; ff_label_mnist.LabelConfig for label
+    negatives)."""
+    config_class = config_class or ff.FFConfig
+
     def measure(fake):
         def epoch_of(n_batches):
-            cfg = ff.FFConfig(**settings, n_epochs=1, batch_size=batch_size, device="gpu")
+            cfg = config_class(**settings, n_epochs=1, batch_size=batch_size, device="gpu")
             rng = np.random.default_rng(0)
             x = rng.random((n_batches * batch_size, 784)).astype(np.float32)
             y = rng.integers(0, 10, len(x))
             ff.train_ff(x, cfg, ff.FFState.fresh(cfg, np.random.default_rng(1)),
                         log=lambda *a, **k: None, y_train=y)
         return _per_step(fake, epoch_of)
-    return _with_fake(ff, measure)
+    return _with_fake(measure)
 
 
 def head_step_counts(ff, n_features=30, batch_size=20):
@@ -243,4 +250,4 @@ def head_step_counts(ff, n_features=30, batch_size=20):
                              np.random.default_rng(1), 1, 0.1, 1e-4, batch_size=batch_size,
                              log=lambda *a, **k: None)
         return _per_step(fake, epoch_of)
-    return _with_fake(ff, measure)
+    return _with_fake(measure)

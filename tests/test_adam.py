@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 
 import ff_hybrid_mnist as ff
+import ff_devices
 
 
 def textbook_adam(p, grads, lr, b1=0.9, b2=0.999, eps=1e-8, wd=0.0):
@@ -78,9 +79,9 @@ def test_chunked_threaded_steps_equal_one_pass(monkeypatch):
     grads = [rng.standard_normal((37, 11)).astype(np.float32) for _ in range(20)]
 
     def run(chunk, threads):
-        monkeypatch.setattr(ff, "ADAM_CHUNK", chunk)
-        monkeypatch.setattr(ff, "ADAM_THREADS", threads)
-        monkeypatch.setattr(ff, "_ADAM_POOL", [])
+        monkeypatch.setattr(ff_devices, "ADAM_CHUNK", chunk)
+        monkeypatch.setattr(ff_devices, "ADAM_THREADS", threads)
+        monkeypatch.setattr(ff_devices, "_ADAM_POOL", [])
         p = p0.copy()
         opt = ff.Adam(p, weight_decay=0.01)
         for g in grads:

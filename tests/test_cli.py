@@ -6,13 +6,15 @@ import numpy as np
 import pytest
 
 import ff_hybrid_mnist as ff
-from conftest import TINY, TINY_NO_HEAD, run_cut_after
+import ff_label_mnist as ff_label
+import ff_runs
+from conftest import QUIET, TINY, TINY_NO_HEAD, StopTraining
 
 
 
 def run_tiny(out, *extra):
     assert ff.main(TINY + ["--n-epochs", "2", "--out", str(out), *extra]) == 0
-    return ff.load_run(str(out))
+    return ff_runs.load_run(str(out))
 
 
 def test_end_to_end_artefacts_and_reload(tmp_path, capsys):
@@ -51,7 +53,7 @@ def test_end_to_end_artefacts_and_reload(tmp_path, capsys):
 ])
 def test_bad_flags_exit_2(flags, words, capsys):
     with pytest.raises(SystemExit) as e:
-        ff.parse_args(flags)
+        ff_runs.parse_args(flags)
     assert e.value.code == 2
     assert words in capsys.readouterr().err
 
@@ -69,24 +71,38 @@ def test_same_seed_same_numbers(tmp_path):
     assert not np.array_equal(a.weights[0], c.weights[0])
 
 
-RECIPE = ["--negatives", "label", "--hard-negatives", "--hard-from", "head", "--optimizer", "sgd",
+RECIPE = ["--hard-negatives", "--hard-from", "head", "--optimizer", "sgd",
           "--normalize", "rms", "--init", "fan-in", "--goodness", "sum", "--threshold", "1",
           "--peer-kind", "author", "--lr", "0.005", "--weight-decay", "0.002",
           "--lr-decay", "linear-half-epochs", "--hard-head-weight-decay", "0.003"]
 
 
-@pytest.mark.parametrize("extra", [[], RECIPE], ids=["hybrid", "recipe"])  # Adam; SGD + head
-def test_resume_ends_with_the_same_numbers(tmp_path, extra):
+def cut_after_one_epoch(out, flags, config_class):
+    """Start the run of `flags` (config_class's script) in folder `out` and stop it after its
+    first FF epoch, the way a kill would (checkpoint kept)."""
+    def stop(epoch, state):
+        raise StopTraining
+    args = ff_runs.parse_args(flags + ["--out", str(out)], ff_runs.build_parser(config_class))
+    with pytest.raises(StopTraining):
+        ff_runs.run_experiment(args, callback=stop, **QUIET)
+
+
+@pytest.mark.parametrize("script, extra", [(ff, []), (ff_label, RECIPE)],
+                         ids=["hybrid", "recipe"])  # Adam; SGD + head
+def test_resume_ends_with_the_same_numbers(tmp_path, script, extra):
     """A run stopped after epoch 1 and resumed (without --n-epochs: to the run's own) ends with
     the uninterrupted run's weights, history and metrics, bit for bit: the checkpoint holds
     the optimiser states, peer means, the hard-negative head and the generator."""
+    config_class = ff_label.LabelConfig if script is ff_label else ff.FFConfig
     flags = TINY + ["--n-epochs", "3", "--lr-decay", "linear-half", "--peer-norm", "0.1"] + extra
-    assert ff.main(flags + ["--out", str(tmp_path / "full")]) == 0
-    run_cut_after(tmp_path / "cut", flags)
-    assert ff.load_checkpoint(str(tmp_path / "cut"))[1].epochs_done == 1
-    assert ff.main(["--resume", str(tmp_path / "cut")]) == 0
-    full, resumed = ff.load_run(str(tmp_path / "full")), ff.load_run(str(tmp_path / "cut"))
-    assert resumed.cfg.n_epochs == 3
+    assert script.main(flags + ["--out", str(tmp_path / "full")]) == 0
+    cut_after_one_epoch(tmp_path / "cut", flags, config_class)
+    cfg, state = ff_runs.load_checkpoint(str(tmp_path / "cut"))
+    assert type(cfg) is config_class and state.epochs_done == 1
+    assert (state.head is not None) == (script is ff_label)  # the recipe's hard-negative head
+    assert script.main(["--resume", str(tmp_path / "cut")]) == 0
+    full, resumed = ff_runs.load_run(str(tmp_path / "full")), ff_runs.load_run(str(tmp_path / "cut"))
+    assert type(resumed.cfg) is config_class and resumed.cfg.n_epochs == 3
     for W1, W2 in zip(full.weights, resumed.weights):
         np.testing.assert_array_equal(W1, W2)
     assert resumed.ff_history["loss"] == full.ff_history["loss"]
@@ -100,11 +116,11 @@ def test_checkpoint_every_k_epochs_and_after_the_last(tmp_path):
 
     def seen(epoch, state):
         path = tmp_path / "run" / "checkpoint.npz"
-        written.append(ff.read_checkpoint_config(str(tmp_path / "run"))[1]
+        written.append(ff_runs.read_checkpoint_config(str(tmp_path / "run"))[1]
                        if path.exists() else None)
-    args = ff.parse_args(TINY_NO_HEAD + ["--n-epochs", "3", "--softmax-epochs", "0",
+    args = ff_runs.parse_args(TINY_NO_HEAD + ["--n-epochs", "3", "--softmax-epochs", "0",
                                  "--checkpoint-every", "2", "--out", str(tmp_path / "run")])
-    metrics = ff.run_experiment(args, callback=seen, log=lambda *a, **k: None).metrics
+    metrics = ff_runs.run_experiment(args, callback=seen, log=lambda *a, **k: None).metrics
     assert written == [None, 2, 3]
     assert metrics["checkpoint_seconds"] > 0
 
@@ -146,7 +162,7 @@ CONVERGED = [a for a in TINY if a not in ("--head", "sgd")]  # the default read-
 def test_the_default_read_out_is_the_converged_head(converged_run):
     out, printed = converged_run
     assert "chosen on the validation split" in printed
-    run = ff.load_run(out)
+    run = ff_runs.load_run(out)
     assert run.cfg.head == "lbfgs" and run.softmax_history["kind"] == "lbfgs"
     assert run.metrics["head_C"] in ff.HEAD_C
     fits = run.softmax_history["fits"]
@@ -177,7 +193,7 @@ def test_sgd_head_settings_without_the_sgd_head_are_refused(capsys):
 
 
 def test_a_run_saved_before_the_converged_head_reads_as_an_sgd_head_run():
-    raw = ff.asdict(ff.FFConfig(head="sgd", softmax_lr=2.0))
+    raw = ff_runs.asdict(ff.FFConfig(head="sgd", softmax_lr=2.0))
     del raw["head"]
-    cfg = ff.run_config(raw)
+    cfg = ff_runs.run_config(raw)
     assert cfg.head == "sgd" and cfg.softmax_lr == 2.0

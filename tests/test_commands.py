@@ -1,12 +1,16 @@
 """Every command the README and docs/ show still parses: each `python3 <script>.py ...` line
 is checked with the script's own --dry-run (flags, configuration and output paths, no data,
 no training). Commands that name an existing run (--resume DIR, --run DIR) cannot be
-validated without the run, so only their flags are parsed. The extraction is deliberately
+validated without the run, so only their flags are parsed, by the script's own parser (an
+experiment script's is built from its configuration class: ff_label_mnist.py's and
+ff_local_mnist.py's have their own flags, and refuse the others'). The extraction is deliberately
 loose so that a rewritten README keeps working: fenced blocks (with \\ continuations) and
 inline code spans; a command ends at ; | & > or #; lines with <placeholders> are skipped,
-`$n` becomes 2 and a lone `S` (a seed) becomes 1. GPU commands are skipped where no GPU is;
+`$n` becomes 2 and a lone `S` (a seed) becomes 1. Where no GPU is, a GPU command's flags are
+parsed and the rest is skipped;
 docs/reliability.md, a catalogue of commands that fail on purpose, is not read."""
 import glob
+import json
 import os
 import re
 import shlex
@@ -18,14 +22,29 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "experiments"))
 
 import ff_hybrid_mnist as ff  # noqa: E402
+import ff_devices  # noqa: E402
+import ff_label_mnist as ff_label  # noqa: E402
+import ff_local_mnist as ff_local  # noqa: E402
+import ff_runs  # noqa: E402
 import make_ff_hybrid_mnist_gif as gif  # noqa: E402
 import visualize_ff_hybrid_mnist as viz  # noqa: E402
 import refit_head  # noqa: E402
 import sweep  # noqa: E402
 
-SCRIPTS = {"ff_hybrid_mnist.py": ff, "visualize_ff_hybrid_mnist.py": viz,
+SCRIPTS = {"ff_hybrid_mnist.py": ff, "ff_label_mnist.py": ff_label, "ff_local_mnist.py": ff_local,
+           "visualize_ff_hybrid_mnist.py": viz,
            "make_ff_hybrid_mnist_gif.py": gif, "experiments/refit_head.py": refit_head,
            "experiments/sweep.py": sweep}
+
+
+def parser_of(script):
+    """The command line of a script: an experiment script's, built from its configuration
+    class; another script's own build_parser."""
+    if script in ff_runs.SCRIPTS:
+        parser = ff_runs.build_parser(ff_runs.config_class(script))
+        parser.prog = script
+        return parser
+    return SCRIPTS[script].build_parser()
 
 
 def code_spans(text):
@@ -81,16 +100,21 @@ def test_documented_command_parses(script, args, tmp_path, monkeypatch, capsys):
         assert os.path.isfile(os.path.join(ROOT, script)), f"{script} does not exist"
         return
     module = SCRIPTS[script]
-    if "gpu" in args and ff.gpu_problem() is not None:
-        pytest.skip(f"a GPU command, and here {ff.gpu_problem()}")
     # files the command names (a sweep list) are the repository's; outputs go to tmp_path
     args = [os.path.join(ROOT, a) if os.path.isfile(os.path.join(ROOT, a)) else a for a in args]
     monkeypatch.chdir(tmp_path)
-    if "--resume" in args or "--run" in args or "-h" in args or "--help" in args:
+    gpu_missing = "gpu" in args and ff_devices.gpu_problem() is not None
+    if gpu_missing or "--resume" in args or "--run" in args or "-h" in args or "--help" in args:
         try:
-            module.build_parser().parse_args(args)  # the run itself is not here
+            parser_of(script).parse_args(args)  # the run itself (or the GPU) is not here
         except SystemExit as e:
             assert e.code == 0, capsys.readouterr().err
+        if gpu_missing:  # its flags parse; the configuration needs the GPU
+            pytest.skip(f"a GPU command, and here {ff_devices.gpu_problem()}")
         return
     status = module.main(args + ["--dry-run"])
-    assert status == 0, capsys.readouterr().err
+    printed = capsys.readouterr()
+    assert status == 0, printed.err
+    if script in ff_runs.SCRIPTS:  # the configuration is the script's own
+        [config] = [line for line in printed.out.splitlines() if line.startswith("config: ")]
+        assert json.loads(config[len("config: "):])["script"] == script

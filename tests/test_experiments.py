@@ -42,44 +42,52 @@ def test_blur_plot_reads_sweep_records(tmp_path, capsys):
 
 
 def test_goodness_errors_match_the_runs_own_read_out(tmp_path, capsys):
-    """Its test and validation errors are the ones the run wrote (same split, same layers);
-    a hybrid run is refused with exit status 2."""
+    """Its test and validation errors are the ones the run of ff_label_mnist.py wrote (same
+    split, same layers); a run of another script is refused with exit status 2, naming it."""
     import ff_hybrid_mnist as ff
+    import ff_label_mnist as ff_label
+    import ff_runs
     import goodness_errors
-    flags = TINY_LINE.split() + ["--negatives", "label", "--val-size", "200", "--goodness",
-                                 "sum", "--threshold", "1"]
-    assert ff.main(flags + ["--out", str(tmp_path / "label")]) == 0
+    flags = TINY_LINE.split() + ["--val-size", "200", "--goodness", "sum", "--threshold", "1"]
+    assert ff_label.main(flags + ["--out", str(tmp_path / "label")]) == 0
     capsys.readouterr()
     assert goodness_errors.main(["--run", str(tmp_path / "label")]) == 0
     out = json.loads(capsys.readouterr().out)
     saved = json.load(open(tmp_path / "label" / "metrics.json"))
     assert out["goodness_test_error"] == saved["goodness_test_error"]
     assert out["goodness_val_error"] == saved["goodness_val_error"]
-    run = ff.load_run(str(tmp_path / "label"))
+    run = ff_runs.load_run(str(tmp_path / "label"))
     x_train, y_train, _, _ = ff.load_mnist()
     x_fit, y_fit, _, _ = ff.split_validation(x_train, y_train, 200, 300)
-    scores = ff.goodness_per_label(run.weights, run.biases, x_fit, "sum", 2)
+    scores = ff_label.goodness_per_label(run.weights, run.biases, x_fit, "sum", 2)
     assert out["goodness_train_error"] == np.mean(scores.argmax(1) != y_fit)
     assert ff.main(TINY_LINE.split() + ["--out", str(tmp_path / "hybrid")]) == 0
+    capsys.readouterr()
     assert goodness_errors.main(["--run", str(tmp_path / "hybrid")]) == 2
+    err = one_line(capsys.readouterr().err)
+    assert "made by ff_hybrid_mnist.py" in err and "ff_label_mnist.py" in err
 
 
 def test_ff_generalisation_measures_each_split_with_the_frozen_weights(tmp_path, capsys):
     """Its per-layer FF loss and accuracy are the run's objective, recomputed in float64,
     on the training digits the run fitted and on its validation digits; a run without
-    validation digits is refused with exit status 2."""
+    validation digits, or without hybrids (ff_label_mnist.py's), is refused with exit
+    status 2."""
     import ff_hybrid_mnist as ff
+    import ff_label_mnist as ff_label
+    import ff_runs
+    import visualize_ff_hybrid_mnist as viz
     import ff_generalisation
     run_dir = str(tmp_path / "hybrid")
     assert ff.main(TINY_LINE.split() + ["--val-size", "200", "--out", run_dir]) == 0
     capsys.readouterr()
     assert ff_generalisation.main(["--run", run_dir, "--n", "150", "--seed", "3"]) == 0
     out = json.loads(capsys.readouterr().out)
-    run = ff.load_run(run_dir)
+    run = ff_runs.load_run(run_dir)
     x_train, y_train, _, _ = ff.load_mnist()
     x_fit, _, x_val, _ = ff.split_validation(x_train, y_train, 200, run.cfg.n_train)
     for name, x in (("train", x_fit), ("val", x_val)):
-        real, hybrids = ff.evaluation_set(x, 150, np.random.default_rng(3), run.cfg.n_blur)
+        real, hybrids = viz.evaluation_set(x, 150, np.random.default_rng(3), run.cfg.n_blur)
         hs = ff.network_activities(run.weights, run.biases, np.concatenate([real, hybrids]))
         for l, h in enumerate(hs):
             g = (h.astype(np.float64) ** 2).mean(axis=1)
@@ -92,6 +100,11 @@ def test_ff_generalisation_measures_each_split_with_the_frozen_weights(tmp_path,
     assert out["train_ff_loss"] != out["val_ff_loss"]
     assert ff.main(TINY_LINE.split() + ["--out", str(tmp_path / "noval")]) == 0
     assert ff_generalisation.main(["--run", str(tmp_path / "noval")]) == 2
+    label = str(tmp_path / "label")
+    assert ff_label.main(TINY_LINE.split() + ["--val-size", "200", "--out", label]) == 0
+    capsys.readouterr()
+    assert ff_generalisation.main(["--run", label]) == 2
+    assert "made by ff_label_mnist.py" in one_line(capsys.readouterr().err)
 
 
 # -- refusals before anything is computed ----------------------------------------------------

@@ -1,5 +1,5 @@
 """The GIF of training: one frame per snapshot, the last held, its output path checked before
-anything trains, and the script built on the module alone."""
+anything trains, and the script built on the module and the visualiser's figure helpers."""
 import ast
 import errno
 import os
@@ -10,6 +10,7 @@ import pytest
 
 import ff_hybrid_mnist as ff
 import make_ff_hybrid_mnist_gif as gif
+import visualize_ff_hybrid_mnist as viz
 from conftest import TINY, one_line
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,13 +40,27 @@ def test_gif_path_is_checked_before_training(tmp_path, monkeypatch, capsys):
         assert words in one_line(capsys.readouterr().err)
 
 
-def test_gif_script_imports_the_module_only():
+def test_gif_script_draws_with_the_visualisers_helpers_and_computes_nothing_itself():
+    """The maths is the module's and the evaluation set, goodness, separation and histogram
+    are the visualiser's helpers (one copy, so a frame and the figures agree): the GIF
+    script imports them and defines none of them, nor calls the maths they wrap."""
     with open(os.path.join(ROOT, "make_ff_hybrid_mnist_gif.py")) as f:
         tree = ast.parse(f.read())
     names = {a.name for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom))
              for a in node.names} | {node.module for node in ast.walk(tree)
                                      if isinstance(node, ast.ImportFrom)}
-    assert "ff_hybrid_mnist" in names and "visualize_ff_hybrid_mnist" not in names
+    assert "ff_hybrid_mnist" in names and "visualize_ff_hybrid_mnist" in names
+    helpers = {"evaluation_set", "layer_goodness", "separation", "goodness_bins",
+               "draw_goodness_histogram"}
+    assert helpers <= set(vars(viz))
+    defined = {node.name for node in ast.walk(tree) if isinstance(node, ast.FunctionDef)}
+    assert not defined & helpers
+    used = {node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Name) and node.value.id == "viz"}
+    assert helpers <= used
+    maths = {node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)
+             and isinstance(node.value, ast.Name) and node.value.id == "ff"}
+    assert not maths & {"goodness", "network_activities", "make_hybrid_batch", "make_masks"}
 
 
 def test_a_full_disk_while_writing_the_gif_names_the_file(tmp_path, monkeypatch, capsys):

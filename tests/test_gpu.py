@@ -8,13 +8,17 @@ import numpy as np
 import pytest
 
 import ff_hybrid_mnist as ff
+import ff_devices
+import ff_label_mnist as ff_label
+import ff_local_mnist as ff_local
+import ff_runs
 from conftest import QUIET, TINY, TINY_NO_HEAD, one_line, run_cut_after
 from counting_cupy import CountingCupy, ff_step_counts, head_step_counts
 import visualize_ff_hybrid_mnist as viz
 
-GPU_PROBLEM = ff.gpu_problem()
+GPU_PROBLEM = ff_devices.gpu_problem()
 needs_gpu = pytest.mark.skipif(GPU_PROBLEM is not None, reason=GPU_PROBLEM or "")
-cupy = ff.cupy
+cupy = ff_devices.cupy
 
 
 
@@ -28,9 +32,14 @@ def moved_apart(got, want, start):
 
 def test_xp_of_is_numpy_for_numpy_arrays(monkeypatch):
     a = np.zeros(3, np.float32)
-    assert ff.xp_of(a) is np and ff.xp_of(a, np.ones(2)) is np and ff.to_host(a) is a
-    monkeypatch.setattr(ff, "cupy", None)  # a machine without CuPy
-    assert ff.xp_of(a) is np and ff.to_host(a) is a and ff.array_module("cpu") is np
+    assert ff_devices.xp_of(a) is np and ff_devices.xp_of(a, np.ones(2)) is np
+    assert ff_devices.to_host(a) is a
+    monkeypatch.setattr(ff_devices, "cupy", None)  # a machine without CuPy
+    assert ff_devices.xp_of(a) is np and ff_devices.to_host(a) is a
+    assert ff_devices.array_module("cpu") is np
+    # the core and the scripts use ff_devices' own functions, so they see the same CuPy
+    assert ff.xp_of is ff_devices.xp_of and ff.to_host is ff_devices.to_host
+    assert ff_label.xp_of is ff_devices.xp_of and ff_local.xp_of is ff_devices.xp_of
 
 
 def test_device_is_a_checked_choice():
@@ -49,7 +58,7 @@ def broken_cupy(*a, **k):
 ])
 def test_device_gpu_without_a_usable_gpu_exits_2_before_loading_data(
         fake, words, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(ff, "cupy", fake)
+    monkeypatch.setattr(ff_devices, "cupy", fake)
     monkeypatch.setattr(ff, "load_mnist", broken_cupy)  # reading data would be too late
     for extra in ([], ["--dry-run"]):
         assert ff.main(TINY + ["--device", "gpu", "--out", str(tmp_path / "r"), *extra]) == 2
@@ -71,44 +80,45 @@ def as_if_run_on_the_gpu(run_dir):
 
 
 def test_a_gpu_run_is_read_and_continued_on_the_cpu(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(ff, "cupy", None)
+    monkeypatch.setattr(ff_devices, "cupy", None)
     mnist = ff.load_mnist()
     monkeypatch.setattr(ff, "load_mnist", lambda data_dir=None: mnist)  # read it once
     flags = TINY_NO_HEAD + ["--softmax-epochs", "0", "--n-epochs", "2", "--n-train", "300"]
-    full = ff.run_experiment(ff.parse_args(flags + ["--out", str(tmp_path / "full")]), **QUIET)
+    full = ff_runs.run_experiment(ff_runs.parse_args(flags + ["--out", str(tmp_path / "full")]), **QUIET)
     run_cut_after(tmp_path / "cut", flags)
     as_if_run_on_the_gpu(tmp_path / "cut")
-    assert ff.read_checkpoint_config(str(tmp_path / "cut"))[0].device == "gpu"
+    assert ff_runs.read_checkpoint_config(str(tmp_path / "cut"))[0].device == "gpu"
     # without --device it would continue on the GPU, which this machine lacks
     assert ff.main(["--resume", str(tmp_path / "cut")]) == 2
     assert "--device cpu continues the run" in one_line(capsys.readouterr().err)
     assert ff.main(["--resume", str(tmp_path / "cut"), "--device", "cpu"]) == 0
-    resumed = ff.load_run(str(tmp_path / "cut"))
+    resumed = ff_runs.load_run(str(tmp_path / "cut"))
     assert resumed.cfg.device == "cpu" and resumed.environment["device"] == "cpu"
-    for got, want in zip(resumed.weights, ff.load_run(full.run_dir).weights):
+    for got, want in zip(resumed.weights, ff_runs.load_run(full.run_dir).weights):
         np.testing.assert_array_equal(got, want)
     as_if_run_on_the_gpu(tmp_path / "cut")
-    assert ff.load_run(str(tmp_path / "cut")).cfg.device == "gpu"  # readable here
+    assert ff_runs.load_run(str(tmp_path / "cut")).cfg.device == "gpu"  # readable here
 
 
 # What one step may ask of a GPU, counted over tests/counting_cupy.py's stand-in for CuPy
 # (bench/count_launches.py prints the counts): no host copy, no read back, no einsum, and no
 # more operations than the cuts reached. Before them a step made 185 / 139 / 276 operations
 # and 5 / 4 / 6 uploads, the recipe's 2 reads, the softmax head's 2 uploads and 3 reads.
-RECIPE = dict(negatives="label", hard_negatives=True, hard_from="head", optimizer="sgd",
+RECIPE = dict(hard_negatives=True, hard_from="head", optimizer="sgd",  # ff_label.LabelConfig
               normalize="rms", init="fan-in", goodness="sum", threshold=1.0,
               peer_kind="author", peer_norm=0.06)
 STEP_BUDGETS = {
-    "hybrid, 4 layers": (dict(layer_sizes=(784, 24, 24, 24, 24)), 133),
-    "label, 3 layers": (dict(layer_sizes=(784, 24, 24, 24), negatives="label"), 99),
-    "recipe, 3 layers": (dict(layer_sizes=(784, 24, 24, 24), **RECIPE), 255),
+    "hybrid, 4 layers": (ff.FFConfig, dict(layer_sizes=(784, 24, 24, 24, 24)), 133),
+    "label, 3 layers": (ff_label.LabelConfig, dict(layer_sizes=(784, 24, 24, 24)), 99),
+    "recipe, 3 layers": (ff_label.LabelConfig, dict(layer_sizes=(784, 24, 24, 24), **RECIPE),
+                         255),
 }
 
 
 @pytest.mark.parametrize("kind", STEP_BUDGETS)
 def test_a_training_step_stays_within_its_launch_budget(kind):
-    settings, budget = STEP_BUDGETS[kind]
-    counts, calls = ff_step_counts(ff, settings)
+    config_class, settings, budget = STEP_BUDGETS[kind]
+    counts, calls = ff_step_counts(ff, settings, config_class=config_class)
     assert counts["uploads"] == 0 and counts["reads"] == 0, counts
     assert "einsum" not in calls
     assert 0 < counts["ops"] <= budget, (counts, calls)
@@ -131,10 +141,12 @@ def test_the_stand_in_counts_what_a_step_would_copy_or_read():
         a + np.ones(6)       # CuPy refuses a host operand
 
 
-@pytest.mark.parametrize("settings", [dict(layer_sizes=(784, 24, 16), top_k=2, peer_norm=0.1),
-                                      dict(layer_sizes=(784, 24, 16), top_k=2, **RECIPE)],
-                         ids=["hybrid", "recipe"])
-def test_the_gpu_code_path_trains_the_cpu_weights_on_the_stand_in(monkeypatch, settings):
+@pytest.mark.parametrize("config_class, settings", [
+    (ff.FFConfig, dict(layer_sizes=(784, 24, 16), top_k=2, peer_norm=0.1)),
+    (ff_label.LabelConfig, dict(layer_sizes=(784, 24, 16), top_k=2, **RECIPE))],
+    ids=["hybrid", "recipe"])
+def test_the_gpu_code_path_trains_the_cpu_weights_on_the_stand_in(monkeypatch, config_class,
+                                                                  settings):
     """The GPU branches (draws moved once an epoch, sums read once, checks at the epoch's
     end) compute what the CPU does: on the numpy-backed stand-in, bit for bit, once both
     sum squares the same way (the CPU's einsum adds in another order than x * x summed)."""
@@ -144,13 +156,13 @@ def test_the_gpu_code_path_trains_the_cpu_weights_on_the_stand_in(monkeypatch, s
     states = {}
     for device in ("cpu", "gpu"):
         fake = CountingCupy()
-        monkeypatch.setattr(ff, "cupy", fake)
-        ff.adam_kernel.cache_clear()
-        cfg = ff.FFConfig(**settings, n_epochs=2, batch_size=20, device=device)
+        monkeypatch.setattr(ff_devices, "cupy", fake)
+        ff_devices.adam_kernel.cache_clear()
+        cfg = config_class(**settings, n_epochs=2, batch_size=20, device=device)
         states[device] = ff.train_ff(x, cfg, ff.FFState.fresh(cfg, np.random.default_rng(1)),
                                      y_train=y, **QUIET).to(np)
         assert fake.counts["ops"] > 0 if device == "gpu" else not fake.counts
-    ff.adam_kernel.cache_clear()
+    ff_devices.adam_kernel.cache_clear()
     cpu, gpu = states["cpu"], states["gpu"]
     for got, want in zip(gpu.weights + gpu.biases + gpu.peer_means,
                          cpu.weights + cpu.biases + cpu.peer_means):
@@ -174,24 +186,24 @@ def test_masks_on_the_gpu_are_the_cpu_masks():
 
 
 @needs_gpu
-@pytest.mark.parametrize("changes", [{}, {"negatives": "label"},
-                                     {"negatives": "label", "hard_negatives": True},
-                                     {"negatives": "label", "hard_negatives": True,
-                                      "hard_from": "head"},
-                                     {"peer_norm": 0.1, "refresh_inputs": True,
-                                      "weight_decay": 0.01}])
-def test_one_training_step_on_the_gpu_matches_the_cpu(changes):
+@pytest.mark.parametrize("config_class, changes", [
+    (ff.FFConfig, {}), (ff_label.LabelConfig, {}),
+    (ff_label.LabelConfig, {"hard_negatives": True}),
+    (ff_label.LabelConfig, {"hard_negatives": True, "hard_from": "head"}),
+    (ff.FFConfig, {"peer_norm": 0.1, "refresh_inputs": True, "weight_decay": 0.01})],
+    ids=["hybrid", "label", "label-hard", "label-hard-head", "hybrid-peer-refresh-decay"])
+def test_one_training_step_on_the_gpu_matches_the_cpu(config_class, changes):
     """Same seed: the same start weights, pairs, masks and labels (all drawn on the host)."""
     x_train, y_train = (a[:50] for a in ff.load_mnist()[:2])
     result = {}
     for device in ("cpu", "gpu"):
-        cfg = ff.FFConfig(layer_sizes=(784, 40, 30, 20), n_epochs=1, batch_size=50,
-                          n_train=50, device=device, **changes)
+        cfg = config_class(layer_sizes=(784, 40, 30, 20), n_epochs=1, batch_size=50,
+                           n_train=50, device=device, **changes)
         state = ff.FFState.fresh(cfg, np.random.default_rng(0))
         start = [W.copy() for W in state.weights]
         ff.train_ff(x_train, cfg, state, y_train=y_train, **QUIET)
         assert isinstance(state.weights[0], cupy.ndarray if device == "gpu" else np.ndarray)
-        result[device] = ([ff.to_host(W) for W in state.weights], state.history)
+        result[device] = ([ff_devices.to_host(W) for W in state.weights], state.history)
     (w_cpu, h_cpu), (w_gpu, h_gpu) = result["cpu"], result["gpu"]
     for l in range(3):
         assert moved_apart(w_gpu[l], w_cpu[l], start[l]) < 1e-4, f"layer {l + 1}"
@@ -205,14 +217,16 @@ def test_a_locally_connected_epoch_on_the_gpu_matches_the_cpu():
     x_train = ff.load_mnist()[0][:100]
     result = {}
     for device in ("cpu", "gpu"):
-        cfg = ff.FFConfig(local="10:6:4,2:1:5", top_k=2, n_epochs=1, batch_size=50,
-                          n_train=100, device=device)
+        cfg = ff_local.LocalConfig(local="10:6:4,2:1:5", top_k=2, n_epochs=1, batch_size=50,
+                                   n_train=100, device=device)
         state = ff.FFState.fresh(cfg, np.random.default_rng(0))
         start = [W.copy() for W in state.weights]
         ff.train_ff(x_train, cfg, state, **QUIET)
         assert isinstance(state.weights[0], cupy.ndarray if device == "gpu" else np.ndarray)
-        F = ff.extract_features(state.weights, state.biases, x_train, 2, local=cfg.local)
-        result[device] = ([ff.to_host(W) for W in state.weights], state.history, ff.to_host(F))
+        F = ff.extract_features(state.weights, state.biases, x_train, 2,
+                                kinds=cfg.layer_kinds())
+        result[device] = ([ff_devices.to_host(W) for W in state.weights], state.history,
+                          ff_devices.to_host(F))
     (w_cpu, h_cpu, f_cpu), (w_gpu, h_gpu, f_gpu) = result["cpu"], result["gpu"]
     for l in range(2):
         assert moved_apart(w_gpu[l], w_cpu[l], start[l]) < 1e-4, f"layer {l + 1}"
@@ -250,7 +264,7 @@ def test_tiny_gpu_run_end_to_end_writes_host_files(tmp_path):
     for device in ("cpu", "gpu"):
         out = tmp_path / device
         assert ff.main(TINY + ["--n-epochs", "1", "--device", device, "--out", str(out)]) == 0
-    cpu, gpu = ff.load_run(str(tmp_path / "cpu")), ff.load_run(str(tmp_path / "gpu"))
+    cpu, gpu = ff_runs.load_run(str(tmp_path / "cpu")), ff_runs.load_run(str(tmp_path / "gpu"))
     assert gpu.cfg.device == "gpu" and gpu.environment["device"] == "gpu"
     assert {"gpu", "cupy", "cuda_runtime"} <= set(gpu.environment)
     assert all(type(W) is np.ndarray for W in gpu.weights + list(gpu.head))
@@ -258,7 +272,7 @@ def test_tiny_gpu_run_end_to_end_writes_host_files(tmp_path):
     for l, (got, want) in enumerate(zip(gpu.weights, cpu.weights)):
         assert moved_apart(got, want, start[l]) < 1e-3, f"layer {l + 1}"
     assert abs(gpu.metrics["test_error"] - cpu.metrics["test_error"]) < 0.02
-    assert ff.load_checkpoint(str(tmp_path / "gpu"))[1].epochs_done == 1
+    assert ff_runs.load_checkpoint(str(tmp_path / "gpu"))[1].epochs_done == 1
     # the figures read the GPU run's host files
     assert viz.main(["--run", str(tmp_path / "gpu"), "--outdir", str(tmp_path / "viz")]) == 0
 
@@ -266,7 +280,7 @@ def test_tiny_gpu_run_end_to_end_writes_host_files(tmp_path):
 @needs_gpu
 def test_resume_on_the_gpu_equals_an_uninterrupted_gpu_run(tmp_path):
     flags = TINY + ["--n-epochs", "2", "--device", "gpu"]
-    full = ff.run_experiment(ff.parse_args(flags + ["--out", str(tmp_path / "full")]), **QUIET)
+    full = ff_runs.run_experiment(ff_runs.parse_args(flags + ["--out", str(tmp_path / "full")]), **QUIET)
 
     class Stop(Exception):
         pass
@@ -275,9 +289,9 @@ def test_resume_on_the_gpu_equals_an_uninterrupted_gpu_run(tmp_path):
         assert isinstance(state.weights[0], cupy.ndarray)  # it really trains on the GPU
         raise Stop
     with pytest.raises(Stop):
-        ff.run_experiment(ff.parse_args(flags + ["--out", str(tmp_path / "cut")]), callback=stop, **QUIET)
+        ff_runs.run_experiment(ff_runs.parse_args(flags + ["--out", str(tmp_path / "cut")]), callback=stop, **QUIET)
     assert ff.main(["--resume", str(tmp_path / "cut")]) == 0  # the run's own device: gpu
-    resumed, full = ff.load_run(str(tmp_path / "cut")), ff.load_run(full.run_dir)
+    resumed, full = ff_runs.load_run(str(tmp_path / "cut")), ff_runs.load_run(full.run_dir)
     for got, want in zip(resumed.weights + list(resumed.head), full.weights + list(full.head)):
         np.testing.assert_array_equal(got, want)
     assert resumed.ff_history["loss"] == full.ff_history["loss"]

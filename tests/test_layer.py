@@ -44,11 +44,9 @@ def test_ff_gradient_matches_finite_differences(goodness_kind, peer_coef):
     peer_mean = rng.random(W.shape[1])
 
     def loss():
-        return layer_step(x, W, b, n_pos, threshold, goodness_kind,
-                                       peer_coef, peer_mean)[0]
+        return layer_step(x, W, b, n_pos, threshold, goodness_kind, peer_coef, peer_mean)[0]
 
-    _, dW, db, *_ = layer_step(x, W, b, n_pos, threshold, goodness_kind,
-                                            peer_coef, peer_mean)
+    _, dW, db, *_ = layer_step(x, W, b, n_pos, threshold, goodness_kind, peer_coef, peer_mean)
     assert rel_err(dW, numeric_grad(loss, W)).max() < 1e-6
     assert rel_err(db, numeric_grad(loss, b)).max() < 1e-6
 
@@ -82,8 +80,8 @@ def test_float32_hot_path_agrees_with_float64():
     rng = np.random.default_rng(4)
     x, W, b, n_pos = small_layer(rng, n_in=30, n_out=20, n_pos=8)
     work = ff.LayerWork.allocate(2 * n_pos, 30, 20)
-    out32 = layer_step(x.astype(np.float32), W.astype(np.float32),
-                                    b.astype(np.float32), n_pos, 1.0, work=work)
+    out32 = layer_step(x.astype(np.float32), W.astype(np.float32), b.astype(np.float32), n_pos,
+                       1.0, work=work)
     out64 = layer_step(x, W, b, n_pos, 1.0)
     assert out32[1].dtype == np.float32 and out32[1] is work.dW
     np.testing.assert_allclose(out32[1], out64[1], rtol=1e-4, atol=1e-6)

@@ -13,10 +13,11 @@ import numpy as np
 import pytest
 
 import ff_hybrid_mnist as ff
+import ff_label_mnist as ff_label
 from conftest import layer_step
 from test_layer import numeric_grad, rel_err, small_layer
 
-RECIPE = dict(negatives="label", hard_negatives=True, hard_from="head", optimizer="sgd",
+RECIPE = dict(hard_negatives=True, hard_from="head", optimizer="sgd",
               normalize="rms", init="fan-in", goodness="sum", threshold=1.0, peer_norm=0.06,
               peer_kind="author", lr=0.005, weight_decay=0.002, lr_decay="linear-half-epochs",
               hard_head_lr=0.1, hard_head_weight_decay=0.003)
@@ -108,7 +109,7 @@ def matlab_replay(x_train, y_train, n_epochs, B, weights, biases, rng):
                     features.append(rms(x))
             F = np.concatenate(features, axis=1)
             logits = F @ head_W + head_b
-            wrong = ff.sample_wrong_labels(logits, y, u[i])
+            wrong = ff_label.sample_wrong_labels(logits, y, u[i])
             p = np.exp(logits - logits.max(axis=1, keepdims=True))
             p /= p.sum(axis=1, keepdims=True)
             head_gW = delay * head_gW + (1 - delay) * F.T @ (targets - p) / B
@@ -145,8 +146,8 @@ def matlab_replay(x_train, y_train, n_epochs, B, weights, biases, rng):
 @pytest.mark.parametrize("n_epochs", [2])
 def test_recipe_matches_a_float64_replay_of_the_matlab_code(mnist, n_epochs):
     x_train, y_train = mnist[0][:300], mnist[1][:300]
-    cfg = ff.FFConfig(layer_sizes=(784, 24, 16, 12), n_epochs=n_epochs, batch_size=50,
-                      top_k=2, **RECIPE)
+    cfg = ff_label.LabelConfig(layer_sizes=(784, 24, 16, 12), n_epochs=n_epochs, batch_size=50,
+                               top_k=2, **RECIPE)
     state = ff.FFState.fresh(cfg, np.random.default_rng(0))
     start_w, start_b = [w.copy() for w in state.weights], [v.copy() for v in state.biases]
     rng = copy.deepcopy(state.rng)

@@ -7,6 +7,8 @@ import os
 import numpy as np
 
 import ff_hybrid_mnist as ff
+import ff_label_mnist as ff_label
+import ff_runs
 from conftest import CONVERGED_FLAGS, TINY
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -25,13 +27,38 @@ def test_refit_into_a_folder_is_the_trainers_own_converged_read_out(converged_ru
     assert refit_head.main(["--run", str(tmp_path / "sgd"), "--into", str(into),
                             "--out", str(tmp_path / "r.jsonl")]) == 0
     record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    direct, refit = ff.load_run(converged_run[0]), ff.load_run(str(into))
+    direct, refit = ff_runs.load_run(converged_run[0]), ff_runs.load_run(str(into))
     for a, b in zip(direct.head, refit.head):
         np.testing.assert_array_equal(a, b)
     for key in ("val_error", "test_error", "train_error", "head_weight_decay"):
         assert refit.metrics[key] == direct.metrics[key] == record.get(key, refit.metrics[key])
     assert refit.cfg.head == "lbfgs" and refit.softmax_history["kind"] == "lbfgs"
     assert json.loads((tmp_path / "r.jsonl").read_text())["test_error"] == record["test_error"]
+    # the record names the script of the run it refits, with that run's configuration
+    assert record["script"] == "experiments/refit_head.py"
+    assert record["run_config"]["script"] == "ff_hybrid_mnist.py"
+    assert ff_runs.run_config(record["run_config"]) == ff_runs.load_run(str(tmp_path / "sgd")).cfg
+
+
+def test_refit_of_a_label_run_is_its_own_head_and_names_its_script(tmp_path, capsys):
+    """A run of ff_label_mnist.py: its head reads the digits with the neutral label, so the
+    SGD head refitted with the run's own settings is the run's own head exactly."""
+    run_dir = tmp_path / "label"
+    assert ff_label.main(TINY + ["--n-epochs", "1", "--val-size", "300",
+                                 "--out", str(run_dir)]) == 0
+    capsys.readouterr()
+    assert refit_head.main(["--run", str(run_dir), "--head", "sgd", "--softmax-epochs", "2",
+                            "--into", str(tmp_path / "refit")]) == 0
+    record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    run, refit = ff_runs.load_run(str(run_dir)), ff_runs.load_run(str(tmp_path / "refit"))
+    for a, b in zip(run.head, refit.head):
+        np.testing.assert_array_equal(a, b)
+    for key in ("val_error", "test_error", "train_error"):
+        assert record[key] == run.metrics[key]
+    assert record["run_config"]["script"] == "ff_label_mnist.py"
+    assert ff_runs.run_config(record["run_config"]) == run.cfg
+    assert isinstance(refit.cfg, ff_label.LabelConfig) and refit.cfg == run.cfg
+    assert refit.metrics["goodness_test_error"] == run.metrics["goodness_test_error"]
 
 
 def test_refit_into_a_folder_that_holds_something_is_refused_before_fitting(tmp_path, capsys):

@@ -16,6 +16,9 @@ import numpy as np
 import pytest
 
 import ff_hybrid_mnist as ff
+import ff_label_mnist as ff_label
+import ff_local_mnist as ff_local
+import ff_runs
 import make_ff_hybrid_mnist_gif as gif
 import visualize_ff_hybrid_mnist as viz
 from conftest import QUIET, TINY, TINY_NO_HEAD, one_line, run_cut_after
@@ -61,24 +64,25 @@ def test_config_refuses_unknown_choices_and_out_of_range_values(change, words):
 
 
 def test_cli_defaults_are_the_config_defaults():
-    assert ff.parse_args(["--out", "x"]).config == ff.FFConfig()
+    assert ff_runs.parse_args(["--out", "x"]).config == ff.FFConfig()
     assert ff.FFConfig().n_train == 60000 and ff.FFConfig(val_size=5000).n_train == 55000
 
 
 def test_seed_minus_one_is_an_argparse_error(capsys):
     with pytest.raises(SystemExit) as e:
-        ff.parse_args(["--seed", "-1"])
+        ff_runs.parse_args(["--seed", "-1"])
     assert e.value.code == 2 and "--seed -1" in capsys.readouterr().err
 
 
 def test_the_configuration_is_stored_once_and_run_returns_it(tmp_path, finished):
     with open(finished / "args.json") as f:
         stored = json.load(f)
-    run = ff.load_run(str(finished))
-    assert ff.FFConfig(**stored) == run.cfg == ff.read_checkpoint_config(str(finished))[0]
+    run = ff_runs.load_run(str(finished))
+    assert stored.pop("script") == "ff_hybrid_mnist.py"  # the script that made the run, and
+    assert ff.FFConfig(**stored) == run.cfg == ff_runs.read_checkpoint_config(str(finished))[0]
     assert run.cfg.n_train == 600 and run.cfg.softmax_epochs == 2 and run.cfg.top_k == 2
-    result = ff.run_experiment(ff.parse_args(TINY + ["--n-epochs", "0", "--out", str(tmp_path / "r")]),
-                    log=lambda *a, **k: None)
+    args = ff_runs.parse_args(TINY + ["--n-epochs", "0", "--out", str(tmp_path / "r")])
+    result = ff_runs.run_experiment(args, log=lambda *a, **k: None)
     assert result.run_dir == str(tmp_path / "r") and result.config.n_epochs == 0
     assert result.metrics["ff_epochs"] == 0 and result.metrics["test_error"] is not None
 
@@ -123,7 +127,7 @@ def test_a_diverging_head_stops_with_one_line_and_writes_no_result(tmp_path, fla
     err = one_line(capsys.readouterr().err)
     assert "softmax head" in err and re.search(r"head epoch \d", err) and words in err
     assert not (out / "model.npz").exists() and not (out / "metrics.json").exists()
-    assert ff.load_checkpoint(str(out))[1].epochs_done == 1  # the FF network is kept
+    assert ff_runs.load_checkpoint(str(out))[1].epochs_done == 1  # the FF network is kept
 
 
 @pytest.mark.parametrize("lr", ["1", "1000"])
@@ -134,12 +138,12 @@ def test_a_silent_layer_stops_the_run_naming_layer_epoch_and_cause(tmp_path, lr,
     err = one_line(capsys.readouterr().err)
     assert "layer 1 went silent in epoch 2" in err and f"--lr {float(lr)} too high" in err
     assert not (out / "metrics.json").exists()
-    assert ff.load_checkpoint(str(out))[1].epochs_done == 1
+    assert ff_runs.load_checkpoint(str(out))[1].epochs_done == 1
 
 
 def test_json_is_strict_with_non_finite_values_as_null(tmp_path):
     path = tmp_path / "h.json"
-    ff.write_json(str(path), {"loss": [float("nan"), np.float32(np.inf), 1.5, None],
+    ff_runs.write_json(str(path), {"loss": [float("nan"), np.float32(np.inf), 1.5, None],
                               "n": np.int64(3)})
 
     def refuse(name):
@@ -154,13 +158,13 @@ def test_out_that_cannot_be_written_is_refused_before_training(tmp_path, monkeyp
     (tmp_path / "file").write_text("x")
     readonly = tmp_path / "readonly"
     readonly.mkdir()
-    real_mkstemp = ff.tempfile.mkstemp
+    real_mkstemp = ff_runs.tempfile.mkstemp
 
     def mkstemp(*a, dir=None, **k):  # a read-only folder (chmod does not stop root)
         if dir == str(readonly):
             raise PermissionError(errno.EACCES, "Permission denied")
         return real_mkstemp(*a, dir=dir, **k)
-    monkeypatch.setattr(ff.tempfile, "mkstemp", mkstemp)
+    monkeypatch.setattr(ff_runs.tempfile, "mkstemp", mkstemp)
     monkeypatch.setattr(ff, "load_mnist", lambda *a: pytest.fail("loaded data"))
     for out, words in ((tmp_path / "file", "is a file"), (tmp_path / "file" / "run", "below"),
                        (readonly / "run", "cannot write")):
@@ -171,22 +175,22 @@ def test_out_that_cannot_be_written_is_refused_before_training(tmp_path, monkeyp
 def test_a_full_disk_at_the_final_save_keeps_the_checkpoint_to_resume(tmp_path, monkeypatch,
                                                                       capsys):
     out = tmp_path / "run"
-    real = ff.write_json
+    real = ff_runs.write_json
 
     def full_disk(path, obj):
         if path.endswith("history.json"):  # after model.npz was written
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
         real(path, obj)
-    monkeypatch.setattr(ff, "write_json", full_disk)
+    monkeypatch.setattr(ff_runs, "write_json", full_disk)
     assert ff.main(TINY + ["--n-epochs", "1", "--out", str(out)]) == 1
     err = one_line(capsys.readouterr().err)
     assert "No space left" in err and f"--resume {out}" in err and "epoch 1 is kept" in err
     assert not (out / "metrics.json").exists()  # metrics.json, written last, marks a finished run
     with pytest.raises(ff.DataError, match="holds no finished run"):
-        ff.load_run(str(out))
-    monkeypatch.setattr(ff, "write_json", real)
+        ff_runs.load_run(str(out))
+    monkeypatch.setattr(ff_runs, "write_json", real)
     assert ff.main(["--resume", str(out)]) == 0
-    assert ff.load_run(str(out)).metrics["ff_epochs"] == 1
+    assert ff_runs.load_run(str(out)).metrics["ff_epochs"] == 1
 
 
 def test_damaged_checkpoint_or_missing_args_on_resume(tmp_path, finished, capsys):
@@ -221,23 +225,30 @@ def test_ctrl_c_says_how_to_continue_and_exits_130(tmp_path, monkeypatch, capsys
     assert ff.main(TINY + ["--n-epochs", "3", "--out", str(out)]) == 130
     err = one_line(capsys.readouterr().err)
     assert f"epoch 1 is kept: --resume {out}" in err
-    assert ff.load_checkpoint(str(out))[1].epochs_done == 1
+    assert ff_runs.load_checkpoint(str(out))[1].epochs_done == 1
 
 
 # -- run folders ----------------------------------------------------------------------
 
 def test_default_run_folders_never_collide(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    folders = {ff.parse_args([]).run_dir for _ in range(20)}
+    folders = {ff_runs.parse_args([]).run_dir for _ in range(20)}
     assert len(folders) == 20
     assert all(re.fullmatch(r"runs/\d{8}-\d{6}-[0-9a-f]{4}", d) for d in folders)
 
 
 # -- help -----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("module", [ff, viz, gif])
-def test_help_shows_every_default(module):
-    parser = module.build_parser()
+PARSERS = {"ff_hybrid_mnist.py": lambda: ff_runs.build_parser(ff.FFConfig),
+           "ff_label_mnist.py": lambda: ff_runs.build_parser(ff_label.LabelConfig),
+           "ff_local_mnist.py": lambda: ff_runs.build_parser(ff_local.LocalConfig),
+           "visualize_ff_hybrid_mnist.py": viz.build_parser,
+           "make_ff_hybrid_mnist_gif.py": gif.build_parser}
+
+
+@pytest.mark.parametrize("script", PARSERS)
+def test_help_shows_every_default(script):
+    parser = PARSERS[script]()
     for action in parser._actions:
         if action.option_strings and action.default not in (None, False, "==SUPPRESS=="):
             assert action.help and "%(default)" not in action.help, action.dest
@@ -257,9 +268,17 @@ def test_each_figure_script_lists_only_what_it_accepts():
     for module, own in ((viz, "--outdir"), (gif, "--snapshot-every")):
         text = module.build_parser().format_help()
         assert text.index(own) < text.index("--layer-sizes N,N,...\n")
-    text = ff.build_parser().format_help()
-    assert text.count("(default: runs/") == 1 and "(default: )" not in text
-    assert "(default: dense layers)" in text
+    for script, parser in PARSERS.items():
+        text = parser().format_help()
+        assert text.count("(default: runs/") == 1 and "(default: )" not in text, script
+    # each script lists its own flags, not another script's (those are refused, naming it)
+    hybrid, label, local = (" ".join(PARSERS[s]().format_help().split()) for s in
+                            ("ff_hybrid_mnist.py", "ff_label_mnist.py", "ff_local_mnist.py"))
+    assert "--local" not in hybrid and "--hard-negatives" not in hybrid
+    assert "--negatives" not in hybrid.replace("--hard-negatives", "")
+    assert "--hard-negatives" in label and "--local" not in label
+    assert "--local RF:STRIDE:CHANNELS,... " in local
+    assert "(default: 10:6:128,2:1:220,2:1:512)" in local
 
 
 # -- two processes, signals, leftovers -----------------------------------------------------
@@ -307,18 +326,19 @@ def test_a_second_process_on_the_same_folder_is_refused_and_sigterm_keeps_the_ch
             first.kill()
     assert not (out / "metrics.json").exists()
     (out / ".tmp-left-by-a-killed-write").write_bytes(b"half")
-    assert ff.main(["--resume", str(out), "--n-epochs", str(ff.load_checkpoint(str(out))[1].epochs_done + 1)]) == 0
+    done = ff_runs.load_checkpoint(str(out))[1].epochs_done
+    assert ff.main(["--resume", str(out), "--n-epochs", str(done + 1)]) == 0
     assert not [n for n in os.listdir(out) if n.startswith(".tmp-")]
-    assert ff.load_run(str(out)).metrics["ff_epochs"] >= 2
+    assert ff_runs.load_run(str(out)).metrics["ff_epochs"] >= 2
 
 
 def test_a_run_started_in_a_folder_another_process_just_filled_is_refused(tmp_path, capsys):
     out = tmp_path / "run"
-    args = ff.parse_args(TINY + ["--n-epochs", "1", "--out", str(out)])
+    args = ff_runs.parse_args(TINY + ["--n-epochs", "1", "--out", str(out)])
     assert ff.main(TINY + ["--n-epochs", "1", "--out", str(out)]) == 0  # the other process
     capsys.readouterr()
-    with pytest.raises(ff.SettingsError, match="already holds a run"):
-        ff.run_experiment(args, **QUIET)
+    with pytest.raises(ff_runs.SettingsError, match="already holds a run"):
+        ff_runs.run_experiment(args, **QUIET)
 
 
 # -- input that used to give a traceback or be ignored ------------------------------------
@@ -332,33 +352,52 @@ def test_a_network_too_big_for_the_machine_is_refused_before_anything_is_allocat
     assert re.search(r"memory_gib: \d+\.\d+", capsys.readouterr().out)
 
 
-@pytest.mark.parametrize("change, words", [
-    ({"goodness_layer1": True}, "--goodness-layer1 needs --negatives label"),
-    ({"hard_head_lr": 0.5}, "--hard-head-lr 0.5 needs --hard-from head"),
-    ({"negatives": "label", "hard_negatives": True, "hard_from": "head",
-      "hard_head_weight_decay": 0.01}, "needs --hard-from head and --optimizer sgd"),
-    ({"peer_kind": "author"}, "--peer-kind author needs --peer-norm above 0"),
-    ({"seed": 2 ** 70}, "below 2^63"),
-    ({"lr": float("inf")}, "--lr inf must be a finite number"),
+@pytest.mark.parametrize("config, change, words", [
+    (ff_label.LabelConfig, {"hard_head_lr": 0.5}, "--hard-head-lr 0.5 needs --hard-from head"),
+    (ff_label.LabelConfig, {"hard_negatives": True, "hard_from": "head",
+                            "hard_head_weight_decay": 0.01},
+     "needs --hard-from head and --optimizer sgd"),
+    (ff_label.LabelConfig, {"n_blur": 3}, "--n-blur 3 is unused: label negatives have no mask"),
+    (ff.FFConfig, {"peer_kind": "author"}, "--peer-kind author needs --peer-norm above 0"),
+    (ff.FFConfig, {"seed": 2 ** 70}, "below 2^63"),
+    (ff.FFConfig, {"lr": float("inf")}, "--lr inf must be a finite number"),
 ])
-def test_a_flag_that_would_be_ignored_or_cannot_work_is_refused(change, words):
+def test_a_flag_that_would_be_ignored_or_cannot_work_is_refused(config, change, words):
     with pytest.raises(ValueError) as e:
-        ff.FFConfig(**change)
+        config(**change)
     assert words in str(e.value)
 
 
+@pytest.mark.parametrize("flags, script", [
+    (["--goodness-layer1"], "ff_label_mnist.py"),
+    (["--hard-head-lr", "0.5"], "ff_label_mnist.py"),
+    (["--hard-negatives"], "ff_label_mnist.py"),
+    (["--local", "10:6:4"], "ff_local_mnist.py"),
+])
+def test_a_flag_of_another_experiment_is_refused_naming_its_script(flags, script, capsys):
+    """ff_hybrid_mnist.py's configuration has no label or local fields: their flags would
+    be ignored, so each is refused, naming the script that has it."""
+    with pytest.raises(SystemExit) as e:
+        ff.main(TINY + flags + ["--dry-run"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert e.value.code == 2
+    assert f"{flags[0]} is not a flag of " in err and f"it belongs to {script}" in err
+    with pytest.raises(TypeError):  # nor can a configuration of the hybrid run hold it
+        ff.FFConfig(**{flags[0][2:].replace("-", "_"): True})
+
+
 def test_an_overflowing_loss_names_the_setting_out_of_range():
-    assert "--threshold 1e+308" in ff.likely_cause(ff.FFConfig(threshold=1e308))
-    assert "--peer-norm 1e+300" in ff.likely_cause(ff.FFConfig(peer_norm=1e300))
+    assert "--threshold 1e+308" in ff_runs.likely_cause(ff.FFConfig(threshold=1e308))
+    assert "--peer-norm 1e+300" in ff_runs.likely_cause(ff.FFConfig(peer_norm=1e300))
     with pytest.raises(ValueError, match="--weight-decay 10000000000.0 times --lr 0.03 is at least 1"):
         ff.FFConfig(weight_decay=1e10)
-    assert "try a lower --lr" in ff.likely_cause(ff.FFConfig())
+    assert "try a lower --lr" in ff_runs.likely_cause(ff.FFConfig())
 
 
 def test_a_diverging_hard_negative_head_stops_in_one_line(tmp_path, capsys):
-    flags = TINY + ["--negatives", "label", "--hard-negatives", "--hard-from", "head",
+    flags = TINY + ["--hard-negatives", "--hard-from", "head",
                     "--hard-head-lr", "1e30", "--n-epochs", "2", "--out", str(tmp_path / "r")]
-    assert ff.main(flags) == 1
+    assert ff_label.main(flags) == 1
     assert "--hard-head-lr" in one_line(capsys.readouterr().err)
 
 
@@ -389,13 +428,20 @@ def test_figure_scripts_write_into_the_run_folder_unless_told(tmp_path, finished
     assert f'outdir: "{tmp_path / "v" / "figures"}"' in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("flags, words", [
-    (["--negatives", "label"], "--negatives label"),
-    (["--n-eval", "20000"], "exceeds the 10000 test digits"),
-])
-def test_the_gif_script_refuses_what_it_would_draw_wrongly(tmp_path, flags, words, capsys):
-    assert gif.main(TINY + ["--out", str(tmp_path / "g"), "--dry-run"] + flags) == 2
-    assert words in one_line(capsys.readouterr().err)
+def test_the_gif_script_refuses_what_it_would_draw_wrongly(tmp_path, capsys):
+    assert gif.main(TINY + ["--out", str(tmp_path / "g"), "--dry-run", "--n-eval", "20000"]) == 2
+    assert "exceeds the 10000 test digits" in one_line(capsys.readouterr().err)
+    # its frames show hybrids: a label run's flags are refused by its own name, naming the
+    # script whose runs the visualiser draws
+    for flags in (["--negatives", "label"], ["--hard-negatives"]):
+        done = subprocess.run([sys.executable, os.path.join(ROOT, "make_ff_hybrid_mnist_gif.py"),
+                               *TINY, "--out", str(tmp_path / "g"), "--dry-run", *flags],
+                              capture_output=True, text=True, timeout=120)
+        err = done.stderr.strip().splitlines()[-1]
+        assert done.returncode == 2 and "Traceback" not in done.stderr
+        assert f"{flags[0]} is not a flag of make_ff_hybrid_mnist_gif.py" in err
+        assert "ff_label_mnist.py" in err
+    assert not (tmp_path / "g").exists()
 
 
 def test_the_gif_script_does_not_advise_a_flag_it_lacks(finished, capsys):
@@ -453,27 +499,27 @@ def test_refit_head_of_a_diverging_head_or_damaged_data_is_one_line(tmp_path, fi
 def test_a_run_names_the_commit_it_started_with(tmp_path, monkeypatch):
     """A long run's files name the code it ran, not the commit checked out when it ends."""
     commits = iter(["started-here"] + ["checked-out-later"] * 10)
-    monkeypatch.setattr(ff, "code_commit", lambda: next(commits))
+    monkeypatch.setattr(ff_runs, "code_commit", lambda: next(commits))
     assert ff.main(TINY + ["--n-epochs", "1", "--out", str(tmp_path / "r")]) == 0
-    assert ff.load_run(str(tmp_path / "r")).environment["commit"] == "started-here"
+    assert ff_runs.load_run(str(tmp_path / "r")).environment["commit"] == "started-here"
 
 
 # -- third round: flags that would be stored and ignored, finished and extended runs -------
 
-@pytest.mark.parametrize("flags, words", [
-    (["--negatives", "label", "--n-blur", "3"], "--n-blur"),
-    (["--negatives", "label", "--n-blur", "6"], "--n-blur is given but unused"),  # at its default
-    (["--softmax-epochs", "0", "--head", "sgd", "--softmax-lr", "5"], "--softmax-lr"),
-    (["--softmax-epochs", "0", "--head", "sgd"], "--head is given but unused"),
-    (["--schedule", "greedy", "--refresh-inputs"], "--refresh-inputs"),
-    (["--hard-head-lr", "0.1"], "--hard-head-lr"),
-    (["--negatives", "label", "--hard-negatives", "--hard-head-lr", "0.1"], "--hard-head-lr"),
-    (["--peer-kind", "spread"], "--peer-kind"),
-    (["--weight-decay", "100", "--lr", "0.03"], "--weight-decay"),
+@pytest.mark.parametrize("main, flags, words", [
+    (ff_label.main, ["--n-blur", "3"], "--n-blur"),
+    (ff_label.main, ["--n-blur", "6"], "--n-blur is given but unused"),  # at its default
+    (ff.main, ["--softmax-epochs", "0", "--head", "sgd", "--softmax-lr", "5"], "--softmax-lr"),
+    (ff.main, ["--softmax-epochs", "0", "--head", "sgd"], "--head is given but unused"),
+    (ff.main, ["--schedule", "greedy", "--refresh-inputs"], "--refresh-inputs"),
+    (ff_label.main, ["--hard-head-lr", "0.1"], "--hard-head-lr"),
+    (ff_label.main, ["--hard-negatives", "--hard-head-lr", "0.1"], "--hard-head-lr"),
+    (ff.main, ["--peer-kind", "spread"], "--peer-kind"),
+    (ff.main, ["--weight-decay", "100", "--lr", "0.03"], "--weight-decay"),
 ])
-def test_a_flag_the_run_would_ignore_or_a_flipping_decay_is_refused(flags, words, capsys):
+def test_a_flag_the_run_would_ignore_or_a_flipping_decay_is_refused(main, flags, words, capsys):
     try:
-        status = ff.main(TINY + flags + ["--dry-run"])
+        status = main(TINY + flags + ["--dry-run"])
     except SystemExit as e:  # a value the parser refuses: its usage, then the one line
         status = e.code
     assert status == 2
@@ -495,14 +541,14 @@ def test_an_extended_run_reads_as_unfinished_until_it_finishes(finished, tmp_pat
 
     def stop(epoch, state):
         raise KeyboardInterrupt
-    with pytest.raises(ff.RunInterrupted):
-        ff.run_experiment(ff.parse_args(["--resume", str(run), "--n-epochs", "4"]),
+    with pytest.raises(ff_runs.RunInterrupted):
+        ff_runs.run_experiment(ff_runs.parse_args(["--resume", str(run), "--n-epochs", "4"]),
                           callback=stop, **QUIET)
     assert not (run / "metrics.json").exists()
     with pytest.raises(ff.DataError, match="metrics.json not found"):
-        ff.load_run(str(run))
+        ff_runs.load_run(str(run))
     assert ff.main(["--resume", str(run), "--n-epochs", "4"]) == 0
-    assert ff.load_run(str(run)).metrics["ff_epochs"] == 4
+    assert ff_runs.load_run(str(run)).metrics["ff_epochs"] == 4
 
 
 def test_ctrl_c_between_checkpoints_says_what_finished_and_what_was_kept(tmp_path, capsys):
@@ -511,10 +557,10 @@ def test_ctrl_c_between_checkpoints_says_what_finished_and_what_was_kept(tmp_pat
     def stop(epoch, state):
         if epoch + 1 == 2:
             raise KeyboardInterrupt
-    args = ff.parse_args(TINY + ["--n-epochs", "5", "--out", str(out)])
+    args = ff_runs.parse_args(TINY + ["--n-epochs", "5", "--out", str(out)])
     args.checkpoint_every = 10
-    with pytest.raises(ff.RunInterrupted) as e:
-        ff.run_experiment(args, callback=stop, **QUIET)
+    with pytest.raises(ff_runs.RunInterrupted) as e:
+        ff_runs.run_experiment(args, callback=stop, **QUIET)
     assert "2 epochs finished but none was checkpointed yet (--checkpoint-every 10)" in str(e.value)
 
 
@@ -539,6 +585,6 @@ def test_a_checkpoint_of_the_older_format_resumes_exactly(tmp_path):
     np.savez(old / "checkpoint.npz", **arrays)
     for run in (ref, old):
         assert ff.main(["--resume", str(run)]) == 0
-    a, b = ff.load_run(str(ref)), ff.load_run(str(old))
+    a, b = ff_runs.load_run(str(ref)), ff_runs.load_run(str(old))
     for Wa, Wb in zip(a.weights, b.weights):
         np.testing.assert_array_equal(Wa, Wb)

@@ -18,7 +18,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "experiments"))
-import ff_hybrid_mnist as ff  # noqa: E402
+import ff_runs  # noqa: E402
 import plot_threshold_sweep  # noqa: E402
 import sweep  # noqa: E402
 from conftest import TINY_LINE, one_line  # noqa: E402
@@ -55,11 +55,11 @@ def wait_for(condition, seconds, what):
 
 
 def trainings(run_dir):
-    """The live training processes that write into run_dir."""
+    """The live training processes (of any experiment script) that write into run_dir."""
     found = []
     for p in psutil.process_iter(["cmdline", "status"]):
         cmdline = " ".join(p.info["cmdline"] or [])
-        if ("ff_hybrid_mnist.py" in cmdline and str(run_dir) in cmdline
+        if (any(script in cmdline for script in ff_runs.SCRIPTS) and str(run_dir) in cmdline
                 and p.info["status"] != psutil.STATUS_ZOMBIE):
             found.append(p)
     return found
@@ -143,7 +143,7 @@ def sleeper_runs(tmp_path, ns, seconds):
     """(job, todo) of runs of the sleeping stand-in: {label: seconds} in list order."""
     (tmp_path / "sleeper.py").write_text(SLEEPER)
     job = sweep.make_job(ns)
-    job.train_script = str(tmp_path / "sleeper.py")
+    job.train_scripts = dict.fromkeys(job.train_scripts, str(tmp_path / "sleeper.py"))
     return job, [(sweep.Run(label, ["--sleep", str(s)], n), None)
                  for n, (label, s) in enumerate(seconds.items(), 1)]
 
@@ -161,6 +161,7 @@ def test_sweep_records_each_run_and_its_refit(tmp_path):
     for label, r in records.items():
         assert r["rc"] == 0 and r["refit_rc"] == 0 and r["refit_top_k"] == 2
         assert r["status"] == "finished" and r["attempts"] == 1 and r["threads"] == 1
+        assert r["script"] == r["config"]["script"] == "ff_hybrid_mnist.py"
         saved = json.load(open(tmp_path / "runs" / label / "metrics.json"))
         assert r["metrics"]["test_error"] == saved["test_error"]
         assert r["config"] == json.load(open(tmp_path / "runs" / label / "args.json"))
@@ -430,8 +431,8 @@ def test_sweep_resume_goes_on_from_the_checkpoint_and_skips_recorded_runs(tmp_pa
     argv = [str(cfg), "--threads", "1", "--jobs", "2", "--resume", "--out-dir", str(out),
             "--results", str(results)]
     assert sweep.main(argv[:1] + ["--dry-run"] + argv[1:]) == 0
-    assert (f"done                     ok: {' '.join(flags)}  (goes on from its checkpoint to "
-            "--n-epochs 2)") in capsys.readouterr().out
+    assert (f"done                     ok: ff_hybrid_mnist.py {' '.join(flags)}  (goes on from "
+            "its checkpoint to --n-epochs 2)") in capsys.readouterr().out
     sweep.main(argv)
     records = {r["label"]: r for r in records_of(results)[2:]}
     assert records["cut"]["resumed"] and records["done"]["resumed"]
@@ -449,12 +450,30 @@ def test_sweep_resume_goes_on_from_the_checkpoint_and_skips_recorded_runs(tmp_pa
     assert capsys.readouterr().out.count("finished earlier") == 3
 
 
-def finished_run(folder, flags):
+def line_config(flags, folder):
+    """The configuration of a sweep line's flags (the one trainer's), as its script makes it."""
+    script, flags = ff_runs.script_for(flags)
+    parser = ff_runs.build_parser(ff_runs.config_class(script))
+    return ff_runs.parse_args(flags + ["--out", str(folder)], parser=parser).config
+
+
+def before_the_split(cfg):
+    """cfg as a run saved before the scripts were split stored it: no script, and every
+    field of every experiment (the others' at the old trainer's defaults)."""
+    label_fields = ff_runs.config_class("ff_label_mnist.py").__dataclass_fields__
+    old = {name: f.default for name, f in label_fields.items()}
+    old.update(negatives=cfg.negatives, local="")
+    old.update(dataclasses.asdict(cfg))
+    return old
+
+
+def finished_run(folder, flags, saved=ff_runs.config_record):
     """A run folder as a finished run leaves it (without a checkpoint: --n-epochs 0), and its
-    record: what --resume compares with the list."""
+    record: what --resume compares with the list. saved: what its args.json holds of the
+    configuration (before_the_split: as a run of the one trainer left it)."""
     folder.mkdir(parents=True)
-    cfg = ff.parse_args(flags + ["--out", str(folder)]).config
-    (folder / "args.json").write_text(json.dumps(dataclasses.asdict(cfg)))
+    cfg = line_config(flags, folder)
+    (folder / "args.json").write_text(json.dumps(saved(cfg)))
     (folder / "metrics.json").write_text("{}")
     return {"label": folder.name, "args": flags, "rc": 0, "status": "finished"}
 
@@ -465,6 +484,11 @@ def finished_run(folder, flags):
     ("--n-epochs 0", "--n-epochs 1",
      "run folder holds --n-epochs 0, the list says 1 (and no checkpoint to go on from)"),
     ("--head lbfgs", "", "run folder holds --head lbfgs, the list says sgd"),
+    # another script's run: the line's flags select the script (--negatives label)
+    ("", "--negatives label",
+     "run folder holds a run of ff_hybrid_mnist.py, the list's line runs ff_label_mnist.py"),
+    ("--negatives label --hard-negatives", "--negatives label",
+     "run folder holds --hard-negatives True, the list says False"),
 ])
 def test_resume_refuses_a_run_folder_of_another_configuration(tmp_path, capsys, kept, listed, says):
     """A list changed since the run folder was written: --resume would mix the two, so the
@@ -501,6 +525,126 @@ def test_resume_refuses_a_finished_record_of_another_configuration(tmp_path, cap
     assert (f"cfg.txt:4 (changed): {results}:3 holds --lr 0.02, the list says 0.01"
             in one_line(captured.err))
     assert sorted(os.listdir(tmp_path)) == ["cfg.txt", "r.jsonl"]
+
+
+@pytest.mark.parametrize("line, script, flags", [
+    ("--negatives label --hard-negatives", "ff_label_mnist.py", "--hard-negatives"),
+    ("--hard-negatives --negatives=label", "ff_label_mnist.py", "--hard-negatives"),
+    ("--local 10:6:4,2:1:5 --peer-norm 0.03", "ff_local_mnist.py",
+     "--local 10:6:4,2:1:5 --peer-norm 0.03"),
+    ("--negatives hybrid --threshold 8", "ff_hybrid_mnist.py", "--threshold 8"),
+])
+def test_each_line_is_checked_and_run_by_the_script_of_its_experiment(tmp_path, capsys, line,
+                                                                      script, flags):
+    """The lists are written for the one trainer the scripts were split from: --negatives
+    label is ff_label_mnist.py's run (without that flag, which no script has), --local
+    ff_local_mnist.py's; --dry-run checks each line with its script's flags and names it."""
+    cfg = tmp_path / "cfg.txt"
+    base = TINY_LINE.replace("--layer-sizes 784,30,20 ", "") if "--local" in line else TINY_LINE
+    cfg.write_text(f"base {base}\na {line}\n")
+    assert sweep.main([str(cfg), "--out-dir", str(tmp_path / "runs"),
+                       "--results", str(tmp_path / "r.jsonl"), "--dry-run"]) == 0
+    assert f"a                        ok: {script} {base} {flags}\n" in capsys.readouterr().out
+    [run] = sweep.read_configs(str(cfg))
+    assert type(sweep.check_sweep(sweep_ns(tmp_path), [run])["a"]).SCRIPT == script
+    assert os.listdir(tmp_path) == ["cfg.txt"]
+
+
+@pytest.mark.parametrize("line, says", [
+    ("--hard-negatives", "cfg.txt:1 (a): --hard-negatives is not a flag of ff_hybrid_mnist.py: "
+                         "it belongs to ff_label_mnist.py (a list line runs it with --negatives "
+                         "label)"),
+    ("--negatives label --local 10:6:4", "cfg.txt:1 (a): --negatives label with --local: "
+                                         "no script runs both"),
+    ("--negatives label --n-blur 2", "cfg.txt:1 (a): --n-blur 2 is unused: label negatives "
+                                     "have no mask"),
+    ("--local 10:6:4 --layer-sizes 784,30", "cfg.txt:1 (a): --layer-sizes 784,30 disagrees "
+                                            "with --local 10:6:4"),
+])
+@pytest.mark.parametrize("dry_run", [False, True], ids=["run", "dry-run"])
+def test_a_line_its_script_refuses_is_one_line(tmp_path, capsys, line, says, dry_run):
+    cfg = tmp_path / "cfg.txt"
+    cfg.write_text(f"a {line}\n")
+    assert sweep.main([str(cfg), "--out-dir", str(tmp_path / "runs"),
+                       "--results", str(tmp_path / "r.jsonl")] + ["--dry-run"] * dry_run) == 2
+    assert says in one_line(capsys.readouterr().err)
+    assert os.listdir(tmp_path) == ["cfg.txt"]
+
+
+def test_resume_reads_runs_and_records_saved_before_the_split(tmp_path, capsys):
+    """Run folders and records of the one trainer hold every experiment's fields and no
+    script: --resume reads them as the configuration of the script their fields name
+    (ff_runs.run_config), so a label or local run counts for its line, and one of another
+    experiment than its line is refused, naming both scripts."""
+    cfg, results, runs = tmp_path / "cfg.txt", tmp_path / "r.jsonl", tmp_path / "runs"
+    label = f"{TINY_LINE} --negatives label --hard-negatives"
+    local = TINY_LINE.replace("--layer-sizes 784,30,20", "--local 10:6:4,2:1:5")
+    cfg.write_text(f"lab {label}\nloc {local}\nrec {label} --seed 3\nhyb {TINY_LINE}\n")
+    finished_run(runs / "lab", label.split(), saved=before_the_split)
+    finished_run(runs / "loc", local.split(), saved=before_the_split)
+    old = {"label": "rec", "args": ["--seed", "3"] + label.split(), "rc": 0,
+           "status": "finished",
+           "config": before_the_split(line_config(label.split() + ["--seed", "3"],
+                                                  tmp_path / "elsewhere"))}
+    results.write_text(json.dumps(old) + "\n")
+    argv = [str(cfg), "--resume", "--out-dir", str(runs), "--results", str(results),
+            "--dry-run"]
+    assert sweep.main(argv) == 0
+    out = capsys.readouterr().out
+    for name in ("lab", "loc"):
+        assert f"{name:24s} ok: finished in its folder, recorded without training" in out
+    assert "rec                      finished earlier" in out
+    assert f"hyb                      ok: ff_hybrid_mnist.py {TINY_LINE}\n" in out
+    cfg.write_text(f"rec {TINY_LINE} --seed 3\n")  # the record's run was a label run
+    assert sweep.main(argv) == 2
+    assert (f"cfg.txt:1 (rec): {results}:1 holds a run of ff_label_mnist.py, the list's line "
+            "runs ff_hybrid_mnist.py") in one_line(capsys.readouterr().err)
+    cfg.write_text(f"loc {local} --threshold 8\n")
+    assert sweep.main(argv) == 2
+    assert ("cfg.txt:1 (loc): run folder holds --threshold 2.0, the list says 8.0"
+            in one_line(capsys.readouterr().err))
+
+
+COMMITTED = [("sweep_val_label.txt", "sweep-val-label.jsonl"),
+             ("sweep_label_hard_paper.txt", "label-hard-paper.jsonl"),
+             ("sweep_val_local.txt", "sweep-val-local.jsonl"),
+             ("sweep_local_paper_net_seeds.txt", "local-paper-net.jsonl")]
+
+
+@pytest.mark.parametrize("name, results", COMMITTED)
+def test_committed_label_and_local_records_count_for_their_lists(name, results, tmp_path,
+                                                                 capsys):
+    """The committed records of label and local runs, written by the one trainer, are still
+    the finished runs of their lists' lines: --resume would train none of them again."""
+    path = os.path.join(ROOT, "experiments", name)
+    n_runs = len(sweep.read_configs(path))
+    assert sweep.main([path, "--resume", "--out-dir", str(tmp_path / "o"), "--dry-run",
+                       "--results", os.path.join(ROOT, "experiments", "results", results)]) == 0
+    out = capsys.readouterr().out
+    assert out.count(" finished earlier: recorded in ") == n_runs > 0 and " ok: " not in out
+
+
+@pytest.mark.cluster
+def test_label_and_local_lines_run_their_scripts_and_their_records_name_them(tmp_path):
+    """A --negatives label line trains with ff_label_mnist.py, a --local line with
+    ff_local_mnist.py (their run folders say so, and so do their metrics); each record names
+    its script beside the line's own args."""
+    cfg, results, out = tmp_path / "cfg.txt", tmp_path / "r.jsonl", tmp_path / "runs"
+    local = TINY_LINE.replace("--layer-sizes 784,30,20", "--local 10:6:4,2:1:5")
+    cfg.write_text(f"lab {TINY_LINE} --negatives label\nloc {local}\n")
+    assert sweep.main([str(cfg), "--jobs", "2", "--threads", "1", "--out-dir", str(out),
+                       "--results", str(results)]) == 0
+    records = {r["label"]: r for r in records_of(results)}
+    for label, script, args in (("lab", "ff_label_mnist.py", f"{TINY_LINE} --negatives label"),
+                                ("loc", "ff_local_mnist.py", local)):
+        r = records[label]
+        assert r["status"] == "finished" and r["rc"] == 0
+        assert r["script"] == script and r["args"] == args.split()
+        assert r["config"] == json.load(open(out / label / "args.json"))
+        assert r["config"]["script"] == script
+    assert "goodness_test_error" in records["lab"]["metrics"]
+    assert "goodness_test_error" not in records["loc"]["metrics"]
+    assert records["loc"]["config"]["local"] == "10:6:4,2:1:5"
 
 
 @pytest.mark.parametrize("content, says", [
