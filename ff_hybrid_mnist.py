@@ -347,6 +347,12 @@ class LayerWork:
 INITS = ("sqrt2", "fan-in")
 
 
+def init_weights(n_in, n_out, rng, init="sqrt2"):
+    """One dense layer's weights as init_network draws them (float64)."""
+    return rng.standard_normal((n_in, n_out)) * (np.sqrt(2.0) if init == "sqrt2"
+                                                 else 1 / np.sqrt(n_in))
+
+
 def init_network(layer_sizes, rng, kinds=None, init="sqrt2"):
     """Biases 0; weights N(0, sqrt 2) ("sqrt2") or N(0, 1/sqrt(n_in)) ("fan-in", the author's).
     sqrt2: a unit-norm input gives z ~ N(0, 2), so the mean goodness starts near 1, just
@@ -356,8 +362,7 @@ def init_network(layer_sizes, rng, kinds=None, init="sqrt2"):
     weights, biases = [], []
     kinds = kinds or [None] * (len(layer_sizes) - 1)
     for n_in, n_out, kind in zip(layer_sizes[:-1], layer_sizes[1:], kinds):
-        W = rng.standard_normal((n_in, n_out)) * (np.sqrt(2.0) if init == "sqrt2"
-                                                  else 1 / np.sqrt(n_in))
+        W = init_weights(n_in, n_out, rng, init)
         if kind is not None:
             W = kind.from_dense(W)
         weights.append(W.astype(np.float32))
@@ -518,24 +523,43 @@ def train_layer_step(state, l, x_in, cfg, lr, work, learns=True, refresh=False, 
     return loss, g, h
 
 
-def train_ff(x_train, cfg, state, callback=None, log=print, y_train=None):
-    """Train state in place up to total_epochs(cfg), one progress line per epoch.
+def stack_buffers(cfg, xp):
+    """What stack_step reuses: each layer's normalised input, its LayerWork, its kind."""
+    rows, kinds = 2 * cfg.batch_size, cfg.layer_kinds()
+    inputs = [xp.empty((rows, size), np.float32) for size in cfg.layer_sizes[:-1]]
+    work = [LayerWork.allocate(rows, n_in, n_out, xp, kind)
+            for n_in, n_out, kind in zip(cfg.layer_sizes[:-1], cfg.layer_sizes[1:], kinds)]
+    return inputs, work, kinds
 
-    Within a step every layer sees the L2-normalised activities that the layer below had
-    before its own update of this step (one forward pass serves forward and gradient), unless
-    cfg.refresh_inputs. callback(epoch, state) runs after each epoch.
-    """
+
+def stack_step(state, x, cfg, lr, trained, n_active, buffers):
+    """One step of the layer stack on the batch x (positives, then negatives): yields (l,
+    loss, g) for each of the n_active layers in turn. Every layer sees the normalised
+    activities that the layer below had before its own update of this step (one forward
+    pass serves forward and gradient), unless cfg.refresh_inputs."""
+    inputs, work, kinds = buffers
+    normalize = NORMALIZE[cfg.normalize]
+    normalize(x, out=inputs[0])
+    for l in range(n_active):
+        loss, g, h = train_layer_step(state, l, inputs[l], cfg, lr, work[l], l in trained,
+                                      refresh=cfg.refresh_inputs and l + 1 < n_active,
+                                      kind=kinds[l])
+        yield l, loss, g
+        if l + 1 < n_active:
+            normalize(h, out=inputs[l + 1])
+
+
+def train_ff(x_train, cfg, state, callback=None, log=print, y_train=None):
+    """Train state in place up to total_epochs(cfg), one progress line per epoch: the batches
+    of cfg.batches, each a step of cfg.step (the layer stack's: stack_step).
+    callback(epoch, state) runs after each epoch."""
     xp = array_module(cfg.device)
     state.to(xp)
     x_train = xp.asarray(x_train)  # once per run; the batches are gathered where they train
     B, n_layers, epochs = cfg.batch_size, len(cfg.layer_sizes) - 1, total_epochs(cfg)
     n_batches = len(x_train) // B
-    x = xp.empty((2 * B, cfg.layer_sizes[0]), np.float32)  # positives, then negatives
-    inputs = [xp.empty((2 * B, size), np.float32) for size in cfg.layer_sizes[:-1]]
-    kinds = cfg.layer_kinds()
-    work = [LayerWork.allocate(2 * B, n_in, n_out, xp, kind)
-            for n_in, n_out, kind in zip(cfg.layer_sizes[:-1], cfg.layer_sizes[1:], kinds)]
-    normalize = NORMALIZE[cfg.normalize]
+    x = xp.empty((2 * B, cfg.batch_width), np.float32)  # positives, then negatives
+    buffers = cfg.step_buffers(xp)
     t_start, start_epoch = time.perf_counter(), state.epochs_done
     for epoch in range(start_epoch, epochs):
         t0 = time.perf_counter()
@@ -547,16 +571,10 @@ def train_ff(x_train, cfg, state, callback=None, log=print, y_train=None):
         for i, _ in enumerate(cfg.batches(x_train, y_train, state, x)):
             # a greedy stage decays the rate over its own epochs
             lr = learning_rate(cfg, epoch % cfg.n_epochs, i / n_batches)
-            normalize(x, out=inputs[0])
-            for l in range(n_active):
-                loss, g, h = train_layer_step(state, l, inputs[l], cfg, lr, work[l], l in trained,
-                                              refresh=cfg.refresh_inputs and l + 1 < n_active,
-                                              kind=kinds[l])
+            for l, loss, g in cfg.step(state, x, lr, trained, n_active, buffers):
                 if l in trained and xp is np:
                     check_loss(cfg, loss, epoch, l, i)
                 losses[i, l], goodnesses[i, l] = loss, g
-                if l + 1 < n_active:
-                    normalize(h, out=inputs[l + 1])
         # the GPU's one wait of the epoch
         sums = epoch_sums(to_host(losses), to_host(goodnesses), B,
                           [cfg.layer_threshold(n) for n in cfg.layer_sizes[1:]])
@@ -969,8 +987,20 @@ class FFConfig:
 
     # the seams of the training loop and the read-out, which a variant script overrides
 
+    batch_width = property(lambda self: self.layer_sizes[0])  # the columns of a batch's row
+
     def batches(self, x_train, y_train, state, x):
         return hybrid_batches(x_train, y_train, self, state, x)
+
+    def fresh_network(self, rng):
+        """The network's first weights and biases (init_network)."""
+        return init_network(self.layer_sizes, rng, self.layer_kinds(), self.init)
+
+    def step_buffers(self, xp):
+        return stack_buffers(self, xp)
+
+    def step(self, state, x, lr, trained, n_active, buffers):
+        return stack_step(state, x, self, lr, trained, n_active, buffers)
 
     def layer_kinds(self):
         """Each layer's kind: None, a dense layer (x W)."""
@@ -1005,7 +1035,7 @@ class FFState:
 
     @classmethod
     def fresh(cls, cfg, rng):
-        weights, biases = init_network(cfg.layer_sizes, rng, cfg.layer_kinds(), cfg.init)
+        weights, biases = cfg.fresh_network(rng)
         head, head_opt = cfg.fresh_head()
         optimizer = OPTIMIZERS[cfg.optimizer]
         peer_start = 0.5 if cfg.peer_kind == "author" else 0.0  # the author's r starts at 0.5

@@ -34,11 +34,11 @@ MUTANTS = {  # name -> (text in one of CODE, its replacement, and so on)
         "make_hybrid_batch(x_train[pa[batch]], x_train[pb[batch]]",
         "make_hybrid_batch(x_train[pa[batch]], x_train[pa[batch]]"),
     "no L2 normalisation between layers": (
-        "                    normalize(h, out=inputs[l + 1])\n",
-        "                    np.copyto(inputs[l + 1], h)\n"),
+        "            normalize(h, out=inputs[l + 1])\n",
+        "            np.copyto(inputs[l + 1], h)\n"),
     "no L2 normalisation before layer 1": (
-        "            normalize(x, out=inputs[0])\n",
-        "            np.copyto(inputs[0], x)\n"),
+        "    normalize(x, out=inputs[0])\n",
+        "    np.copyto(inputs[0], x)\n"),
     "sum-goodness threshold not scaled by n_units": (
         'return self.threshold * (n_units if self.goodness == "sum" else 1)',
         "return self.threshold"),
