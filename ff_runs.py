@@ -302,6 +302,7 @@ SCRIPTS = {  # the experiment scripts: file -> (module, its configuration class)
     "ff_hybrid_mnist.py": ("ff_hybrid_mnist", "FFConfig"),
     "ff_label_mnist.py": ("ff_label_mnist", "LabelConfig"),
     "ff_local_mnist.py": ("ff_local_mnist", "LocalConfig"),
+    "ff_recurrent_mnist.py": ("ff_recurrent_mnist", "RecurrentConfig"),
 }
 
 

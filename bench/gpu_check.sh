@@ -33,12 +33,15 @@ step() {  # step NAME NEEDS_S COMMAND...: run it if NEEDS_S seconds are left
 
 train() {  # train NAME NEEDS_S FLAGS...: a training run on the GPU (--dry-run: checked here)
   local name=$1 needs=$2; shift 2
+  # the flags are the one trainer's of before the split: ff_runs.script_for picks the script
+  local line; line=$(python3 -c 'import shlex, sys, ff_runs; s, a = ff_runs.script_for(sys.argv[1:]); print(shlex.join([s] + a))' "$@")
+  eval "set -- $line"; local script=$1; shift
   if [ "$dry" = "--dry-run" ]; then
-    step "$name" 0 python3 ff_hybrid_mnist.py "$@" --device cpu --checkpoint-every 10 \
+    step "$name" 0 python3 "$script" "$@" --device cpu --checkpoint-every 10 \
       --out "$out/runs/$name" --dry-run
   else
     # a checkpoint every 10 epochs (and after the last): writing one costs about an epoch here
-    step "$name" "$needs" python3 ff_hybrid_mnist.py "$@" --device gpu --checkpoint-every 10 \
+    step "$name" "$needs" python3 "$script" "$@" --device gpu --checkpoint-every 10 \
       --out "$out/runs/$name"
   fi
 }
@@ -101,4 +104,16 @@ for s in 0 1 2; do
     --hard-head-lr 0.1 --hard-head-weight-decay 0.003 --layer-sizes 784,1000,1000,1000 \
     --batch-size 100 --n-epochs 100 --val-size 10000 --softmax-epochs 0 --seed "$s"
 done
+# the recurrent network with top-down connections (ff_recurrent_mnist.py, docs/recurrent.md)
+# at the paper's three hidden layers of 2000, a short run with the validation split
+recurrent="--layer-sizes 784,2000,2000,2000 --n-epochs 5 --val-size 10000 --seed 0"
+if [ "$dry" = "--dry-run" ]; then
+  # shellcheck disable=SC2086
+  step recurrent2000-e5 0 python3 ff_recurrent_mnist.py $recurrent --device cpu \
+    --checkpoint-every 10 --out "$out/runs/recurrent2000-e5" --dry-run
+else
+  # shellcheck disable=SC2086
+  step recurrent2000-e5 150 python3 ff_recurrent_mnist.py $recurrent --device gpu \
+    --checkpoint-every 10 --out "$out/runs/recurrent2000-e5"
+fi
 echo "done in $(( $(date +%s) - start )) s" | tee -a "$out/steps.txt"

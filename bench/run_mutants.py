@@ -1,7 +1,8 @@
 """Break the module on purpose, on a scratch copy, and check that the tests notice.
 
 Each mutant is one textual change to the code (ff_hybrid_mnist.py, ff_label_mnist.py,
-ff_local_mnist.py, ff_runs.py, ff_devices.py: each text is found once among them) that a
+ff_local_mnist.py, ff_recurrent_mnist.py, ff_runs.py, ff_devices.py: each text is found once
+among them) that a
 broken implementation could plausibly contain. For each, the repository is copied to a temporary folder, the change is
 applied, and the given tests are run there; a mutant that passes every test is reported
 as SURVIVED (the tests cannot see that bug). Not collected by pytest (no test_ prefix).
@@ -9,6 +10,7 @@ as SURVIVED (the tests cannot see that bug). Not collected by pytest (no test_ p
     python3 bench/run_mutants.py                     # all mutants: training, label, local, recipe, CLI tests
     python3 bench/run_mutants.py --tests tests       # against the whole suite
     python3 bench/run_mutants.py --tests "tests/test_training.py -k tiny"  # one test
+    python3 bench/run_mutants.py --only recurrent --tests tests/test_recurrent.py
 """
 import argparse
 import os
@@ -20,7 +22,8 @@ import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-CODE = ("ff_hybrid_mnist.py", "ff_label_mnist.py", "ff_local_mnist.py", "ff_runs.py",
+CODE = ("ff_hybrid_mnist.py", "ff_label_mnist.py", "ff_local_mnist.py", "ff_recurrent_mnist.py",
+        "ff_runs.py",
         "ff_devices.py")
 
 MUTANTS = {  # name -> (text in one of CODE, its replacement, and so on)
@@ -127,6 +130,55 @@ MUTANTS = {  # name -> (text in one of CODE, its replacement, and so on)
     "--checkpoint-every ignored": (
         "        if (epoch + 1) % every == 0 or epoch + 1 == total_epochs(cfg):\n",
         "        if True:\n"),
+    # the recurrent network (ff_recurrent_mnist.py)
+    "recurrent: no factor 1 - damping in dL/dz": (
+        "    dh *= 1.0 - damping\n    return dh\n", "    return dh\n"),
+    "recurrent: no ReLU mask in dL/dz": ("    xp.multiply(dh, mask, out=dh)\n", ""),
+    "recurrent: no damping": (
+        "    new *= 1.0 - damping\n    h *= damping\n    h += new\n", "    h[...] = new\n"),
+    "recurrent: no top-down input from the layer above": (
+        "            targets.append(work.inputs[l - 1][slot][:, top_down_at[l - 1]:])\n",
+        "            work.inputs[l - 1][slot][:, top_down_at[l - 1]:] = 0\n"),
+    "recurrent: no label at the top": (
+        "            xp.matmul(work.label, W[n_below:], out=static)\n",
+        "            static[...] = 0\n"),
+    "recurrent: layers updated in turn, not synchronously": (
+        "            yield t, l\n", "            yield t, l\n            publish(l, read)\n"),
+    "recurrent: the bottom-up pass sees the label": (
+        "            layer_forward(below, W[:n_below], b, out=work.h[l])\n",
+        "            layer_forward(below, W[:n_below], b, out=work.h[l])\n"
+        "            if l == n_layers - 1:\n"
+        "                work.h[l] += xp.maximum(work.label @ W[n_below:], 0)\n"),
+    "recurrent: neighbours' states not normalised": (
+        "            normalize(work.h[l], out=targets[0])\n",
+        "            xp.copyto(targets[0], work.h[l])\n"),
+    "recurrent: gradient from another iteration's inputs": (
+        "layer_grads(inputs.reshape(-1, inputs.shape[2]), dz.reshape(-1, n_out),",
+        "layer_grads(xp.roll(inputs, 1, axis=0).reshape(-1, inputs.shape[2]), "
+        "dz.reshape(-1, n_out),"),
+    "recurrent: no gradient for the image's weights": (
+        "        xp.matmul(work.image.T, dz_sum, out=dW[:n_below])\n",
+        "        dW[:n_below] = 0\n"),
+    "recurrent: no weight update": (
+        "        state.opt_w[l].step(W, dW, lr)\n        state.opt_b[l].step(b, db, lr)\n",
+        "        pass\n"),
+    "recurrent: right and wrong labels swapped": (
+        "        one_hot(labels[batch], out=x[:B, n_pixels:])\n",
+        "        one_hot(labels[batch], out=x[B:, n_pixels:])\n",
+        "        one_hot(wrong_all[batch], out=x[B:, n_pixels:])\n",
+        "        one_hot(wrong_all[batch], out=x[:B, n_pixels:])\n"),
+    "recurrent: wrong labels not from the run's generator": (
+        "    steps = np.concatenate([rng.integers(1, N_CLASSES, B) for _ in range(n_batches)])\n"
+        "    wrong_all",
+        "    steps = np.random.default_rng().integers(1, N_CLASSES, n_batches * B)\n"
+        "    wrong_all"),
+    "recurrent: read-out from iteration 1": (
+        "            if t >= cfg.readout_first:\n", "            if True:\n"),
+    "recurrent: a softmax head accepted": (
+        '("softmax_epochs", self.softmax_epochs > 0,', '("softmax_epochs", False,'),
+    "recurrent: --top-k accepted and ignored": (
+        'for name in ("softmax_epochs", "top_k", "head",',
+        'for name in ("softmax_epochs", "head",'),
 }
 
 
@@ -135,7 +187,7 @@ def main(argv=None):
     p.add_argument("--tests", default="tests/test_training.py tests/test_labels.py "
                                       "tests/test_softmax.py tests/test_refit_head.py "
                                       "tests/test_local.py tests/test_recipe.py "
-                                      "tests/test_cli.py tests/test_gpu.py")
+                                      "tests/test_cli.py tests/test_gpu.py tests/test_recurrent.py")
     p.add_argument("--only", help="run the mutants whose name contains this text")
     p.add_argument("--check", action="store_true",
                    help="only check that every mutant's text is found once, and exit")
