@@ -12,6 +12,7 @@ import ff_hybrid_mnist as ff
 import ff_recurrent_mnist as rec
 import ff_runs
 from conftest import QUIET, StopTraining
+from test_layer import numeric_grad
 
 SCRIPT = "ff_recurrent_mnist.py"
 
@@ -19,19 +20,6 @@ SCRIPT = "ff_recurrent_mnist.py"
 def rel_err(a, b):
     """|a - b| / max(|a|, |b|) over a whole block, in float64."""
     return np.abs(a - b).max() / max(np.abs(a).max(), np.abs(b).max(), 1e-12)
-
-
-def numeric_grad(f, p, eps=1e-6):
-    g = np.zeros_like(p)
-    for i in np.ndindex(p.shape):
-        old = p[i]
-        p[i] = old + eps
-        up = f()
-        p[i] = old - eps
-        down = f()
-        p[i] = old
-        g[i] = (up - down) / (2 * eps)
-    return g
 
 
 def norm(v):
