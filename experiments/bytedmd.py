@@ -49,9 +49,15 @@ exactly under the default rules (tests/test_bytedmd.py).
 
 Deadness needs the future, so a computation is first recorded as an op list (a Trace:
 `Scalar` values with operator overloading for small cases, whole-array builders such as
-`matmul` for large ones), then priced in one pass over the whole list (`price`).
+`matmul` for large ones), then priced (`price`) in a streaming pass: a first pass notes the
+last block of the list that reads each value, then the blocks are priced one after another,
+the stack carried between them, so that memory holds one block of reads and the stack,
+besides the list itself (about 4 bytes a read). `price_at_once` prices the whole list in one
+pass (about 190 bytes a read at its peak); it is the reference the streaming pass is tested
+against.
 """
 
+import itertools
 import math
 
 import numpy as np
@@ -93,8 +99,11 @@ class Trace:
         self.value_sizes = []      # chunks: (first id, count, bytes per value)
         self.arguments = []        # id arrays, in call order
         self.n_ops = 0
-        self.chunks = []           # (first op, read_op offsets, read ids, n_ops, phase,
-                                   #  first output id: operation first + k writes it + k)
+        self.n_reads = 0
+        self.chunks = []           # (first op, reads per operation (an int, or an array
+                                   #  of one per operation), read ids (int32 where they
+                                   #  fit), n_ops, phase, first output id: operation
+                                   #  first + k writes it + k)
         self.phase_prefix = ""     # prepended to every phase name from here on
 
     # values ---------------------------------------------------------------
@@ -132,11 +141,23 @@ class Trace:
         trace's): operation k reads reads[sum(n_reads[:k]):sum(n_reads[:k + 1])] in that
         order. Returns the outputs."""
         n = int(np.prod(shape, dtype=np.int64))
-        n_reads = np.broadcast_to(np.asarray(n_reads, np.int64), (n,))
-        read_op = np.repeat(np.arange(n, dtype=np.int64), n_reads)
-        self.chunks.append((self.n_ops, read_op, np.asarray(reads, np.int64).ravel(), n,
-                            self.phase_prefix + phase, self.n_values))
+        n_reads = np.asarray(n_reads, np.int64)
+        if n_reads.ndim == 0 or n == 0 or (n_reads == n_reads.flat[0]).all():
+            n_reads = int(n_reads.flat[0]) if n_reads.size else 0   # one count for all
+            total = n * n_reads
+        else:
+            n_reads = np.broadcast_to(n_reads, (n,))
+            total = int(n_reads.sum())
+            n_reads = n_reads.astype(np.min_scalar_type(int(n_reads.max())))
+        reads = np.asarray(reads, np.int64).ravel()
+        if len(reads) != total:
+            raise ValueError(f"{len(reads)} reads given for operations that read {total}")
+        if len(reads) and reads.max() < 2 ** 31:
+            reads = reads.astype(np.int32)   # the stored list, kept compact
+        self.chunks.append((self.n_ops, n_reads, reads, n, self.phase_prefix + phase,
+                            self.n_values))
         self.n_ops += n
+        self.n_reads += total
         return self.new_values(shape, size)
 
     def op(self, phase, *inputs, size=None):
@@ -242,8 +263,8 @@ class Trace:
         phases = list(dict.fromkeys(c[4] for c in self.chunks))
         ids = np.int32 if max(self.n_values, self.n_ops) + 1 < 2 ** 31 else np.int64
         none = [np.zeros(0, ids)]
-        read_op = np.concatenate([(first + ro).astype(ids) for first, ro, *_ in self.chunks]
-                                 or none)
+        read_op = np.concatenate([np.repeat(np.arange(first, first + n, dtype=ids), nr)
+                                  for first, nr, _, n, *_ in self.chunks] or none)
         read_val = np.concatenate([rv.astype(ids) for _, _, rv, *_ in self.chunks] or none)
         out_val = np.concatenate([np.arange(out, out + n, dtype=np.int64)
                                   for *_, n, _, out in self.chunks] or none).astype(np.int64)
@@ -315,7 +336,7 @@ def _value_ids(values):
 
 
 # -----------------------------------------------------------------------------
-# Pricing: the LRU stack replayed in one vectorised pass
+# Pricing: the LRU stack replayed in vectorised passes
 
 
 def sum_ceil_sqrt(n):
@@ -372,11 +393,12 @@ def _scatter(a, new_position):
     return out
 
 
-def price(trace, returned=None):
-    """(total, by_phase, per_read): the ByteDMD cost of the trace, its sum over the reads of
-    each phase's operations (a dict), and each read's cost in program order (under
-    returned="read" the final reads of the returned values come last, phase "return").
-    returned: the trace's rule for returned values (Trace.returns) unless given here.
+def price_at_once(trace, returned=None):
+    """price() computed over the whole op list at once: the same (total, by_phase,
+    per_read), but every read and slot is held in memory together (about 190 bytes a read
+    at the peak, measured on a training step of 14 million reads), so a trace of 100 million
+    reads would need some 19 GB. Kept as the reference that price() is tested against
+    (tests/test_bytedmd.py).
 
     Each time a value is put on top (an argument at the start, an input moved after an
     operation, an output pushed) it takes a new slot, numbered in that order; a slot is
@@ -453,3 +475,178 @@ def price(trace, returned=None):
     if returned == "live" and len(kept) and added_phase:
         del by_phase["return"]
     return int(per_read.sum()), by_phase, per_read
+
+
+# -----------------------------------------------------------------------------
+# Pricing in a streaming pass: the op list block by block, the stack carried between blocks
+
+BLOCK_READS = 1 << 20   # reads a block of price() holds at once (some 200 bytes each)
+
+
+def price(trace, returned=None, *, per_read=True, block_reads=BLOCK_READS):
+    """(total, by_phase, per_read): the ByteDMD cost of the trace, its sum over the reads of
+    each phase's operations (a dict), and each read's cost in program order (under
+    returned="read" the final reads of the returned values come last, phase "return"), or
+    None for per_read=False (the per-read costs of a large trace take 8 bytes a read).
+    returned: the trace's rule for returned values (Trace.returns) unless given here.
+
+    The op list is priced in blocks of consecutive operations of about block_reads reads
+    each, in program order, so that memory holds one block and the stack, never every read:
+    a first pass notes the last block that reads each value (whether a value outlives a
+    block); then each block is priced as price_at_once prices the whole list, with the
+    values on the stack at the block's start as its first slots, in stack order (bottom
+    first), as if they were arguments. A slot that is still occupied at the block's end
+    carries its value onto the next block's stack. The results equal price_at_once's, read
+    for read, for any block_reads >= 1 (tests/test_bytedmd.py).
+    """
+    returned = _check_option("returned", trace.returned if returned is None else returned,
+                             RETURNED)
+    plan = _block_plan(trace, max(1, int(block_reads)))
+    sizes = np.empty(trace.n_values + 1, np.min_scalar_type(
+        max([size for *_, size in trace.value_sizes] + [1])))
+    for first, n, size in trace.value_sizes:
+        sizes[first:first + n] = size
+    sizes[-1] = 1    # the value the final operation writes (returned values, below)
+    # the last block that reads each value (1, 2, ...; 0: never read), the returned values
+    # kept to the end read by a block after the last
+    last_block = np.zeros(trace.n_values + 1, np.min_scalar_type(len(plan) + 1))
+    for b, pieces in enumerate(plan, 1):
+        for ci, _, _, r0, r1 in pieces:
+            last_block[trace.chunks[ci][2][r0:r1]] = b
+    kept = trace.returned_values() if returned != "dropped" else np.zeros(0, np.int64)
+    last_block[kept] = len(plan) + 1
+    phases = list(dict.fromkeys(c[4] for c in trace.chunks))
+    if returned == "read" and len(kept) and "return" not in phases:
+        phases.append("return")
+    phase_index = {ph: i for i, ph in enumerate(phases)}
+    initial = np.concatenate([a.ravel() for a in reversed(trace.arguments)] or
+                             [np.zeros(0, np.int64)]).astype(np.int64)
+    live = initial[last_block[initial] > 0]          # the stack, bottom first
+    by_index, costs = [0] * len(phases), []
+    blocks = (_block_arrays(trace, pieces, phase_index) for pieces in plan)
+    if returned == "read" and len(kept):  # one more operation: reads each returned value
+        n = trace.n_ops
+        blocks = itertools.chain(blocks, [(n, np.full(len(kept), n, np.int64), kept,
+                                           np.array([trace.n_values], np.int64),
+                                           np.array([phase_index["return"]], np.int16))])
+    for b, (first_op, read_op, read_val, out_val, op_phase) in enumerate(blocks, 1):
+        cost, live = _price_block(first_op, first_op + len(out_val), read_op, read_val,
+                                  out_val, live, sizes, last_block, b)
+        phase_of_read = op_phase[read_op - first_op]
+        for i in np.unique(phase_of_read).tolist():
+            by_index[i] += int(cost[phase_of_read == i].sum())
+        if per_read:
+            costs.append(cost)
+    by_phase = dict(zip(phases, by_index))
+    per_read_costs = (np.concatenate(costs) if costs else np.zeros(0, np.int64)) if per_read \
+        else None
+    return sum(by_index), by_phase, per_read_costs
+
+
+def _block_plan(trace, block_reads):
+    """The op list cut into blocks of consecutive operations of about block_reads reads each
+    (at least one operation): a list of blocks, each a list of pieces of chunks (chunk index,
+    its first and end operation in the block, the first and end read of those)."""
+    blocks, current, count = [], [], 0
+    for ci, (_, n_reads, _, n, _, _) in enumerate(trace.chunks):
+        uniform = isinstance(n_reads, int)
+        offsets = None if uniform else np.concatenate([[0], np.cumsum(n_reads, dtype=np.int64)])
+        lo = 0
+        while lo < n:
+            room = block_reads - count
+            if uniform:
+                hi = lo + room // n_reads if n_reads else n
+            else:
+                hi = int(np.searchsorted(offsets, offsets[lo] + room, side="right")) - 1
+            hi = min(n, max(hi, lo + 1))
+            r0, r1 = (lo * n_reads, hi * n_reads) if uniform else (int(offsets[lo]),
+                                                                   int(offsets[hi]))
+            current.append((ci, lo, hi, r0, r1))
+            count += r1 - r0
+            lo = hi
+            if count >= block_reads:
+                blocks.append(current)
+                current, count = [], 0
+    if current:
+        blocks.append(current)
+    return blocks
+
+
+def _block_arrays(trace, pieces, phase_index):
+    """(first operation, read_op, read_val, out_val, op_phase) of one block of the plan:
+    each read's operation and value, each operation's output and phase index."""
+    read_op, read_val, out_val, op_phase = [], [], [], []
+    for ci, lo, hi, r0, r1 in pieces:
+        first, n_reads, reads, _, phase, out = trace.chunks[ci]
+        counts = n_reads if isinstance(n_reads, int) else n_reads[lo:hi]
+        read_op.append(np.repeat(np.arange(first + lo, first + hi, dtype=np.int64), counts))
+        read_val.append(reads[r0:r1].astype(np.int64))
+        out_val.append(np.arange(out + lo, out + hi, dtype=np.int64))
+        op_phase.append(np.full(hi - lo, phase_index[phase], np.int16))
+    ci, lo = pieces[0][:2]
+    return (trace.chunks[ci][0] + lo,) + tuple(map(np.concatenate, (read_op, read_val,
+                                                                     out_val, op_phase)))
+
+
+def _price_block(first_op, end_op, read_op, read_val, out_val, live, sizes, last_block, b):
+    """The cost of each read of block b (operations first_op ... end_op - 1), and the stack
+    after it (values, bottom first). live: the stack before it; last_block: the last block
+    that reads each value. Slots as in price_at_once: the live values' first (made at -1,
+    in stack order), then the slots the block makes; a slot that outlives the block ends
+    at end_op."""
+    n = len(read_val)
+    by_value = np.argsort(read_val, kind="stable")   # read_op is already in order
+    v, o = read_val[by_value], read_op[by_value]
+    new_group = np.ones(n, bool)
+    new_group[1:] = (v[1:] != v[:-1]) | (o[1:] != o[:-1])
+    starts = np.flatnonzero(new_group)
+    g_val, g_op, g_read = v[starts], o[starts], by_value[starts]  # g_read: its first read
+    del v, o, starts
+    first_of_value = np.ones(len(g_val), bool)
+    first_of_value[1:] = g_val[1:] != g_val[:-1]
+    last_of_value = np.append(first_of_value[1:], True)
+    # the slots the block makes: moved inputs read again (in the block or after it), in
+    # read order, and the pushed outputs (if ever read), each operation's after its inputs
+    moved = np.flatnonzero(~last_of_value | (last_block[g_val] > b))
+    pushed = np.flatnonzero(last_block[out_val] > 0)
+    made = np.concatenate([g_op[moved], first_op + pushed])
+    creation = np.lexsort((np.concatenate([g_read[moved], np.full(len(pushed), n)]), made))
+    n_live, n_moved = len(live), len(moved)
+    slot_of = np.empty(len(creation), np.int64)
+    slot_of[creation] = n_live + np.arange(len(creation))      # made -> slot number
+    moved_again = ~last_of_value[moved]                         # read again in the block
+    moved_end = np.full(n_moved, end_op, np.int64)
+    moved_end[moved_again] = g_op[moved[moved_again] + 1]
+    # where each value's first group of reads in the block finds it: a live slot or a
+    # pushed output's; those slots end there, the others outlive the block
+    f_val, f_op = g_val[first_of_value], g_op[first_of_value]  # by value, ascending
+    first_slot = np.full(len(f_val), -1, np.int64)
+    ends = []
+    for values, slots in ((live, np.arange(n_live)), (out_val[pushed], slot_of[n_moved:])):
+        at = np.searchsorted(f_val, values)
+        hit = at < len(f_val)
+        hit[hit] = f_val[at[hit]] == values[hit]
+        end = np.full(len(values), end_op, np.int64)
+        end[hit] = f_op[at[hit]]
+        first_slot[at[hit]] = slots[hit]
+        ends.append(end)
+    assert (first_slot >= 0).all(), "a value is read that is not on the stack"
+    group_slot = np.empty(len(g_val), np.int64)
+    group_slot[first_of_value] = first_slot
+    group_slot[moved[moved_again] + 1] = slot_of[:n_moved][moved_again]
+    slot_of_read = np.empty(n, np.int64)
+    slot_of_read[by_value] = group_slot[np.cumsum(new_group) - 1]
+    slot_val = np.concatenate([live, np.concatenate([g_val[moved], out_val[pushed]])[creation]])
+    slot_end = np.concatenate([ends[0], np.concatenate([moved_end, ends[1]])[creation]])
+    made = made[creation]
+    del by_value, new_group, g_val, g_op, g_read, group_slot, slot_of, first_slot, creation
+    slot_size = sizes[slot_val].astype(np.int64)
+    # bytes above each read's block, as in price_at_once
+    made_before = n_live + np.searchsorted(made, read_op, side="left")
+    cumulative = np.concatenate([[0], np.cumsum(slot_size)])
+    ended = slot_end < end_op      # a slot that outlives the block is never vacated in it
+    vacated = np.zeros(len(slot_end), np.int64)
+    vacated[ended] = later_and_vacated_earlier(slot_end[ended], slot_size[ended])
+    above = cumulative[made_before] - cumulative[slot_of_read + 1] - vacated[slot_of_read]
+    size = sizes[read_val].astype(np.int64)
+    return sum_ceil_sqrt(above + size) - sum_ceil_sqrt(above), slot_val[slot_end == end_op]

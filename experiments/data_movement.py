@@ -10,6 +10,8 @@ comparison masks 1 byte. Every matrix product is the i-j-k loop (an entry's mult
 one after another, entries in row-major order).
 
     python3 experiments/data_movement.py grid --out experiments/results/data-movement.json
+    python3 experiments/data_movement.py batch --widths 64 \\
+        --out experiments/results/data-movement-batch100.jsonl
     python3 experiments/data_movement.py target --out experiments/results/data-movement-target.json
     python3 experiments/data_movement.py plot --grid experiments/results/data-movement.json \\
         --out viz/data_movement.png
@@ -33,7 +35,7 @@ import ff_runs  # noqa: E402
 import bytedmd  # noqa: E402
 import backprop_baseline as bp  # noqa: E402
 from records import (OneLineParser, RecordsError, check_figure, check_out, main_of,  # noqa: E402
-                     read_json)
+                     mismatch, read_json, read_text)
 
 LABEL_BYTES, MASK_BYTES = 8, 1
 
@@ -269,10 +271,10 @@ def measure(trace):
     """The cost of the trace's measured step (its phases not named "warm-up ..."), by phase,
     with the size of the whole trace and the seconds that pricing it took."""
     t0 = time.perf_counter()
-    _, by_phase, per_read = bytedmd.price(trace)
+    _, by_phase, _ = bytedmd.price(trace, per_read=False)
     measured = {ph: c for ph, c in by_phase.items() if not ph.startswith("warm-up ")}
     return {"cost": sum(measured.values()), "by_phase": measured,
-            "trace_reads": int(len(per_read)), "trace_ops": trace.n_ops,
+            "trace_reads": trace.n_reads, "trace_ops": trace.n_ops,
             "seconds": time.perf_counter() - t0}
 
 
@@ -403,6 +405,45 @@ def run_steps(args):
     ff_runs.write_json(args.out, out)
 
 
+def run_batch(args):
+    """One step of FF (negatives made) and of backprop on 784-w-w traced directly at the
+    training batch, after its warm-up step as everywhere: one JSON line per width, appended
+    to --out once both are priced."""
+    B = args.batch
+    for w in args.widths:
+        t0, widths = time.perf_counter(), (w, w)
+        row = {"ff": measure(trace_ff_step(784, widths, B, negatives=True))}
+        print(f"784-{w}-{w}, batch {B}: FF {row['ff']['cost']:.4e} ({row['ff']['trace_reads']} "
+              f"reads, {row['ff']['seconds']:.0f} s)", flush=True)
+        row["backprop"] = measure(trace_backprop_step(784, widths, B))
+        ff_c, bp_c = row["ff"]["cost"], row["backprop"]["cost"]
+        ph_ff, ph_bp = row["ff"]["by_phase"], row["backprop"]["by_phase"]
+        record = {
+            "script": "experiments/data_movement.py",
+            "what": "ByteDMD cost of one training step (after one warm-up step) traced at "
+                    "the training batch, FF with its negatives made and backprop, 784-w-w, "
+                    "rules bytedmd.FUSED_FLOAT32_RULES",
+            "rules": bytedmd.FUSED_FLOAT32_RULES, "network": [784, w, w], "width": w,
+            "batch": B, **row, "ratio": ff_c / bp_c,
+            "ratio_without_update": (ff_c - ph_ff["update"]) / (bp_c - ph_bp["update"]),
+            "shares": {"ff_negatives": ph_ff["negatives"] / ff_c,
+                       "ff_l2": ph_ff["l2norm"] / ff_c, "ff_update": ph_ff["update"] / ff_c,
+                       "backprop_backward": ph_bp["backward"] / bp_c,
+                       "backprop_update": ph_bp["update"] / bp_c},
+            "seconds": time.perf_counter() - t0, "peak_rss_mib": ff_runs.peak_rss_mib(),
+            "threads": os.environ.get("OPENBLAS_NUM_THREADS"),
+            "command": "python3 experiments/data_movement.py " + " ".join(sys.argv[1:]),
+            "environment": ff_runs.environment()}
+        print(f"784-{w}-{w}, batch {B}: FF {ff_c:.4e}  backprop {bp_c:.4e} "
+              f"({row['backprop']['trace_reads']} reads, {row['backprop']['seconds']:.0f} s)  "
+              f"FF/backprop {record['ratio']:.3f}  peak {record['peak_rss_mib']:.0f} MiB",
+              flush=True)
+        text = json.dumps(ff_runs.finite_or_none(record))
+        if bp.append_record(args.out, text):
+            return 1
+    return 0
+
+
 # The training curves: the real numpy code, FF (train_ff + a fresh softmax head after every
 # epoch) and backprop (backprop_baseline), on the first n_train digits of the training split
 
@@ -493,10 +534,11 @@ def steps_to(points, target):
 
 def run_cost(args):
     """Cost to a validation error: steps from the curves times the cost of a step at batch
-    100 (the quadratic fitted to every traced batch, extrapolated: batch 100 is not traced),
-    FF's softmax head added once."""
+    100: traced at that batch (--traced, the records of `batch`), else the quadratic fitted
+    to the batches `steps` traced, extrapolated. FF's softmax head added once."""
     with open(args.steps) as f:
         steps = json.load(f)
+    traced = batch_costs(read_batch_records(args.traced)) if args.traced else None
     curves = {"runs": []}
     for path in args.curves:
         with open(path) as f:
@@ -508,7 +550,9 @@ def run_cost(args):
     rows = []
     for w_key, st in steps["widths"].items():
         width = int(w_key)
-        step_cost = {name: st[name + "_fit"]["at_train_batch"] for name in ("ff", "backprop")}
+        names = ("ff", "backprop")
+        step_cost = ({name: traced[width, B][name] for name in names} if traced
+                     else {name: st[name + "_fit"]["at_train_batch"] for name in names})
         chunk = 2000  # extract_features' chunk
         features = -(-n // chunk) * st["features_fit"][0] + n * st["features_fit"][1]
         head = s["ff_softmax_epochs"] * -(-n // HEAD_BATCH) * st["head_step"]["cost"]
@@ -541,11 +585,12 @@ def run_cost(args):
                      f" = {row['ratio']:.1f}" if "ratio" in row else ""))
     ff_runs.write_json(args.out, {
         "what": "ByteDMD cost to reach a validation error: mean steps over the seeds times "
-                "the traced cost of a step at batch 100 (quadratic fit on the traced "
-                "batches); FF adds "
+                "the cost of a step at batch 100 (" + ("traced at that batch, the records of "
+                "`batch`" if traced else "quadratic fit on the traced batches") + "); FF adds "
                 "its softmax head once (features of the training digits and the head's "
                 "SGD epochs)", "batch_size": B, "rows": rows,
-        "inputs": [args.steps] + args.curves,
+        "step_cost": "traced" if traced else "quadratic fit",
+        "inputs": [args.steps] + args.curves + ([args.traced] if traced else []),
         "command": "python3 experiments/data_movement.py " + " ".join(sys.argv[1:])})
 
 
@@ -610,6 +655,7 @@ def run_tables(args):
         fit = grid["fits"][name]
         print(f"| {label} | " + " | ".join(f"{fit['exponents'][k]:.2f}" for k in FACTORS)
               + f" | {pct(fit['max_relative_misfit'])} |")
+    traced = batch_costs(read_batch_records(args.traced)) if args.traced else None
     if args.steps:
         with open(args.steps) as f:
             steps = json.load(f)
@@ -623,6 +669,13 @@ def run_tables(args):
                 print(f"| 784-{w}-{w} | {B} | {e(ff_c)} | "
                       f"{pct(m['ff']['by_phase']['negatives'] / ff_c)} | {e(bp_c)} | "
                       f"{ff_c / bp_c:.2f} |")
+            if traced:
+                for (tw, tb), m in sorted(traced.items()):
+                    if str(tw) == w:
+                        print(f"| 784-{w}-{w} | {tb}, traced | {e(m['ff'])} | "
+                              f"{pct(m['ff_negatives'])} | {e(m['backprop'])} | "
+                              f"{m['ff'] / m['backprop']:.2f} |")
+                continue
             q = {n: st[n + "_fit"]["at_train_batch"] for n in ("ff", "backprop")}
             lin = {n: st[n + "_fit"]["at_train_batch_affine"] for n in ("ff", "backprop")}
             print(f"| 784-{w}-{w} | {steps['train_batch']}, quadratic fit | {e(q['ff'])} | - | "
@@ -697,6 +750,11 @@ def build_parser():
     g.add_argument("--out", required=True, help="JSON record to write")
     s = sub.add_parser("steps", help="steps at 784-64-64 and 784-128-128, batches 1-16")
     s.add_argument("--out", required=True, help="JSON record to write")
+    b = sub.add_parser("batch", help="one step of each at 784-w-w traced at the training "
+                       "batch, appended as JSON lines")
+    b.add_argument("--widths", type=ff_runs.number_arg(int, 1), nargs="+", default=[64, 128])
+    b.add_argument("--batch", type=ff_runs.number_arg(int, 1), default=TRAIN_BATCH)
+    b.add_argument("--out", required=True, help="JSON-lines file to append to")
     c = sub.add_parser("curves", help="train FF and backprop on 784-w-w, errors per step")
     c.add_argument("--widths", type=ff_runs.number_arg(int, 1), nargs="+", default=[64])
     c.add_argument("--seeds", type=ff_runs.number_arg(int, 0), nargs="+", default=[0, 1, 2])
@@ -706,6 +764,8 @@ def build_parser():
     k.add_argument("--curves", required=True, nargs="+", help="records of `curves`")
     k.add_argument("--targets", type=fraction, nargs="+", required=True,
                    help="validation errors to reach (fractions, e.g. 0.06)")
+    k.add_argument("--traced", help="the records of `batch` (JSON lines): the cost of a step "
+                   "at the training batch as traced, instead of the fitted one")
     k.add_argument("--out", required=True, help="JSON record to write")
     g2 = sub.add_parser("plot", help="cost per step against width and batch, log-log")
     g2.add_argument("--grid", required=True, help="the record of `grid`")
@@ -714,6 +774,8 @@ def build_parser():
     tb.add_argument("--grid", required=True)
     tb.add_argument("--steps")
     tb.add_argument("--cost")
+    tb.add_argument("--traced", help="the records of `batch`: the steps table shows the traced "
+                    "training batch instead of the fits")
     return p
 
 
@@ -741,6 +803,45 @@ def read_inputs(args):
         inputs[kind] = [read_json(path, spec, f"the record of `data_movement.py {kind}`")
                         for path in ([paths] if isinstance(paths, str) else paths)]
     return inputs
+
+
+BATCH_RECORD = {"width": int, "batch": int, "ff": {"cost": float, "by_phase": {"negatives": float}},
+                "backprop": {"cost": float}}
+
+
+def read_batch_records(path):
+    """The records of `batch` (one JSON object a line), refused in one line if a line is not
+    one."""
+    records = []
+    for n, line in enumerate(read_text(path).split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            raise RecordsError(f"{path}:{n}: not a JSON record (cut short?)") from None
+        problem = mismatch(record, BATCH_RECORD)
+        if problem:
+            raise RecordsError(f"{path}:{n}: not a record of `data_movement.py batch` "
+                               f"({problem})")
+        records.append(record)
+    return records
+
+
+def batch_costs(records):
+    """{(width, batch): {"ff": cost, "backprop": cost, "ff_negatives": share}} from the
+    records of `batch` (a later record of the same size replaces an earlier one)."""
+    return {(r["width"], r["batch"]): {
+        "ff": r["ff"]["cost"], "backprop": r["backprop"]["cost"],
+        "ff_negatives": r["ff"]["by_phase"]["negatives"] / r["ff"]["cost"]} for r in records}
+
+
+def check_traced(args, steps, curves, traced):
+    """--traced must hold every width the cost is computed at, at the curves' batch."""
+    B = curves["settings"]["batch_size"]
+    for w in steps["widths"]:
+        if (int(w), B) not in traced:
+            raise RecordsError(f"--traced {args.traced} has no step of 784-{w}-{w} at batch {B}")
 
 
 def check_cost_inputs(args, steps, curves):
@@ -778,11 +879,16 @@ def main(argv=None):
 
     def body():
         inputs = read_inputs(args)
+        if getattr(args, "traced", None):
+            traced = batch_costs(read_batch_records(args.traced))
+            if args.command == "cost":
+                check_traced(args, inputs["steps"][0], inputs["curves"][0], traced)
         if args.command == "cost":
             check_cost_inputs(args, inputs["steps"][0], inputs["curves"])
         try:
-            {"tables": run_tables, "grid": run_grid, "steps": run_steps, "curves": run_curves,
-             "cost": run_cost, "plot": run_plot}[args.command](args)
+            return {"tables": run_tables, "grid": run_grid, "steps": run_steps,
+                    "batch": run_batch, "curves": run_curves, "cost": run_cost,
+                    "plot": run_plot}[args.command](args)
         except ff.DataError as e:  # curves: MNIST missing or damaged
             raise RecordsError(str(e)) from None
     return main_of(body)

@@ -410,3 +410,40 @@ def test_measured_step_leaves_out_the_warm_up():
     assert m["cost"] == total - sum(v for k, v in by_phase.items() if k.startswith("warm-up "))
     assert 0 < m["cost"] < total and set(m["by_phase"]) == {"forward", "loss", "backward",
                                                             "update"}
+
+
+# -----------------------------------------------------------------------------
+# price() streams the op list block by block; price_at_once holds every read together.
+# They must agree read for read whatever the blocks: cut after every read, after a few,
+# or not at all
+
+
+def assert_same_pricing(t, returned=None, block_reads=(1, 10 ** 9)):
+    total, by_phase, per_read = bd.price_at_once(t, returned)
+    for blocks in block_reads:
+        got = bd.price(t, returned, block_reads=blocks)
+        assert got[0] == total and got[2].tolist() == per_read.tolist(), blocks
+        assert list(got[1].items()) == list(by_phase.items()), blocks   # order too
+    assert bd.price(t, returned, per_read=False, block_reads=blocks) == (total, by_phase, None)
+
+
+def test_streaming_pricing_equals_pricing_at_once_on_random_op_lists():
+    rng = np.random.default_rng(2)
+    for _ in range(30):
+        t = random_trace(rng)
+        for returned in bd.RETURNED:
+            assert_same_pricing(t, returned)
+        assert t.n_reads == len(t.arrays()[2])
+
+
+def test_streaming_pricing_on_the_originals_table_and_training_steps():
+    for n, expected in ORIGINAL_TABLE.items():
+        for build, cost in zip((matvec, vecmat, matmul), expected):
+            if cost is not None:
+                assert bd.price(build(n), block_reads=5 if n <= 8 else 1000)[0] == cost
+    for rules in (FUSED_DROPPED, dict(returned="read"), dict(bytes_per_value=4)):
+        assert_same_pricing(matmul(3, **rules), block_reads=(2,))
+    # the tracer's earlier rules, at 4 bytes a value, as data_movement prices a step
+    for t in (dm.trace_ff_step(9, (3, 2), 2, negatives=True),
+              dm.trace_backprop_step(6, (4, 3), 3)):
+        assert_same_pricing(t, block_reads=(300,))

@@ -133,7 +133,8 @@ def test_backprop_baseline_prints_a_record_it_cannot_append(tmp_path, capsys):
 @pytest.fixture
 def no_computing(monkeypatch):
     """data_movement with every subcommand's work replaced by a failure."""
-    for name in ("run_grid", "run_steps", "run_curves", "run_cost", "run_plot", "run_tables"):
+    for name in ("run_grid", "run_steps", "run_batch", "run_curves", "run_cost", "run_plot",
+                 "run_tables"):
         monkeypatch.setattr(dm, name, never)
 
 
@@ -146,6 +147,9 @@ def no_computing(monkeypatch):
     (["cost", "--steps", "s", "--curves", "c", "--targets", "6", "--out", "c.json"],
      "6 is above 1"),
     (["plot", "--grid", "g", "--out", "p.pgn"], "give a file name ending in"),
+    (["batch", "--widths", "64", "64", "--out", "b.jsonl"], "--widths 64 64 repeats a value"),
+    (["batch", "--batch", "0", "--out", "b.jsonl"], "--batch: 0 must be >= 1"),
+    (["batch", "--out", "no/b.jsonl"], "the folder"),
 ])
 def test_data_movement_refuses_flags_and_outputs_before_computing(tmp_path, monkeypatch, capsys,
                                                                   no_computing, args, says):
@@ -153,6 +157,28 @@ def test_data_movement_refuses_flags_and_outputs_before_computing(tmp_path, monk
     with pytest.raises(SystemExit) as e:
         dm.main(args)
     assert e.value.code == 2 and says in one_line(capsys.readouterr().err)
+
+
+def test_data_movement_batch_appends_one_record_per_width(tmp_path, monkeypatch):
+    """The batch subcommand at a tiny size (9 inputs instead of 784): one JSON line per
+    width, appended, with the costs that measure() gives and the command that made it."""
+    small = {name: getattr(dm, name) for name in ("trace_ff_step", "trace_backprop_step")}
+    for name, trace in small.items():
+        monkeypatch.setattr(dm, name, lambda n_in, *a, _t=trace, **k: _t(9, *a, **k))
+    out = tmp_path / "b.jsonl"
+    out.write_text('{"earlier": 1}\n')
+    monkeypatch.setattr(sys, "argv", ["data_movement.py", "batch", "--widths", "2", "3",
+                                      "--batch", "2", "--out", str(out)])
+    assert dm.main(sys.argv[1:]) == 0
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert lines[0] == {"earlier": 1} and [r["width"] for r in lines[1:]] == [2, 3]
+    for r in lines[1:]:
+        ff = dm.measure(small["trace_ff_step"](9, (r["width"],) * 2, 2, negatives=True))
+        bp_ = dm.measure(small["trace_backprop_step"](9, (r["width"],) * 2, 2))
+        assert (r["ff"]["cost"], r["backprop"]["cost"]) == (ff["cost"], bp_["cost"])
+        assert r["ratio"] == ff["cost"] / bp_["cost"] and r["batch"] == 2
+        assert r["script"] == "experiments/data_movement.py"
+        assert r["command"].startswith("python3 experiments/data_movement.py batch --widths 2 3")
 
 
 @pytest.mark.parametrize("args, says", [
@@ -173,6 +199,32 @@ def test_data_movement_refuses_unusable_records_before_computing(tmp_path, monke
     (tmp_path / "latin1.json").write_bytes(b'{\n"what": "caf\xe9"}')
     assert dm.main(args) == 1
     assert says in one_line(capsys.readouterr().err)
+
+
+def traced_record(width, ff, backprop, batch=100):
+    return json.dumps({"width": width, "batch": batch, "ff": {"cost": ff, "by_phase": {
+        "negatives": ff / 10}}, "backprop": {"cost": backprop}})
+
+
+def test_data_movement_cost_takes_the_traced_step(tmp_path):
+    """cost --traced: the step costs at batch 100 are the traced ones, not the fits; a
+    width the records lack is refused before anything is computed."""
+    steps = os.path.join(RESULTS, "data-movement-steps.json")
+    curves = os.path.join(RESULTS, "data-movement-curves.json")
+    traced = tmp_path / "b.jsonl"
+    traced.write_text(traced_record(64, 4e10, 2e10) + "\n")
+    args = ["cost", "--steps", steps, "--curves", curves, "--targets", "0.12",
+            "--traced", str(traced), "--out", str(tmp_path / "c.json")]
+    assert dm.main(args) == 1                      # no step of 784-128-128
+    traced.write_text("\n".join([traced_record(64, 1, 1), traced_record(64, 4e10, 2e10),
+                                 traced_record(128, 1e11, 5e10), traced_record(64, 1, 1, 4)]))
+    assert dm.main(args) == 0
+    record = json.load(open(tmp_path / "c.json"))
+    row = record["rows"][0]
+    assert (row["ff_step_cost"], row["backprop_step_cost"]) == (4e10, 2e10)
+    assert record["step_cost"] == "traced" and record["inputs"][-1] == str(traced)
+    traced.write_text('{"width": 64}\n')
+    assert dm.main(args) == 1
 
 
 def shift_seeds(curves, by):
