@@ -1,13 +1,10 @@
 import os
-import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import numpy as np
+import pytest
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-
-import ff_hybrid_mnist as ff  # noqa: E402
-import ff_runs  # noqa: E402
+import ff_hybrid_mnist as ff
+import ff_runs
 
 
 def layer_step(x, W, b, n_pos, threshold, goodness_kind="mean", peer_coef=0.0, peer_mean=None,

@@ -1,7 +1,5 @@
 """Backprop baseline: the hand-derived gradient of every W and b against central finite
 differences in float64, a tiny real run that must learn, and the CLI's one-line refusals."""
-import os
-import sys
 
 import numpy as np
 import pytest
@@ -9,8 +7,7 @@ import pytest
 import ff_hybrid_mnist as ff
 from test_layer import numeric_grad, rel_err
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "experiments"))
-import backprop_baseline as bp  # noqa: E402
+import backprop_baseline as bp
 
 
 def test_backprop_gradient_matches_finite_differences():

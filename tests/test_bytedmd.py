@@ -4,15 +4,12 @@ earlier rules, and the fast pricing against a plain list-based replay of the def
 random op lists."""
 import itertools
 import math
-import os
-import sys
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "experiments"))
-import bytedmd as bd  # noqa: E402
-import data_movement as dm  # noqa: E402
+import bytedmd as bd
+import data_movement as dm
 
 
 def c(d):

@@ -14,22 +14,20 @@ import json
 import os
 import re
 import shlex
-import sys
 
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "experiments"))
 
-import ff_hybrid_mnist as ff  # noqa: E402
-import ff_devices  # noqa: E402
-import ff_label_mnist as ff_label  # noqa: E402
-import ff_local_mnist as ff_local  # noqa: E402
-import ff_runs  # noqa: E402
-import make_ff_hybrid_mnist_gif as gif  # noqa: E402
-import visualize_ff_hybrid_mnist as viz  # noqa: E402
-import refit_head  # noqa: E402
-import sweep  # noqa: E402
+import ff_hybrid_mnist as ff
+import ff_devices
+import ff_label_mnist as ff_label
+import ff_local_mnist as ff_local
+import ff_runs
+import make_ff_hybrid_mnist_gif as gif
+import visualize_ff_hybrid_mnist as viz
+import refit_head
+import sweep
 
 SCRIPTS = {"ff_hybrid_mnist.py": ff, "ff_label_mnist.py": ff_label, "ff_local_mnist.py": ff_local,
            "visualize_ff_hybrid_mnist.py": viz,

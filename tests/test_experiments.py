@@ -9,13 +9,12 @@ import sys
 import numpy as np
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "experiments"))
-import backprop_baseline as bp  # noqa: E402
-import data_movement as dm  # noqa: E402
-import plot_blur_sweep  # noqa: E402
-import plot_threshold_sweep  # noqa: E402
-import summarize  # noqa: E402
-from conftest import TINY_LINE, one_line  # noqa: E402
+import backprop_baseline as bp
+import data_movement as dm
+import plot_blur_sweep
+import plot_threshold_sweep
+import summarize
+from conftest import TINY_LINE, one_line
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "experiments", "results")
 

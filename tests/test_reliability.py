@@ -24,7 +24,6 @@ import visualize_ff_hybrid_mnist as viz
 from conftest import QUIET, TINY, TINY_NO_HEAD, one_line, run_cut_after
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "experiments"))  # the scripts run in this process
 
 
 

@@ -17,11 +17,10 @@ import psutil
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "experiments"))
-import ff_runs  # noqa: E402
-import plot_threshold_sweep  # noqa: E402
-import sweep  # noqa: E402
-from conftest import TINY_LINE, one_line  # noqa: E402
+import ff_runs
+import plot_threshold_sweep
+import sweep
+from conftest import TINY_LINE, one_line
 
 # about 1.2 s of training in 12 epochs of 0.1 s: time to kill what runs it
 SLOW = "--layer-sizes 784,200,200 --n-epochs 12 --n-train 2000 --batch-size 50 --softmax-epochs 1 --top-k 1"
