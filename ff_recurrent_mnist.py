@@ -45,6 +45,7 @@ import ff_runs  # noqa: E402
 from ff_devices import xp_of  # noqa: E402
 from ff_hybrid_mnist import (FFConfig, N_CLASSES, NORMALIZE, ff_loss_and_dz,  # noqa: E402
                              goodness, init_weights, layer_forward, layer_grads)
+from ff_label_mnist import sample_wrong_labels  # noqa: E402
 from ff_runs import option  # noqa: E402
 
 
@@ -61,9 +62,10 @@ def one_hot(labels, out):
 
 def recurrent_batches(x_train, y_train, cfg, state, x):
     """One epoch of batches: x[:B] digits with their own label, x[B:] the same digits with a
-    wrong label drawn uniformly from the other nine (the draws of ff_label_mnist.py's uniform
-    negatives, from the same stream); each row is [image | one-hot label]. Yields after
-    filling x."""
+    wrong label: drawn uniformly from the other nine (the draws of ff_label_mnist.py's uniform
+    negatives, from the same stream), or with cfg.hard_negatives in proportion to the
+    network's own preference, batch by batch (first_iteration_scores, sample_wrong_labels).
+    Each row is [image | one-hot label]. Yields after filling x."""
     n, B, rng, xp = len(x_train), cfg.batch_size, state.rng, xp_of(x_train)
     n_batches, n_pixels = n // B, cfg.layer_sizes[0]
     pos = rng.permutation(n)
@@ -75,8 +77,32 @@ def recurrent_batches(x_train, y_train, cfg, state, x):
         x[:B, :n_pixels] = x_train[rows[batch]]
         x[B:, :n_pixels] = x[:B, :n_pixels]
         one_hot(labels[batch], out=x[:B, n_pixels:])
-        one_hot(wrong_all[batch], out=x[B:, n_pixels:])
+        wrong = wrong_all[batch]
+        if cfg.hard_negatives:
+            scores = first_iteration_scores(state.weights, state.biases, x[:B, :n_pixels], cfg)
+            wrong = sample_wrong_labels(scores, labels[batch], xp.asarray(rng.random(B)))
+        one_hot(wrong, out=x[B:, n_pixels:])
         yield
+
+
+def first_iteration_scores(weights, biases, images, cfg):
+    """(n, 10): the network's scores for the ten labels of each image from one bottom-up
+    pass: the FF logit (goodness - threshold) of the top hidden layer after the first
+    iteration with each label clamped, the only layer a label reaches by then. All ten
+    labels share the bottom-up pass; a label adds its own row of the top-down weights. The
+    paper draws wrong labels in proportion to such probabilities (docs/recurrent.md)."""
+    xp = xp_of(images, *weights)
+    normalize, shapes = NORMALIZE[cfg.normalize], layer_shapes(cfg.layer_sizes)
+    below = normalize(images)
+    for l in range(len(weights) - 1):  # the bottom-up pass up to the top layer's input
+        below = normalize(layer_forward(below, weights[l][:shapes[l][0]], biases[l]))
+    W, n_below, n_out = weights[-1], shapes[-1][0], shapes[-1][2]
+    z = xp.matmul(below, W[:n_below]) + biases[-1]
+    labels = xp.matmul(normalize(xp.eye(N_CLASSES, dtype=W.dtype)), W[n_below:])
+    h = xp.maximum(z[:, None, :] + labels, 0) * (1.0 - cfg.damping)
+    h += cfg.damping * xp.maximum(z, 0)[:, None, :]  # the bottom-up state h^0, damped
+    g = goodness(h.reshape(-1, n_out), cfg.goodness).reshape(len(images), N_CLASSES)
+    return g - cfg.layer_threshold(n_out)
 
 
 # -----------------------------------------------------------------------------
@@ -367,6 +393,11 @@ class RecurrentConfig(FFConfig):
                             "(the paper's 0.3)", low=0, check=below_one)
     n_iterations: int = option(8, "synchronous iterations after the bottom-up pass, in "
                                "training (a loss at each) (the paper's 8)", low=1)
+    hard_negatives: bool = option(False, "each digit's wrong label drawn in proportion to "
+                                  "the network's preference (the paper's): probability "
+                                  "softmax of the top layer's FF logit after the first "
+                                  "iteration with that label, over the nine wrong labels; "
+                                  "without it, uniformly")
     readout_first: int = option(3, "the goodness read-out sums the iterations from this one "
                                 "(the paper's 3)", low=1)
     readout_last: int = option(5, "... to this one (the paper's 5); the read-out runs this "

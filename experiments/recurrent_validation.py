@@ -33,11 +33,14 @@ def main(argv=None):
     p.add_argument("--lr", type=float, default=0.03)
     p.add_argument("--threshold", type=float, default=2.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--hard-negatives", action="store_true",
+                   help="wrong labels drawn from the network's preference (the paper's)")
     p.add_argument("--out", help="append the JSON line to this file too")
     args = p.parse_args(argv)
     cfg = rec.RecurrentConfig(layer_sizes=args.layer_sizes, n_train=args.n_train,
                               n_epochs=args.n_epochs, lr=args.lr, threshold=args.threshold,
-                              seed=args.seed, val_size=VAL_SIZE)
+                              seed=args.seed, val_size=VAL_SIZE,
+                              hard_negatives=args.hard_negatives)
     x_train, y_train, _, _ = ff.load_mnist()
     x_fit, y_fit, x_val, y_val = ff.split_validation(x_train, y_train, VAL_SIZE, args.n_train)
     state = ff.FFState.fresh(cfg, np.random.default_rng(cfg.seed))

@@ -74,7 +74,7 @@ def test_damped_layer_gradient_matches_finite_differences(goodness_kind):
 
 # -- the dynamics against a plain float64 re-implementation -----------------------------------
 
-def reference_states(weights, biases, image, label, d, T):
+def reference_states(weights, biases, image, label, d, T, norm=norm):
     """The paper's dynamics written plainly: states[t][l] = h_l^t, t = 0 the bottom-up pass
     (top-down input 0), then synchronous damped updates from the normalised states of t-1."""
     L = len(weights)
@@ -201,6 +201,50 @@ def test_batches_pair_each_digit_with_its_label_and_a_wrong_one():
     assert counts[0] == 0 and counts[1:].min() > 70  # the nine wrong labels, about 111 each
 
 
+@pytest.mark.parametrize("layer_sizes, normalize",
+                         [((784, 12, 9, 7), "l2"), ((784, 6), "l2"), ((784, 12, 9), "rms")],
+                         ids=["3 layers", "1 layer", "rms"])
+def test_first_iteration_scores_are_the_top_layers_logits_after_one_iteration(layer_sizes,
+                                                                              normalize):
+    """The scores the wrong labels are drawn from: for each label, the top layer's goodness
+    minus its threshold at iteration 1 of the plain re-implementation with that label."""
+    cfg, weights, biases, x = small_network(layer_sizes, rows=4, normalize=normalize)
+    w64, b64 = [W.astype(np.float64) for W in weights], [b.astype(np.float64) for b in biases]
+    scores = rec.first_iteration_scores(w64, b64, x[:, :784], cfg)
+    n_top = layer_sizes[-1]
+    nrm = norm if normalize == "l2" else lambda v: norm(v) * np.sqrt(v.shape[1])
+    for k in range(10):
+        states = reference_states(w64, b64, x[:, :784], np.eye(10)[[k] * 4], 0.3, 1, nrm)
+        want = ff.goodness(states[1][-1]) - cfg.layer_threshold(n_top)
+        np.testing.assert_allclose(scores[:, k], want, rtol=1e-6)
+    assert np.ptp(scores, axis=1).min() > 0  # the label matters
+
+
+def test_hard_negatives_follow_the_networks_preference():
+    """With --hard-negatives the wrong label is never the digit's own and is drawn in
+    proportion to softmax(first_iteration_scores): a network whose top-down weights favour
+    label 3 strongly draws 3 for nearly every digit that is not a 3."""
+    x_train, y_train, _, _ = ff.load_mnist()
+    x_train, y_train = x_train[:1000], y_train[:1000]
+    cfg = rec.RecurrentConfig(layer_sizes=(784, 20, 10), batch_size=100, hard_negatives=True)
+    weights, biases = cfg.fresh_network(np.random.default_rng(0))
+    weights[-1][20 + 3] += 20.0  # label 3's top-down row: a large goodness with label 3
+    state = SimpleNamespace(rng=np.random.default_rng(0), weights=weights, biases=biases)
+    x = np.empty((200, cfg.batch_width), np.float32)
+    wrong, right = [], []
+    for _ in rec.recurrent_batches(x_train, y_train, cfg, state, x):
+        right.append(x[:100, 784:].argmax(1))
+        wrong.append(x[100:, 784:].argmax(1))
+    right, wrong = np.concatenate(right), np.concatenate(wrong)
+    assert np.all(wrong != right)
+    assert np.mean(wrong[right != 3] == 3) > 0.95
+    cfg.hard_negatives = False  # uniform: about 1/9 each
+    state.rng = np.random.default_rng(0)
+    uniform = np.concatenate([x[100:, 784:].argmax(1) for _ in
+                              rec.recurrent_batches(x_train, y_train, cfg, state, x)])
+    assert np.mean(uniform == 3) < 0.2
+
+
 # -- tiny real runs through main ---------------------------------------------------------------
 
 TINY = ["--layer-sizes", "784,40,40", "--n-train", "600", "--batch-size", "50",
@@ -263,8 +307,8 @@ def test_resume_ends_bit_identical_to_an_uninterrupted_run(tmp_path, small_test_
 @pytest.mark.parametrize("flags, words", [
     (["--local", "10:6:4"], "--local is not a flag of ff_recurrent_mnist.py: it belongs to "
                             "ff_local_mnist.py"),
-    (["--hard-negatives"], "--hard-negatives is not a flag of ff_recurrent_mnist.py: it "
-                           "belongs to ff_label_mnist.py"),
+    (["--hard-from", "head"], "--hard-from is not a flag of ff_recurrent_mnist.py: it "
+                              "belongs to ff_label_mnist.py"),
     (["--softmax-epochs", "5"], "--softmax-epochs 5 must be 0"),
     (["--schedule", "greedy"], "--schedule greedy is for a feed-forward script"),
     (["--readout-last", "9"], "--readout-last 9 exceeds --n-iterations 8"),
