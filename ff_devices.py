@@ -29,6 +29,22 @@ def to_host(a):
     return cupy.asnumpy(a) if cupy is not None else a
 
 
+def move_state(state, xp):
+    """Every array of a run's state (ff_hybrid_mnist.FFState) moved into xp's memory (numpy:
+    the host), in place: parameters, peer means, a head trained along, the optimisers'
+    arrays (Adam's moments, the smoothed gradient; not the CPU's Adam scratch). Returns it."""
+    move = to_host if xp is np else xp.asarray
+    for name in ("weights", "biases", "peer_means", "head"):
+        if getattr(state, name) is not None:
+            setattr(state, name, [move(a) for a in getattr(state, name)])
+    for opt in state.opt_w + state.opt_b + (state.head_opt or []):
+        for key, value in vars(opt).items():
+            if key != "scratch" and isinstance(value, np.ndarray if cupy is None
+                                               else (np.ndarray, cupy.ndarray)):
+                setattr(opt, key, move(value))
+    return state
+
+
 def row_squares(x):
     """sum_j x_ij^2 of each row: einsum on the CPU (no temporary); on the GPU a product and a
     reduction, two launches, where CuPy's einsum costs several times their host time."""

@@ -6,23 +6,19 @@ digits through a smooth random mask, so it keeps the short-range statistics of r
 and destroys their long-range shape. After this unsupervised training the network is frozen
 and a linear softmax on the normalised activities of the top layers is fitted to the labels.
 
-The file reads in the order the data flows: MNIST loader -> hybrid negatives -> layer maths
-(forward, goodness, loss and its hand-derived gradient, peer normalisation, init) ->
-optimisers -> the training loop -> the softmax head -> the run's configuration (FFConfig,
-also the command line) and state -> main(). The paper's other experiments are scripts beside it that import these pieces and
-hand the one training loop their own batches, layer kind or read-out: ff_label_mnist.py
-(section 3.3, the label in the image) and ff_local_mnist.py (locally-connected layers). Run
-folders, checkpoints, resume and the command line are in ff_runs.py; the device fast paths
-in ff_devices.py. Every function takes its array module from its arguments, so --device gpu
-runs the same code on CuPy arrays.
+The file reads in the order the data flows: loader, hybrid negatives, layer maths, optimisers,
+the training loop, the softmax head, the configuration (FFConfig, also the command line),
+main(). The paper's other experiments are scripts beside it that hand the one training loop
+their own batches, layer kind or read-out (ff_label_mnist.py, ff_local_mnist.py,
+ff_recurrent_mnist.py). Run folders, checkpoints and the command line are in ff_runs.py, the
+device fast paths in ff_devices.py; every function takes its array module from its
+arguments, so --device gpu runs the same code on CuPy arrays.
 
     python3 ff_hybrid_mnist.py                      # the SPEC run, seed 0
     python3 ff_hybrid_mnist.py --n-epochs 2 --n-train 5000 --softmax-epochs 5
 """
 
 import functools
-import gzip
-import hashlib
 import math
 import os
 import sys
@@ -36,10 +32,9 @@ if __name__ == "__main__":  # one module, however it was started: ff_runs import
 
 import ff_runs  # noqa: E402
 from ff_devices import (adam_cpu, adam_kernel, adam_scratch, array_module,  # noqa: E402
-                        row_squares, to_host, xp_of)
-from ff_runs import (DataError, TrainingDiverged, check_loss, check_option,  # noqa: E402
-                     check_silent, epoch_sums, flag, option, progress_line, record_epoch,
-                     shown)
+                        move_state, row_squares, to_host, xp_of)
+from ff_runs import (check_head_loss, check_loss, finish_epoch, head_fit_line,  # noqa: E402
+                     head_progress_line, option, read_idx_files)
 
 
 # -----------------------------------------------------------------------------
@@ -56,95 +51,18 @@ MNIST_FILES = {  # role -> (file name, SHA-256 of the decompressed file)
                     "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2"),
 }
 
+DataError = ff_runs.DataError  # what load_mnist raises
 EMBEDDED_MNIST_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "mnist")
-HOW_TO_SUPPLY = ("put the four MNIST *-ubyte.gz files in a folder and pass it with "
-                 "--data-dir DIR or the MNIST_DIR environment variable")
-
-
-GZIP_MAGIC = b"\x1f\x8b"
-
-
-def find_idx_file(folder, name):
-    """The path of `name` or `name.gz` in folder, or None."""
-    for candidate in (name + ".gz", name):
-        path = os.path.join(folder, candidate)
-        if os.path.isfile(path):
-            return path
-    return None
-
-
-def read_idx_bytes(path):
-    """Raw decompressed bytes of an IDX file, gzip or not (sniffed by its magic)."""
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-        if raw[:2] == GZIP_MAGIC:
-            return gzip.decompress(raw)
-        if path.endswith(".gz"):
-            raise DataError(f"{path}: not a gzip archive")
-        return raw
-    except (OSError, EOFError, gzip.BadGzipFile) as e:
-        raise DataError(f"{path}: cannot be read or decompressed ({e.__class__.__name__}: {e})")
-
-
-def parse_idx(data, path, is_images):
-    """uint8 array from IDX bytes; checks magic number, dimensions and count."""
-    want_magic, want_ndim = (0x803, 3) if is_images else (0x801, 1)
-    if len(data) < 4 or int.from_bytes(data[:4], "big") != want_magic:
-        got = data[:4].hex() if len(data) >= 4 else "nothing"
-        raise DataError(f"{path}: wrong IDX magic number {got}, expected {want_magic:08x} "
-                        f"({'images' if is_images else 'labels'})")
-    header = 4 + 4 * want_ndim
-    if len(data) < header:
-        raise DataError(f"{path}: truncated IDX header")
-    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(want_ndim)]
-    if is_images and dims[1:] != [28, 28]:
-        raise DataError(f"{path}: images are {dims[1]}x{dims[2]}, expected 28x28")
-    if len(data) - header != int(np.prod(dims)):
-        raise DataError(f"{path}: header says {dims[0]} items but the file holds "
-                        f"{len(data) - header} bytes of data instead of {int(np.prod(dims))} "
-                        "(truncated or padded)")
-    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims)
-
-
-def load_idx(path, sha256, is_images):
-    data = read_idx_bytes(path)
-    got = hashlib.sha256(data).hexdigest()
-    if got != sha256:
-        raise DataError(f"{path}: SHA-256 of the decompressed file is {got[:16]}..., "
-                        f"expected {sha256[:16]}...; the file is damaged or not canonical MNIST")
-    return parse_idx(data, path, is_images)
 
 
 def load_mnist(data_dir=None, files=MNIST_FILES, embedded_dir=EMBEDDED_MNIST_DIR):
-    """(x_train, y_train, x_test, y_test): float32 images in [0, 1], shape (n, 784); int64 labels.
+    """(x_train, y_train, x_test, y_test): float32 images in [0, 1], shape (n, 784); int64 labels,
+    from data_dir (--data-dir), else $MNIST_DIR, else the repository's data/mnist/, each file
+    checked against its SHA-256. Nothing is downloaded."""
+    arrays = read_idx_files(files, [(data_dir, "--data-dir"),
+                                    (os.environ.get("MNIST_DIR"), "MNIST_DIR"),
+                                    (embedded_dir, "the repository's data/mnist")])
 
-    The files come from data_dir (--data-dir), else $MNIST_DIR, else the copy the repository
-    ships in data/mnist/; each is checked against its SHA-256 and never changed. Nothing is
-    downloaded: a folder without the four files is refused, with how to supply them."""
-    names = [name for name, _ in files.values()]
-    source = next(((d, src) for d, src in ((data_dir, "--data-dir"),
-                                           (os.environ.get("MNIST_DIR"), "MNIST_DIR"),
-                                           (embedded_dir, "the repository's data/mnist"))
-                   if d), (None, None))
-    folder, where = source
-    if folder is None:
-        raise DataError("no MNIST folder given and no copy in the repository; " + HOW_TO_SUPPLY)
-    missing = [n for n in names if not find_idx_file(folder, n)]
-    if missing:
-        raise DataError(f"{where} folder {folder} lacks {', '.join(missing)} (.gz or raw); "
-                        + HOW_TO_SUPPLY)
-    arrays = {}
-    for role, (name, sha256) in files.items():
-        path = find_idx_file(folder, name)
-        try:
-            arrays[role] = load_idx(path, sha256, is_images=role.endswith("images"))
-        except DataError as e:
-            raise DataError(f"{e}; replace it with a good copy ({HOW_TO_SUPPLY})")
-    for split in ("train", "test"):
-        n_img, n_lab = len(arrays[split + "_images"]), len(arrays[split + "_labels"])
-        if n_img != n_lab:
-            raise DataError(f"{folder}: {split} set has {n_img} images but {n_lab} labels")
     def images(a):
         return (a.reshape(len(a), -1).astype(np.float32) / np.float32(255.0))
     return (images(arrays["train_images"]), arrays["train_labels"].astype(np.int64),
@@ -167,11 +85,8 @@ def split_validation(x_train, y_train, val_size, n_train=None):
 # Hybrid negatives: m*a + (1-m)*b with a smooth random binary mask m
 
 def blur_matrix(n_blur, side=28):
-    """The side x side matrix of n_blur passes of the [1/4, 1/2, 1/4] kernel with edge padding.
-
-    Blurring along rows and columns commutes, so n_blur separable passes over a mask M equal
-    B M B^T with B = P^n_blur; two small products replace 2*n_blur passes over the batch.
-    """
+    """B = P^n_blur, P one pass of the [1/4, 1/2, 1/4] kernel with edge padding: n_blur
+    passes along rows and columns of a mask M are B M B^T, two small products."""
     P = np.zeros((side, side))
     for i in range(side):
         for j, w in ((i - 1, 0.25), (i, 0.5), (i + 1, 0.25)):
@@ -192,13 +107,10 @@ def blur_matrix_on(xp, n_blur, side, dtype):
 
 
 def make_masks(n, rng, n_blur=6, side=28, xp=np, bits=None):
-    """n boolean masks (n, side*side) in xp's memory: uniform random bits, blurred n_blur
-    times, > 0.5. bits: their packed bits (mask_bits) already in xp's memory, else drawn.
-
-    The blurred values are multiples of 4^-(2 n_blur) in [0, 1], so float32 (24-bit
-    significand) holds every product and sum exactly up to n_blur = 6, float64 up to 13:
-    the threshold sees the exact blur either way, in any summation order, on any device.
-    """
+    """n boolean masks (n, side*side) in xp's memory: uniform random bits (bits: packed, from
+    mask_bits, else drawn), blurred n_blur times, > 0.5. The blurred values are multiples of
+    4^-(2 n_blur), exact in float32 up to n_blur = 6 (float64 up to 13): the threshold sees
+    the exact blur in any summation order, on any device."""
     dtype = np.float32 if n_blur <= 6 else np.float64
     B = blur_matrix_on(xp, n_blur, side, dtype)
     bits = xp.asarray(mask_bits(n, rng, side)) if bits is None else bits
@@ -220,8 +132,7 @@ def make_hybrid_batch(a, b, rng, n_blur=6, out=None, bits=None):
 
 
 # -----------------------------------------------------------------------------
-# Layer maths: normalisation, forward, goodness, FF loss and its hand-derived gradient, peer
-# normalisation, init
+# Layer maths: normalisation, forward, goodness, the FF loss's hand-derived gradient, peers
 
 def l2_normalize(x, out=None, eps=1e-8):
     """Rows scaled to unit length, so a layer sees only the direction of the layer below."""
@@ -296,8 +207,7 @@ def peer_spread(h, n_pos, peer_mean, coef, dz):
     xp = xp_of(h)
     r = PEER_MOMENTUM * peer_mean + (1 - PEER_MOMENTUM) * h[:n_pos].mean(axis=0)
     deviation = r - r.mean()
-    # d/dr_j of mean_k (r_k - mean r)^2 is 2 (r_j - mean r)/n_units; the mean's own
-    # derivative cancels because the deviations sum to zero.
+    # d/dr_j mean_k (r_k - mean r)^2 = 2 (r_j - mean r) / n_units (the deviations sum to 0)
     dactivity = coef * (1 - PEER_MOMENTUM) * 2.0 / h.shape[1] * deviation / n_pos
     dz[:n_pos] += (h[:n_pos] > 0) * dactivity.astype(h.dtype, copy=False)
     return coef * xp.mean(deviation ** 2), r
@@ -354,11 +264,10 @@ def init_weights(n_in, n_out, rng, init="sqrt2"):
 
 
 def init_network(layer_sizes, rng, kinds=None, init="sqrt2"):
-    """Biases 0; weights N(0, sqrt 2) ("sqrt2") or N(0, 1/sqrt(n_in)) ("fan-in", the author's).
-    sqrt2: a unit-norm input gives z ~ N(0, 2), so the mean goodness starts near 1, just
-    below the threshold of 2, where the loss is not flat. fan-in: an RMS-normalised input
-    (squared length n_in) gives z ~ N(0, 1), half the threshold of a summed goodness.
-    A layer of another kind (kinds) makes its weights from the dense draw (kind.from_dense)."""
+    """Biases 0; weights N(0, sqrt 2) (sqrt2: a unit-norm input gives z ~ N(0, 2), a mean
+    goodness near 1, below the threshold 2, where the loss is not flat) or N(0, 1/sqrt(n_in))
+    (fan-in, the author's, for RMS-normalised inputs). A layer of another kind (kinds) makes
+    its weights from the dense draw (kind.from_dense)."""
     weights, biases = [], []
     kinds = kinds or [None] * (len(layer_sizes) - 1)
     for n_in, n_out, kind in zip(layer_sizes[:-1], layer_sizes[1:], kinds):
@@ -390,19 +299,12 @@ def network_activities(weights, biases, x, n_layers=None, norm="l2", kinds=None)
 # Optimisers, in place (how Adam's passes run on each device: ff_devices.py)
 
 class Adam:
-    """Adam with bias correction (Kingma & Ba 2015) and optional decoupled weight decay
-    (AdamW, Loshchilov & Hutter 2019: p *= 1 - lr * weight_decay before the step), in place.
-    Decay added to the gradient instead would be divided by sqrt(v_hat) like the gradient,
-    a pull of about lr per step whatever the weight's size: that silenced every unit.
-
-    It keeps the undamped sums m_acc = sum_i beta1^(t-i) g_i and v_acc = sum_i
-    beta2^(t-i) g_i^2, that is m / (1 - beta1) and v / (1 - beta2) of the textbook, so that
-    a step is ten elementwise passes with one scratch buffer and no temporaries:
-        p -= lr * m_hat / (sqrt(v_hat) + eps)
-           = step_size * m_acc / (sqrt(v_acc) + eps / k),   k = sqrt((1-beta2)/(1-beta2^t)),
-    step_size = lr (1-beta1) / ((1-beta1^t) k).
-    How the passes run (threaded chunks on the CPU, one fused kernel on the GPU) is below.
-    """
+    """Adam (Kingma & Ba 2015) with decoupled weight decay (AdamW: p *= 1 - lr weight_decay
+    before the step; decay added to the gradient would be divided by sqrt(v_hat) too and
+    silenced every unit), in place. It keeps m_acc = m / (1 - beta1), v_acc = v / (1 - beta2)
+    of the textbook, so a step is ten elementwise passes and no temporaries:
+        p -= step_size * m_acc / (sqrt(v_acc) + eps / k),  k = sqrt((1-beta2)/(1-beta2^t)),
+    step_size = lr (1-beta1) / ((1-beta1^t) k)."""
 
     def __init__(self, param, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0):
         self.beta1, self.beta2, self.eps, self.weight_decay = beta1, beta2, eps, weight_decay
@@ -414,16 +316,12 @@ class Adam:
     def step(self, param, grad, lr):
         b1, b2 = self.beta1, self.beta2
         self.t += 1
-        # Python floats: a numpy float64 scalar would make every pass over float32 arrays
-        # compute in float64 and cast back, at several times the cost
+        # Python floats: a numpy float64 scalar would make every float32 pass float64
         k = math.sqrt((1 - b2) / (1 - b2 ** self.t))
         step_size = float(lr) * (1 - b1) / ((1 - b1 ** self.t) * k)
         decay = 1.0 - float(lr) * self.weight_decay
-        # A moment that stops receiving gradient (an input unit silent for a while) decays
-        # geometrically into float32 subnormals, and arithmetic on subnormals is ~100x slower
-        # on x86: without this, late epochs ran twice as slow. A moment below 1e-30 moves a
-        # weight by less than ~1e-24 per step, so zeroing it every 16 steps is invisible at
-        # float32 resolution (the textbook update is kept otherwise).
+        # moments without gradient decay into float32 subnormals, ~100x slower on x86;
+        # below 1e-30 they move a weight by < 1e-24, so every 16 steps they are zeroed
         flush_below = 1e-30 if self.t % 16 == 0 else 0.0
         scalars = (decay, b1, b2, step_size, self.eps / k, flush_below)
         if xp_of(param) is np:
@@ -439,15 +337,10 @@ class Adam:
     def load_state(self, m, v, t):
         self.m_acc[...], self.v_acc[...], self.t = m, v, int(t)
 
-    def to(self, move):
-        self.m_acc, self.v_acc = move(self.m_acc), move(self.v_acc)
-
 
 class SmoothedSGD:
-    """The author's optimiser (his Matlab code): the gradient smoothed over minibatches,
-    g = delay g + (1 - delay) grad, and p -= lr (g + weight_decay p), in place. The weight
-    cost is not smoothed, so like AdamW's it multiplies p by 1 - lr * weight_decay a step.
-    `grad` is overwritten (it serves as the step's scratch buffer)."""
+    """The author's optimiser (his Matlab code), in place: g = delay g + (1 - delay) grad,
+    p -= lr (g + weight_decay p), the weight cost unsmoothed; `grad` is the scratch."""
 
     def __init__(self, param, delay=0.9, weight_decay=0.0):
         self.delay, self.weight_decay = delay, weight_decay
@@ -468,9 +361,6 @@ class SmoothedSGD:
     def load_state(self, g):
         self.g[...] = g
 
-    def to(self, move):
-        self.g = move(self.g)
-
 
 OPTIMIZERS = {"adam": Adam, "sgd": SmoothedSGD}
 
@@ -483,8 +373,7 @@ def hybrid_batches(x_train, y_train, cfg, state, x):
     (two independent shuffles, a fresh mask per pair). Yields after filling x."""
     n, B, rng, xp = len(x_train), cfg.batch_size, state.rng, xp_of(x_train)
     pos, pa, pb = rng.permutation(n), rng.permutation(n), rng.permutation(n)
-    # every batch's mask bits drawn now, in batch order (the stream of drawing them batch by
-    # batch), and the epoch's draws moved to the device at once, not batch by batch
+    # the mask bits of every batch drawn now, in batch order, and moved to the device at once
     bits = xp.asarray(np.stack([mask_bits(B, rng) for _ in range(n // B)]))
     pos, pa, pb = xp.asarray(np.stack([pos, pa, pb]))
     for i in range(n // B):
@@ -496,14 +385,10 @@ def hybrid_batches(x_train, y_train, cfg, state, x):
 
 
 def train_layer_step(state, l, x_in, cfg, lr, work, learns=True, refresh=False, kind=None):
-    """Layer l's part of one step on x_in, the normalised stacked batch (positives, then as
-    many negatives): forward, FF loss and gradient, the optimiser on W and b, the peer-norm
-    running mean. A frozen layer (greedy: one below the layer that learns) only runs forward.
-    kind: the layer's kind (None: dense).
-
-    Returns (loss, g, h): loss is NaN for a frozen layer; h is what the layer above sees,
-    the output from before this step's update unless refresh.
-    """
+    """Layer l's part of one step on x_in, the normalised batch (positives, then negatives):
+    forward, FF loss and gradient, the optimiser, the peer-norm mean; a frozen layer (greedy)
+    only runs forward. Returns (loss, g, h): loss NaN when frozen; h, what the layer above
+    sees, is the output from before the update unless refresh."""
     W, b = state.weights[l], state.biases[l]
     if not learns:
         h = layer_forward(x_in, W, b, out=work.h, kind=kind, fields=work.fields)
@@ -550,9 +435,8 @@ def stack_step(state, x, cfg, lr, trained, n_active, buffers):
 
 
 def train_ff(x_train, cfg, state, callback=None, log=print, y_train=None):
-    """Train state in place up to total_epochs(cfg), one progress line per epoch: the batches
-    of cfg.batches, each a step of cfg.step (the layer stack's: stack_step).
-    callback(epoch, state) runs after each epoch."""
+    """Train state in place up to total_epochs(cfg): the batches of cfg.batches, each a step
+    of cfg.step (the layer stack's: stack_step); callback(epoch, state) after each epoch."""
     xp = array_module(cfg.device)
     state.to(xp)
     x_train = xp.asarray(x_train)  # once per run; the batches are gathered where they train
@@ -575,17 +459,9 @@ def train_ff(x_train, cfg, state, callback=None, log=print, y_train=None):
                 if l in trained and xp is np:
                     check_loss(cfg, loss, epoch, l, i)
                 losses[i, l], goodnesses[i, l] = loss, g
-        # the GPU's one wait of the epoch
-        sums = epoch_sums(to_host(losses), to_host(goodnesses), B,
-                          [cfg.layer_threshold(n) for n in cfg.layer_sizes[1:]])
-        for l in trained:
-            check_loss(cfg, sums[l, 0], epoch, l)
-        record_epoch(state.history, sums / n_batches, n_active, time.perf_counter() - t0)
-        state.epochs_done = epoch + 1
-        elapsed = time.perf_counter() - t_start
-        log(progress_line(cfg, state.history, epoch, elapsed,
-                          eta=elapsed / (epoch + 1 - start_epoch) * (epochs - epoch - 1)), flush=True)
-        check_silent(cfg, sums, trained, epoch)
+        # the GPU's one wait of the epoch: the sums checked, recorded and shown
+        finish_epoch(cfg, state, to_host(losses), to_host(goodnesses), trained, n_active,
+                     epoch, (t0, t_start, start_epoch), log)
         if callback is not None:
             callback(epoch, state)
     return state
@@ -639,28 +515,17 @@ def error_rate(F, y, W, b, chunk=10000):
     return wrong / len(y)
 
 
-def train_softmax(F_train, y_train, F_test, y_test, rng, n_epochs, lr, weight_decay,
-                  batch_size=256, n_classes=10, log=print, F_val=None, y_val=None):
-    """Minibatch SGD on the linear softmax. The per-epoch train error is the running error
-    of the minibatches during the epoch (an extra full pass per epoch would cost as much
-    as the training itself); validation (if given) and test error are exact, after each
-    epoch. Settings are chosen on the validation error, never on the test error.
-    A loss that is NaN or infinite raises TrainingDiverged: on the CPU at its step, on the
-    GPU at the end of its epoch. The head trains where F_train lives; the epoch's order and
-    the labels are moved there once, and its loss and errors are summed there and read
-    back once an epoch."""
+def train_softmax(F_train, y_train, rng, n_epochs, lr, weight_decay, batch_size=256,
+                  n_classes=10, log=print, F_val=None, y_val=None):
+    """Minibatch SGD on the linear softmax (the reference write-up's head), where F_train
+    lives. Per epoch: the loss and running error of its minibatches and the validation error
+    (given F_val); the test set is not read. A loss that is not finite raises
+    TrainingDiverged (on a GPU at the end of the epoch, where its sums are read back once)."""
     xp = xp_of(F_train)
-    W = xp.zeros((F_train.shape[1], n_classes), np.float32)
-    b = xp.zeros(n_classes, np.float32)
-    hist = {"train_error": [], "test_error": [], "loss": [], "seconds": []}
-    if F_val is not None:
-        hist["val_error"] = []
+    W, b = xp.zeros((F_train.shape[1], n_classes), np.float32), xp.zeros(n_classes, np.float32)
+    hist = {"train_error": [], "loss": [], "seconds": []} | (
+        {} if F_val is None else {"val_error": []})
     n, labels = len(y_train), xp.asarray(y_train)
-
-    def diverged(loss, epoch):
-        return TrainingDiverged(
-            f"the softmax head's loss is {float(loss)} in head epoch {epoch + 1}; lower "
-            f"--softmax-lr (now {lr:g}) or --softmax-weight-decay (now {weight_decay:g})")
     for epoch in range(n_epochs):
         t0 = time.perf_counter()
         perm = xp.asarray(rng.permutation(n))
@@ -673,56 +538,42 @@ def train_softmax(F_train, y_train, F_test, y_test, rng, n_epochs, lr, weight_de
                 loss, dW, db, logits = softmax_loss_and_grads(F_train[idx], yb, W, b,
                                                               weight_decay)
             if xp is np and not np.isfinite(loss):
-                raise diverged(loss, epoch)
+                check_head_loss(loss, epoch, lr, weight_decay)
             W -= lr * dW
             b -= lr * db
             wrong += (logits.argmax(axis=1) != yb).sum()
             loss_sum += loss.astype(np.float64) * len(idx)  # float64, as float(loss) was
         wrong, loss_sum = int(wrong), float(loss_sum)  # the epoch's one read of the two
-        if not math.isfinite(loss_sum):
-            raise diverged(loss_sum / n, epoch)
+        check_head_loss(loss_sum / n, epoch, lr, weight_decay)
         hist["train_error"].append(wrong / n)
         hist["loss"].append(loss_sum / n)
         if F_val is not None:
             hist["val_error"].append(error_rate(F_val, y_val, W, b))
-        hist["test_error"].append(error_rate(F_test, y_test, W, b))
         hist["seconds"].append(time.perf_counter() - t0)
         if (epoch + 1) % 5 == 0 or epoch + 1 == n_epochs:
-            val = (f"val error {100 * hist['val_error'][-1]:.2f}%  "
-                   if F_val is not None else "")
-            log(f"softmax epoch {epoch + 1:3d}/{n_epochs}  loss {hist['loss'][-1]:.4f}  "
-                f"running train error {100 * hist['train_error'][-1]:.2f}%  {val}"
-                f"test error {100 * hist['test_error'][-1]:.2f}%", flush=True)
+            log(head_progress_line(hist, epoch, n_epochs), flush=True)
     return W, b, hist
 
 
-HEAD_C = (1.0, 10.0, 100.0)  # the converged head's penalty |W|^2 / 2C on the summed
-                             # cross-entropy (weight decay 1 / (C n) on the mean): C chosen among
-HEAD_GTOL = 1e-6       # converged: no component of the penalised mean loss's gradient above this
+HEAD_C = (1.0, 10.0, 100.0)  # the penalty |W|^2 / 2C on the summed cross-entropy, C among
+HEAD_GTOL = 1e-6       # converged: no gradient component of the penalised mean loss above this
 HEAD_MAX_ITER = 3000   # L-BFGS iterations a fit may take (a fit that stops here says so)
-HEAD_CHOICE_SIZE = 10000  # without a validation split, the penalty is chosen on this many
-                          # of the head's training digits (the last), then refitted on all
+HEAD_CHOICE_SIZE = 10000  # no validation split: C is chosen on the last this many fit digits
 
 
 def fit_softmax_converged(F, y, weight_decay, start=None, F_val=None, y_val=None,
                           n_classes=10, gtol=HEAD_GTOL, max_iter=HEAD_MAX_ITER):
-    """The linear softmax fitted to the optimum of softmax_loss_and_grads (mean cross-entropy
-    plus (weight_decay/2)|W|^2, b unpenalised) by full-batch L-BFGS (scipy's L-BFGS-B), from
-    start = (W, b) or zeros. The loss is convex, so the optimum is unique; the fit stops when
-    the gradient's largest component is at most gtol, or after max_iter iterations in all
-    (history["converged"] says which). In float32 the line search can stop first, where the
-    loss's rounding hides the last decreases: the fit then goes on from there on a float64
-    copy of F (history["float64_iterations"]). The head is returned in F's dtype. The
-    history holds, per iteration, the loss, the training error of the iterate and (given
-    F_val) its validation error."""
+    """The linear softmax at the optimum of softmax_loss_and_grads (convex: unique) by
+    full-batch L-BFGS from start = (W, b) or zeros, until no gradient component exceeds gtol
+    or after max_iter iterations (history["converged"]). Where float32 rounding stops the
+    line search first, the fit goes on in float64. History: per iteration the loss, the
+    training error and (given F_val) the validation error."""
     from scipy.optimize import minimize  # the head's optimiser; FF training does not need it
 
     xp = xp_of(F)
     n_weights = F.shape[1] * n_classes
     labels = xp.asarray(y)
-    hist = {"loss": [], "train_error": []}
-    if F_val is not None:
-        hist["val_error"] = []
+    hist = {"loss": [], "train_error": []} | ({} if F_val is None else {"val_error": []})
 
     def unpack(theta, dtype):
         return (xp.asarray(theta[:n_weights].reshape(-1, n_classes), dtype=dtype),
@@ -769,14 +620,11 @@ def fit_softmax_converged(F, y, weight_decay, start=None, F_val=None, y_val=None
 
 def fit_head_converged(F_fit, y_fit, F_val=None, y_val=None, strengths=HEAD_C, log=print,
                        n_classes=10):
-    """The converged read-out: a converged head for each C in turn (the penalty |W|^2 / 2C on
-    the summed cross-entropy, so weight decay 1 / (C n) on the mean loss of n digits), the
-    strongest penalty first, each fit started from the previous optimum; the C with the
-    least error on the validation split (ties: the stronger penalty) is kept. Without a
-    validation split the choice is made on the last HEAD_CHOICE_SIZE fit digits (fits on the
-    others) and the chosen C is then fitted on every fit digit, from the choice's optimum.
-    The test set plays no part. Returns W, b and the history: each fit's path (loss, training
-    and validation error per iteration) and the values tried."""
+    """The converged read-out: a converged head for each C (weight decay 1 / (C n) on the mean
+    loss), the strongest penalty first, each from the previous optimum; the C with the least
+    validation error is kept (ties: the stronger). Without a validation split, C is chosen on
+    the last HEAD_CHOICE_SIZE fit digits and then refitted on all. Never reads the test set.
+    Returns W, b and the history of every fit."""
     if F_val is None:
         n_choose = min(HEAD_CHOICE_SIZE, len(y_fit) // 2)
         cut = len(y_fit) - n_choose
@@ -793,9 +641,7 @@ def fit_head_converged(F_fit, y_fit, F_val=None, y_val=None, strengths=HEAD_C, l
         hist.update(C=C, choice_error=error_rate(F_choose, y_choose, W, b),
                     seconds=time.perf_counter() - t0)
         fits.append(hist)
-        log(f"converged head, C {C:g}: {hist['iterations']} iterations, largest gradient "
-            f"{hist['grad_max']:.1e}{'' if hist['converged'] else ' (NOT converged)'}, error "
-            f"on {chosen_on} {100 * hist['choice_error']:.2f}%", flush=True)
+        log(head_fit_line(hist, chosen_on), flush=True)
         if best is None or hist["choice_error"] < best[0]:
             best = (hist["choice_error"], C, W, b)
         start = (W, b)
@@ -815,11 +661,9 @@ def fit_head_converged(F_fit, y_fit, F_val=None, y_val=None, strengths=HEAD_C, l
 
 
 def fit_head(weights, biases, cfg, fit, splits, log=print, strengths=HEAD_C):
-    """The softmax head on the frozen network: features of the cfg.top_k top layers, fitted
-    on fit = (x, y) by fit_head_converged (cfg.head lbfgs) or train_softmax (sgd, with cfg's
-    SGD settings; it also logs the test error per epoch), its error on each (name, x, y)
-    of splits (one of them "test"). A label run's head sees each digit once, with the neutral
-    label. Returns (W, b), the head's history and its metrics."""
+    """The softmax head on the frozen network's cfg.top_k top layers, fitted on fit = (x, y)
+    by fit_head_converged (cfg.head lbfgs) or train_softmax (sgd), and its error on each
+    (name, x, y) of splits. Returns (W, b), the head's history and its metrics."""
     x_fit, y_fit = fit
     x_fit = cfg.head_input(x_fit)
     splits = [(name, cfg.head_input(x), y) for name, x, y in splits]
@@ -832,8 +676,8 @@ def fit_head(weights, biases, cfg, fit, splits, log=print, strengths=HEAD_C):
     feature_seconds = time.perf_counter() - t0
     metrics = {"head": cfg.head}
     if cfg.head == "sgd":
-        W, b, history = train_softmax(F_fit, y_fit, F["test"], y["test"],
-                                      np.random.default_rng([cfg.seed, 1]), cfg.softmax_epochs,
+        W, b, history = train_softmax(F_fit, y_fit, np.random.default_rng([cfg.seed, 1]),
+                                      cfg.softmax_epochs,
                                       cfg.softmax_lr, cfg.softmax_weight_decay, log=log,
                                       F_val=F.get("val"), y_val=y.get("val"))
     else:
@@ -846,7 +690,6 @@ def fit_head(weights, biases, cfg, fit, splits, log=print, strengths=HEAD_C):
     metrics.update(train_error=error_rate(F_fit, y_fit, W, b),
                    softmax_seconds=time.perf_counter() - t0, feature_seconds=feature_seconds)
     return (W, b), history, metrics
-
 
 
 # -----------------------------------------------------------------------------
@@ -864,11 +707,8 @@ N_TRAIN_MAX, N_TEST, N_CLASSES = 60000, 10000, 10  # MNIST's training and test d
 class FFConfig:
     """Forward-Forward with hybrid-image MNIST negatives (Hinton 2022, section 3.2).
 
-    Everything a run depends on, checked on construction (ValueError, one line). The
-    command line is built from these fields; a run stores its configuration once and
-    --resume reads it back. A variant script subclasses it: its own fields, rules and the
-    seams the training loop calls (batches, layer_kinds, read_outs, head_input, fresh_head).
-    """
+    Everything a run depends on, checked on construction (ValueError, one line), and its
+    command line. A variant script subclasses it: its fields, rules and the loop's seams."""
     SCRIPT = "ff_hybrid_mnist.py"
     negatives = "hybrid"  # what the batches hold besides the real digits
     ACCURACY_KEY, ACCURACY_NAME = "real_vs_hybrid_accuracy", "real-vs-hybrid"
@@ -883,61 +723,45 @@ class FFConfig:
     weight_decay: float = option(0.0, "decoupled weight decay of the FF weights: each step "
                                  "multiplies them by 1 - lr * weight_decay", low=0)
     lr_decay: str = option("none", "linear-half: constant, then linearly to 0 over the second "
-                           "half, step by step; linear-half-epochs: the same, stepped once an "
-                           "epoch (the author's)", choices=LR_DECAYS)
+                           "half; linear-half-epochs: stepped once an epoch (the author's)",
+                           choices=LR_DECAYS)
     threshold: float = option(2.0, "goodness threshold theta (per unit: --goodness sum uses "
                               "threshold * n_units)", low=0, above=True)
     goodness: str = option("mean", "mean or sum of squared activities; sum uses threshold * "
                            "n_units, so both agree on every input", choices=GOODNESS_KINDS)
-    normalize: str = option("l2", "each layer's input (and the heads' features): l2 to unit "
-                            "length; rms to a mean square of 1 per component (the author's)",
-                            choices=tuple(NORMALIZE))
+    normalize: str = option("l2", "each layer's input and the head's features: l2, unit length; "
+                            "rms, mean square 1 (the author's)", choices=tuple(NORMALIZE))
     init: str = option("sqrt2", "weights N(0, sqrt 2), or N(0, 1/sqrt(fan-in)) (the author's); "
                        "biases 0", choices=INITS)
     peer_norm: float = option(0.0, "peer-normalisation coefficient, 0 = off", low=0)
-    peer_kind: str = option("spread", "with --peer-norm: spread: a loss on the spread of the "
-                            "units' running mean activities (gated by the ReLU); author: the "
-                            "author's term coef (r - mean r) added to dL/dz of every positive, "
-                            "ungated, r from 0.5", choices=tuple(PEER))
+    peer_kind: str = option("spread", "with --peer-norm: spread, a loss on the spread of the "
+                            "units' mean activities (gated by the ReLU); author, the author's "
+                            "ungated term (peer_author)", choices=tuple(PEER))
     schedule: str = option("parallel", "parallel: every layer learns in every epoch; greedy: "
                            "layer 1 for --n-epochs, then layer 2, ...", choices=SCHEDULES)
     refresh_inputs: bool = option(False, "feed each layer the output of the updated layer "
                                   "below (a second forward pass per layer)")
     n_blur: int = option(6, "blur passes of the hybrid mask", low=0)
     top_k: int = option(3, "layers whose activities feed the softmax head", low=1)
-    head: str = option("lbfgs", "the softmax head on the frozen network: lbfgs: fitted to its "
-                       "optimum by full-batch L-BFGS, its L2 penalty chosen on the validation "
-                       "split among HEAD_C; sgd: minibatch SGD for --softmax-epochs at "
-                       "--softmax-lr (the reference write-up's)", choices=HEADS)
+    head: str = option("lbfgs", "the softmax head: lbfgs, fitted to its optimum, its penalty "
+                       "chosen on validation among HEAD_C; sgd, minibatch SGD (the reference "
+                       "write-up's)", choices=HEADS)
     softmax_epochs: int = option(50, "epochs of the SGD head; 0 skips the head (either kind)",
                                  low=0)
     softmax_lr: float = option(0.05, "with --head sgd: its step size", low=0, above=True)
     softmax_weight_decay: float = option(1e-4, "with --head sgd: its L2 penalty (wd/2)|W|^2",
                                          low=0)
-    seed: int = option(0, "seeds the network, the batches and the negatives (and the head's "
-                       "batches, as [seed, 1])", low=0)
+    seed: int = option(0, "seeds the network, the batches, the negatives (the SGD head: "
+                       "[seed, 1])", low=0)
     n_train: int = option(None, "use the first N training digits", low=1,
                           default_text="every digit not held out by --val-size")
-    val_size: int = option(0, "hold out the last N of the 60000 training digits as a "
-                           "validation split, from FF training and the head; its error is "
-                           "reported beside the test error", low=0)
-    device: str = option("cpu", "gpu: the same code on CuPy arrays (agrees with cpu to float32 "
-                         "rounding); a resumed run may change it", choices=DEVICES)
+    val_size: int = option(0, "hold out the last N training digits from FF and the head as the "
+                           "validation split", low=0)
+    device: str = option("cpu", "gpu: the same code on CuPy arrays; a resumed run may change "
+                         "it", choices=DEVICES)
 
     def __post_init__(self):
-        self.layer_sizes = tuple(self.layer_sizes)
-        for name in self.__dataclass_fields__:
-            check_option(type(self), name, getattr(self, name))
-        self.derive()
-        if self.val_size >= N_TRAIN_MAX:
-            raise ValueError(f"--val-size {self.val_size} leaves none of the {N_TRAIN_MAX} "
-                             "training digits to train on")
-        if self.n_train is None:
-            self.n_train = N_TRAIN_MAX - self.val_size
-        for name, broken, why in self.rules():
-            if broken:
-                value = getattr(self, name)
-                raise ValueError(f"{flag(name)}{'' if isinstance(value, bool) else ' ' + shown(value)} {why}")
+        ff_runs.check_config(self, N_TRAIN_MAX)
 
     def derive(self):
         """Fields that follow from others (a variant's layer sizes), before the rules."""
@@ -947,9 +771,8 @@ class FFConfig:
         n_layers, default = len(self.layer_sizes) - 1, lambda name: getattr(
             self, name) == self.__dataclass_fields__[name].default
         return [("top_k", self.top_k > n_layers, f"exceeds the {n_layers} layers of --layer-sizes"),
-                ("n_train", self.n_train + self.val_size > N_TRAIN_MAX,
-                 f"and --val-size {self.val_size} together exceed the {N_TRAIN_MAX} training "
-                 "digits"),
+                ("n_train", self.n_train + self.val_size > N_TRAIN_MAX, f"and --val-size "
+                 f"{self.val_size} together exceed the {N_TRAIN_MAX} training digits"),
                 ("batch_size", self.batch_size > self.n_train, f"exceeds --n-train {self.n_train}"),
                 ("softmax_lr", not default("softmax_lr") and self.head != "sgd",
                  "needs --head sgd (the converged head has no step size)"),
@@ -958,17 +781,15 @@ class FFConfig:
                 ("softmax_lr", not default("softmax_lr") and self.softmax_epochs == 0,
                  "is unused: --softmax-epochs 0 skips the head"),
                 ("refresh_inputs", self.refresh_inputs and self.schedule == "greedy",
-                 "does nothing with --schedule greedy (the layers below are already trained "
-                 "and frozen)"),
+                 "does nothing with --schedule greedy (the layers below are frozen)"),
                 ("weight_decay", self.lr * self.weight_decay >= 1, f"times --lr {self.lr:g} is "
-                 "at least 1: each step would multiply the weights by 1 - lr x weight decay "
-                 "<= 0, zeroing or flipping them"),
+                 "at least 1: each step would zero or flip the weights"),
                 ("peer_kind", self.peer_kind != "spread" and self.peer_norm == 0,
                  "needs --peer-norm above 0")]
 
     def unused_fields(self):
-        """{field: what would use it} for the fields this run never reads: a flag of one of
-        them given on the command line is refused, even at its default value."""
+        """{field: what would use it} for the fields this run never reads (their flags are
+        refused)."""
         unused = {}
         if self.peer_norm == 0:
             unused["peer_kind"] = "--peer-norm above 0"
@@ -1046,23 +867,13 @@ class FFState:
                    head_opt=head_opt)
 
     def to(self, xp):
-        """Every array moved into xp's memory (numpy: the host), in place; returns self."""
-        move = to_host if xp is np else xp.asarray
-        self.weights = [move(W) for W in self.weights]
-        self.biases = [move(b) for b in self.biases]
-        self.peer_means = [move(r) for r in self.peer_means]
-        if self.head is not None:
-            self.head = [move(a) for a in self.head]
-        for opt in self.opt_w + self.opt_b + (self.head_opt or []):
-            opt.to(move)
-        return self
+        return move_state(self, xp)
 
 
 def learning_rate(cfg, epoch, fraction):
-    """lr at `fraction` in [0, 1) of epoch `epoch` (0-based; a greedy stage counts its own).
-    linear-half: constant for the first half, then linearly to 0 step by step;
-    linear-half-epochs: the author's, constant within an epoch, (1 + 2 (n - e)) / n in
-    1-based epoch e > n/2, which is linear-half at the epoch's middle."""
+    """lr at `fraction` of epoch `epoch` (0-based; a greedy stage counts its own): linear-half,
+    constant, then linearly to 0 over the second half; linear-half-epochs, the author's,
+    stepped once an epoch ((1 + 2 (n - e)) / n in 1-based epoch e > n/2)."""
     n = cfg.n_epochs
     if cfg.lr_decay == "linear-half":
         return cfg.lr * min(1.0, 2.0 * (1.0 - (epoch + fraction) / n))

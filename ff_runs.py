@@ -12,6 +12,8 @@ import dataclasses
 import datetime
 import fcntl
 import functools
+import gzip
+import hashlib
 import importlib
 import json
 import math
@@ -124,6 +126,25 @@ def record_epoch(history, means, n_active, seconds):
     history["seconds"].append(seconds)
 
 
+def finish_epoch(cfg, state, losses, goodnesses, trained, n_active, epoch, clock, log):
+    """The end of an FF epoch: its steps' losses and goodness (host arrays, (n_batches,
+    n_layers) and (n_batches, n_layers, 2B)) summed and checked (TrainingDiverged, then
+    silent layers), recorded in state.history, and one progress line. clock: (the epoch's
+    start, the run's start, the epoch it started from)."""
+    t0, t_start, start_epoch = clock
+    n_batches, epochs = len(losses), core().total_epochs(cfg)
+    sums = epoch_sums(losses, goodnesses, cfg.batch_size,
+                      [cfg.layer_threshold(n) for n in cfg.layer_sizes[1:]])
+    for l in trained:
+        check_loss(cfg, sums[l, 0], epoch, l)
+    record_epoch(state.history, sums / n_batches, n_active, time.perf_counter() - t0)
+    state.epochs_done = epoch + 1
+    elapsed = time.perf_counter() - t_start
+    log(progress_line(cfg, state.history, epoch, elapsed,
+                      eta=elapsed / (epoch + 1 - start_epoch) * (epochs - epoch - 1)), flush=True)
+    check_silent(cfg, sums, trained, epoch)
+
+
 def progress_line(cfg, history, epoch, elapsed, eta):
     def row(values, fmt):
         return " ".join("  -  " if v is None else fmt(v) for v in values)
@@ -134,6 +155,28 @@ def progress_line(cfg, history, epoch, elapsed, eta):
             + (f"  hard-negative head error {100 * history['head_error'][-1]:.1f}%"
                if history.get("head_error") else "")
             + f"  {history['seconds'][-1]:.1f} s  elapsed {elapsed:.0f} s  eta {eta:.0f} s")
+
+
+def check_head_loss(loss, epoch, lr, weight_decay):
+    """TrainingDiverged when the SGD softmax head's loss is NaN or infinite."""
+    if not math.isfinite(float(loss)):
+        raise TrainingDiverged(
+            f"the softmax head's loss is {float(loss)} in head epoch {epoch + 1}; lower "
+            f"--softmax-lr (now {lr:g}) or --softmax-weight-decay (now {weight_decay:g})")
+
+
+def head_progress_line(hist, epoch, n_epochs):
+    """The SGD head's progress: its loss, running training error and validation error."""
+    val = f"  val error {100 * hist['val_error'][-1]:.2f}%" if "val_error" in hist else ""
+    return (f"softmax epoch {epoch + 1:3d}/{n_epochs}  loss {hist['loss'][-1]:.4f}  "
+            f"running train error {100 * hist['train_error'][-1]:.2f}%{val}")
+
+
+def head_fit_line(hist, chosen_on):
+    """One converged fit of the head: iterations, largest gradient, the choice's error."""
+    return (f"converged head, C {hist['C']:g}: {hist['iterations']} iterations, largest "
+            f"gradient {hist['grad_max']:.1e}{'' if hist['converged'] else ' (NOT converged)'}"
+            f", error on {chosen_on} {100 * hist['choice_error']:.2f}%")
 
 
 # -----------------------------------------------------------------------------
@@ -194,6 +237,109 @@ def check_option(config_class, name, value):
         refuse(f"is not one of {', '.join(meta['choices'])}")
     if meta["check"] is not None:
         meta["check"](value)
+
+def check_config(cfg, n_train_max):
+    """A configuration's checks on construction (its __post_init__): every field against its
+    option's rules, the fields that follow from others (cfg.derive(), n_train), then the
+    rules across fields (cfg.rules()); ValueError, one line naming the flag."""
+    cfg.layer_sizes = tuple(cfg.layer_sizes)
+    for name in cfg.__dataclass_fields__:
+        check_option(type(cfg), name, getattr(cfg, name))
+    cfg.derive()
+    if cfg.val_size >= n_train_max:
+        raise ValueError(f"--val-size {cfg.val_size} leaves none of the {n_train_max} "
+                         "training digits to train on")
+    if cfg.n_train is None:
+        cfg.n_train = n_train_max - cfg.val_size
+    for name, broken, why in cfg.rules():
+        if broken:
+            value = getattr(cfg, name)
+            raise ValueError(f"{flag(name)}{'' if isinstance(value, bool) else ' ' + shown(value)}"
+                             f" {why}")
+
+
+# -----------------------------------------------------------------------------
+# MNIST's IDX files: find, decompress, check (ff_hybrid_mnist.load_mnist reads them)
+
+HOW_TO_SUPPLY = ("put the four MNIST *-ubyte.gz files in a folder and pass it with "
+                 "--data-dir DIR or the MNIST_DIR environment variable")
+GZIP_MAGIC = b"\x1f\x8b"
+
+
+def find_idx_file(folder, name):
+    """The path of `name` or `name.gz` in folder, or None."""
+    for candidate in (name + ".gz", name):
+        path = os.path.join(folder, candidate)
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def read_idx_bytes(path):
+    """Raw decompressed bytes of an IDX file, gzip or not (sniffed by its magic)."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+        if raw[:2] == GZIP_MAGIC:
+            return gzip.decompress(raw)
+        if path.endswith(".gz"):
+            raise DataError(f"{path}: not a gzip archive")
+        return raw
+    except (OSError, EOFError, gzip.BadGzipFile) as e:
+        raise DataError(f"{path}: cannot be read or decompressed ({e.__class__.__name__}: {e})")
+
+
+def parse_idx(data, path, is_images):
+    """uint8 array from IDX bytes; checks magic number, dimensions and count."""
+    want_magic, want_ndim = (0x803, 3) if is_images else (0x801, 1)
+    if len(data) < 4 or int.from_bytes(data[:4], "big") != want_magic:
+        got = data[:4].hex() if len(data) >= 4 else "nothing"
+        raise DataError(f"{path}: wrong IDX magic number {got}, expected {want_magic:08x} "
+                        f"({'images' if is_images else 'labels'})")
+    header = 4 + 4 * want_ndim
+    if len(data) < header:
+        raise DataError(f"{path}: truncated IDX header")
+    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(want_ndim)]
+    if is_images and dims[1:] != [28, 28]:
+        raise DataError(f"{path}: images are {dims[1]}x{dims[2]}, expected 28x28")
+    if len(data) - header != int(np.prod(dims)):
+        raise DataError(f"{path}: header says {dims[0]} items but the file holds "
+                        f"{len(data) - header} bytes of data instead of {int(np.prod(dims))} "
+                        "(truncated or padded)")
+    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims)
+
+
+def load_idx(path, sha256, is_images):
+    data = read_idx_bytes(path)
+    got = hashlib.sha256(data).hexdigest()
+    if got != sha256:
+        raise DataError(f"{path}: SHA-256 of the decompressed file is {got[:16]}..., "
+                        f"expected {sha256[:16]}...; the file is damaged or not canonical MNIST")
+    return parse_idx(data, path, is_images)
+
+def read_idx_files(files, folders):
+    """{role: uint8 array} of files (role -> (name, SHA-256)), read from the first folder
+    given in folders, a list of (folder or None, where it came from); every file checked."""
+    folder, where = next(((d, src) for d, src in folders if d), (None, None))
+    if folder is None:
+        raise DataError("no MNIST folder given and no copy in the repository; " + HOW_TO_SUPPLY)
+    missing = [name for name, _ in files.values() if not find_idx_file(folder, name)]
+    if missing:
+        raise DataError(f"{where} folder {folder} lacks {', '.join(missing)} (.gz or raw); "
+                        + HOW_TO_SUPPLY)
+    arrays = {}
+    for role, (name, sha256) in files.items():
+        try:
+            arrays[role] = load_idx(find_idx_file(folder, name), sha256,
+                                    is_images=role.endswith("images"))
+        except DataError as e:
+            raise DataError(f"{e}; replace it with a good copy ({HOW_TO_SUPPLY})")
+    for split in ("train", "test"):
+        n_img, n_lab = len(arrays[split + "_images"]), len(arrays[split + "_labels"])
+        if n_img != n_lab:
+            raise DataError(f"{folder}: {split} set has {n_img} images but {n_lab} labels")
+    return arrays
+
 
 # -----------------------------------------------------------------------------
 # Run files: model.npz, history.json, metrics.json (written last), checkpoint.npz
@@ -640,10 +786,14 @@ def build_parser(config_class=None, resume=True, description=None, parents=(), p
     p.set_defaults(config_class=config_class)
     training = p.add_argument_group("training (the run's configuration)")
     own = set(config_class.__dataclass_fields__)
-    others = {flag(name): script for script in SCRIPTS
-              for name in config_class_fields(script) if name not in own}
-    for name, script in sorted(others.items()):
-        p.add_argument(name, action=OtherScriptsFlag, where=f"it belongs to {script}")
+    others = {}  # flag -> the scripts that have it
+    for script in SCRIPTS:
+        for name in config_class_fields(script):
+            if name not in own:
+                others.setdefault(flag(name), []).append(script)
+    for name, scripts in sorted(others.items()):
+        p.add_argument(name, action=OtherScriptsFlag,
+                       where=f"it belongs to {' and '.join(scripts)}")
     for name, where in RETIRED_FLAGS.items():
         p.add_argument(name, action=OtherScriptsFlag, where=where)
     for f in dataclasses.fields(config_class):

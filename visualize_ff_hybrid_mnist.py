@@ -31,6 +31,7 @@ import ff_devices
 import ff_hybrid_mnist as ff
 import ff_label_mnist as ff_label
 import ff_local_mnist as ff_local
+import ff_recurrent_mnist as ff_recurrent
 import ff_runs
 
 PAPER_TEST_ERROR = 0.0137  # Hinton 2022, section 3.2: 4x2000 ReLU MLP with hybrid negatives
@@ -196,6 +197,21 @@ def classifier_curves_figure(run):
 
     hist = run.softmax_history
     xlabel = "softmax epoch"
+    if hist is None and isinstance(run.cfg, ff_recurrent.RecurrentConfig):
+        # no head: each layer's right-vs-wrong-label accuracy per epoch
+        for l in range(len(run.weights)):
+            points = [(e + 1, 100 * (1 - row[l])) for e, row in
+                      enumerate(run.ff_history["accuracy"]) if row[l] is not None]
+            if points:
+                ax_softmax.plot(*zip(*points), marker=".", label=f"layer {l + 1}")
+        error = run.metrics.get("goodness_test_error")
+        ax_softmax.set_title(f"{run.cfg.ACCURACY_NAME} errors of the layers' goodness"
+                             + (f"; read-out: {100 * error:.2f}% test error" if error else ""),
+                             fontsize=9)
+        ax_softmax.set(xlabel="FF epoch", ylabel="error (%) of goodness > threshold")
+        ax_softmax.legend(fontsize=8)
+        fig.tight_layout()
+        return fig
     if hist is None:
         ax_softmax.text(0.5, 0.5, "no softmax head in this run\n(--softmax-epochs 0)",
                         ha="center", va="center", transform=ax_softmax.transAxes)
@@ -203,13 +219,14 @@ def classifier_curves_figure(run):
         converged_head_curves(ax_softmax, hist, run.metrics)
         xlabel = "L-BFGS iteration (fits from the strongest penalty, smallest C, up)"
     else:
-        epochs = np.arange(1, len(hist["test_error"]) + 1)
+        epochs = np.arange(1, len(hist["train_error"]) + 1)
         ax_softmax.plot(epochs, 100 * np.array(hist["train_error"]), marker=".",
                         label="train (running, during the epoch)")
         if hist.get("val_error"):
             ax_softmax.plot(epochs, 100 * np.array(hist["val_error"]), marker=".",
                             label="validation")
-        ax_softmax.plot(epochs, 100 * np.array(hist["test_error"]), marker=".", label="test")
+        if hist.get("test_error"):  # runs from before the test set was read once, at the end
+            ax_softmax.plot(epochs, 100 * np.array(hist["test_error"]), marker=".", label="test")
         ax_softmax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if run.cfg.negatives == "hybrid":  # the paper's number for this read-out and negatives
         ax_softmax.axhline(100 * PAPER_TEST_ERROR, color="k", linestyle="--", linewidth=1,
@@ -333,6 +350,76 @@ def draw_label_run(run, x_test, y_test, rng, n_eval, outdir):
 
 
 # -----------------------------------------------------------------------------
+# Recurrent runs (ff_recurrent_mnist.py): inference as an attractor
+
+def goodness_by_iteration(run, digits):
+    """(n, 10, T): each digit run with each label clamped, the goodness of the hidden layers
+    (summed) at every iteration 1..T of the training dynamics (T = --n-iterations)."""
+    cfg, n = run.cfg, len(digits)
+    batch = np.empty((n * ff.N_CLASSES, cfg.batch_width), np.float32)
+    batch[:, :cfg.layer_sizes[0]] = np.repeat(digits, ff.N_CLASSES, axis=0)
+    ff_recurrent.one_hot(np.tile(np.arange(ff.N_CLASSES), n), out=batch[:, cfg.layer_sizes[0]:])
+    work = ff_recurrent.RecurrentWork.allocate(cfg.layer_sizes, len(batch), 2)
+    g = np.zeros((len(batch), cfg.n_iterations))
+    for t, l in ff_recurrent.run_dynamics(run.weights, run.biases, batch, cfg, work,
+                                          cfg.n_iterations):
+        g[:, t - 1] += ff.goodness(work.h[l], cfg.goodness)
+    return g.reshape(n, ff.N_CLASSES, cfg.n_iterations)
+
+
+def attractor_figure(g, x, y, cfg):
+    """Each digit above the goodness of each candidate label over the iterations; the
+    read-out's window (iterations readout_first..readout_last) shaded."""
+    n_digits, T = len(g), g.shape[2]
+    fig = Figure(figsize=(2.3 * n_digits, 4.6), dpi=100)
+    axes = fig.subplots(2, n_digits, gridspec_kw={"height_ratios": [1, 1.4]})
+    iterations = np.arange(1, T + 1)
+    for c in range(n_digits):
+        predicted = g[c, :, cfg.readout_first - 1:cfg.readout_last].sum(axis=1).argmax()
+        axes[0, c].imshow(x[c].reshape(28, 28), cmap="gray", vmin=0, vmax=1)
+        axes[0, c].set_xticks([]), axes[0, c].set_yticks([])
+        axes[0, c].set_title(f"label {y[c]}, predicted {predicted}", fontsize=8)
+        ax = axes[1, c]
+        ax.axvspan(cfg.readout_first - 0.5, cfg.readout_last + 0.5, color="0.92")
+        for k in range(ff.N_CLASSES):
+            right = k == y[c]
+            ax.plot(iterations, g[c, k], color="tab:green" if right else "0.55",
+                    lw=2 if right else 0.8, zorder=3 if right else 2)
+        ax.set_xticks(iterations)
+        ax.tick_params(labelsize=7)
+        ax.set_xlabel("iteration", fontsize=8)
+    axes[1, 0].set_ylabel("goodness, hidden layers summed", fontsize=8)
+    fig.suptitle("Recurrent FF: each test digit run with each of the ten labels clamped at the "
+                 "top (green: the true label; grey: the nine others; shaded: the read-out's "
+                 f"iterations {cfg.readout_first}-{cfg.readout_last})", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def draw_recurrent_run(run, x_test, y_test, rng, n_eval, outdir):
+    """The recurrent run's figures; returns its numbers for figure_numbers.json."""
+    cfg = run.cfg
+    pick = rng.choice(len(x_test), 6, replace=False)
+    g = goodness_by_iteration(run, x_test[pick])
+    save_png(attractor_figure(g, x_test[pick], y_test[pick], cfg),
+             os.path.join(outdir, "attractor.png"))
+    digits = rng.choice(len(x_test), min(n_eval, len(x_test)), replace=False)
+    scores = ff_recurrent.goodness_per_label(run.weights, run.biases, x_test[digits], cfg)
+    predicted = scores.argmax(axis=1)
+    save_png(confusion_figure(y_test[digits], predicted),
+             os.path.join(outdir, "confusion_matrix.png"))
+    save_png(weights_figure(run.weights[0][:cfg.layer_sizes[0]]),
+             os.path.join(outdir, "weights_layer1.png"))
+    save_png(classifier_curves_figure(run), os.path.join(outdir, "classifier_curves.png"))
+    right = g[np.arange(len(pick)), y_test[pick]]
+    return {"goodness_error_on_drawn_digits": float(np.mean(predicted != y_test[digits])),
+            "n_drawn_digits": int(len(digits)),
+            "attractor_digits": [int(i) for i in pick],
+            "right_label_goodness_by_iteration": right.round(4).tolist(),
+            "goodness_test_error": run.metrics.get("goodness_test_error")}
+
+
+# -----------------------------------------------------------------------------
 # Main: train if asked, then draw everything from the saved run
 
 def draw(run, x_test, y_test, rng, n_eval, outdir):
@@ -340,6 +427,13 @@ def draw(run, x_test, y_test, rng, n_eval, outdir):
     gets the goodness per label, the confusion matrix, right- against wrong-label goodness,
     the curves and the layer-1 weights (its label pixels boxed)."""
     os.makedirs(outdir, exist_ok=True)
+    if isinstance(run.cfg, ff_recurrent.RecurrentConfig):
+        numbers = {"run": run.run_dir, "n_eval": n_eval,
+                   **draw_recurrent_run(run, x_test, y_test, rng, n_eval, outdir)}
+        ff_runs.write_json(os.path.join(outdir, "figure_numbers.json"), numbers)
+        print(f"goodness read-out on {numbers['n_drawn_digits']} test digits: error "
+              f"{100 * numbers['goodness_error_on_drawn_digits']:.2f}%")
+        return numbers
     if isinstance(run.cfg, ff_label.LabelConfig):
         numbers = {"run": run.run_dir, "n_eval": n_eval,
                    **draw_label_run(run, x_test, y_test, rng, n_eval, outdir),

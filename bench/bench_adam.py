@@ -6,21 +6,18 @@ Run over chunks, all ten passes work on data already in cache. This script times
 step of every layer's weights for a few chunk sizes and thread counts; the module's
 ADAM_CHUNK and ADAM_THREADS are set from it.
 
-    python3 bench/bench_adam.py                                    # the SPEC shapes
-    python3 bench/bench_adam.py --layer-sizes 784,2000,2000,2000,2000
+    python3 -m bench.bench_adam                                    # the SPEC shapes
+    python3 -m bench.bench_adam --layer-sizes 784,2000,2000,2000,2000
 """
 
 import argparse
-import os
-import sys
 import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-import ff_hybrid_mnist as ff  # noqa: E402
-import ff_devices  # noqa: E402
-import ff_runs  # noqa: E402
+import ff_hybrid_mnist as ff
+import ff_devices
+import ff_runs
 
 
 def main():

@@ -2,24 +2,21 @@
 train_ff of the code as it was (the ff_hybrid_mnist.py of a checkout of it, given) and as it
 is, side by side in one process, alternating, 5 repeats each; prints each repeat and the
 medians. The recipe epoch is a label run: ff_label_mnist.py's since the scripts were split,
-the one module's --negatives label before.
+the one module's --negatives label before. The code as it was is loaded from the path given
+(importlib, as ff_before); the code as it is, from the repository root this runs in.
 
     git worktree add /tmp/before REV
-    OPENBLAS_NUM_THREADS=1 python3 bench/bench_before_after.py /tmp/before/ff_hybrid_mnist.py
-    OPENBLAS_NUM_THREADS=1 python3 bench/bench_before_after.py /tmp/before/ff_hybrid_mnist.py --kind recipe
+    OPENBLAS_NUM_THREADS=1 python3 -m bench.bench_before_after /tmp/before/ff_hybrid_mnist.py
+    OPENBLAS_NUM_THREADS=1 python3 -m bench.bench_before_after /tmp/before/ff_hybrid_mnist.py --kind recipe
 """
 import argparse
 import importlib
 import importlib.util
-import os
 import statistics
-import sys
 import time
 
 import numpy as np
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
 KINDS = {  # the script and configuration of the epoch timed
     "hybrid": ("ff_hybrid_mnist.py", dict(layer_sizes=(784, 1000, 1000, 1000, 1000))),
     "recipe": ("ff_label_mnist.py", dict(

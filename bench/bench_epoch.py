@@ -5,23 +5,21 @@ B positives and B hybrids: the forward product (2B x in)(in x out) and the weigh
 product (in x 2B)(2B x out). This script times those products alone (the floor), then full
 epochs of the real training loop at the same shapes, and the parts of one step.
 
-    python3 bench/bench_epoch.py                                   # the SPEC shapes
-    python3 bench/bench_epoch.py --layer-sizes 784,2000,2000,2000,2000
-    python3 bench/bench_epoch.py --device gpu                      # CuPy, timed with syncs
+    python3 -m bench.bench_epoch                                   # the SPEC shapes
+    python3 -m bench.bench_epoch --layer-sizes 784,2000,2000,2000,2000
+    python3 -m bench.bench_epoch --device gpu                      # CuPy, timed with syncs
 """
 
 import argparse
-import os
 import resource
 import sys
 import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-import ff_hybrid_mnist as ff  # noqa: E402
-import ff_devices  # noqa: E402
-import ff_runs  # noqa: E402
+import ff_hybrid_mnist as ff
+import ff_devices
+import ff_runs
 
 cupy = ff_devices.cupy
 

@@ -7,20 +7,18 @@ Both train through train_ff for a fixed number of steps, alternately, from the s
 the times are scaled to an epoch of 60000 digits, and the ratio dense / blocks is the
 median of the ratios of the pairs (a machine whose speed drifts moves both of a pair).
 
-    python3 bench/bench_local.py                          # the paper's shapes, 5 pairs
-    OPENBLAS_NUM_THREADS=1 python3 bench/bench_local.py   # one BLAS thread
+    python3 -m bench.bench_local                          # the paper's shapes, 5 pairs
+    OPENBLAS_NUM_THREADS=1 python3 -m bench.bench_local   # one BLAS thread
 """
 
 import argparse
 import os
-import sys
 import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-import ff_hybrid_mnist as ff  # noqa: E402
-import ff_runs  # noqa: E402
+import ff_hybrid_mnist as ff
+import ff_runs
 
 
 def main():

@@ -9,20 +9,18 @@ recurrent / hybrid is the median of the pairs' ratios (a busy machine that drift
 of a pair). Then the goodness read-out of 1,000 digits (10 labels, 5 iterations each),
 scaled to the 20,000 of the validation and test splits.
 
-    OPENBLAS_NUM_THREADS=1 python3 bench/bench_recurrent.py --layer-sizes 784,500,500
+    OPENBLAS_NUM_THREADS=1 python3 -m bench.bench_recurrent --layer-sizes 784,500,500
 """
 
 import argparse
 import os
-import sys
 import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-import ff_hybrid_mnist as ff  # noqa: E402
-import ff_recurrent_mnist as rec  # noqa: E402
-import ff_runs  # noqa: E402
+import ff_hybrid_mnist as ff
+import ff_recurrent_mnist as rec
+import ff_runs
 
 
 def main():

@@ -4,19 +4,14 @@ head, by running them over tests/counting_cupy.py's numpy-backed stand-in for Cu
 step's count is an epoch of 4 steps minus one of 2, halved, so once-an-epoch work cancels.
 tests/test_gpu.py holds these counts to budgets.
 
-    python3 bench/count_launches.py             # hybrid, label, the recipe, the head
-    python3 bench/count_launches.py --by-name   # and which operations they are
+    python3 -m bench.count_launches             # hybrid, label, the recipe, the head
+    python3 -m bench.count_launches --by-name   # and which operations they are
 """
 import argparse
-import os
-import sys
 
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
-
-import ff_hybrid_mnist as ff  # noqa: E402
-import ff_label_mnist as ff_label  # noqa: E402
-from counting_cupy import ff_step_counts, head_step_counts  # noqa: E402
+import ff_hybrid_mnist as ff
+import ff_label_mnist as ff_label
+from tests.counting_cupy import ff_step_counts, head_step_counts  # tests/: a namespace package
 
 KINDS = {  # configuration class and settings; the widths do not change the counts, the depth does
     "hybrid negatives, 4 layers": (ff.FFConfig, dict(layer_sizes=(784, 24, 24, 24, 24))),

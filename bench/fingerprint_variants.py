@@ -7,10 +7,12 @@ and histories with the wall-clock fields and the configuration record left out (
 names the script since the split; the weights, curves and metrics are what must not move).
 The variants are written as flags of the one trainer that held every experiment before the
 split; ff_runs.script_for picks the script that runs them now. Run it before and after a
-change, on the same machine, and compare the two files: every line must be equal.
+change, on the same machine, and compare the two files: every line must be equal. It
+fingerprints the code of the repository it runs in (the current folder): to fingerprint the
+code as it was, run it in a checkout of that code.
 
-    python3 bench/fingerprint_variants.py --out experiments/results/fingerprints-before.json
-    python3 bench/fingerprint_variants.py --out /tmp/after.json --compare experiments/results/fingerprints-before.json
+    python3 -m bench.fingerprint_variants --out experiments/results/fingerprints-before.json
+    python3 -m bench.fingerprint_variants --out /tmp/after.json --compare experiments/results/fingerprints-before.json
 """
 import os
 
@@ -24,7 +26,6 @@ import tempfile  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import ff_hybrid_mnist as ff  # noqa: E402
 
 TINY = ["--layer-sizes", "784,40,30,20", "--n-train", "600", "--batch-size", "50",

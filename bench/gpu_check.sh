@@ -47,17 +47,17 @@ train() {  # train NAME NEEDS_S FLAGS...: a training run on the GPU (--dry-run: 
 }
 
 # what a step asks of the GPU, counted on the CPU's stand-in (seconds; no GPU needed)
-step launches 0 python3 bench/count_launches.py
+step launches 0 python3 -m bench.count_launches
 if [ "$dry" = "--dry-run" ]; then
   step tests 0 python3 -m pytest -q --collect-only tests/test_gpu.py
-  step bench-1000 0 python3 bench/bench_epoch.py --layer-sizes 784,50,50 --n-train 1000 \
+  step bench-1000 0 python3 -m bench.bench_epoch --layer-sizes 784,50,50 --n-train 1000 \
     --epochs 1 --repeats 1 --part-steps 2
 else
   python3 -c "import ff_hybrid_mnist as ff; print(ff.gpu_problem() or 'gpu ok')" \
     | tee "$out/gpu_problem.txt"
   step tests 120 python3 -m pytest -q -rs tests/test_gpu.py
-  step bench-1000 60 python3 bench/bench_epoch.py --device gpu --layer-sizes 784,1000,1000,1000,1000
-  step bench-2000 60 python3 bench/bench_epoch.py --device gpu --layer-sizes 784,2000,2000,2000,2000
+  step bench-1000 60 python3 -m bench.bench_epoch --device gpu --layer-sizes 784,1000,1000,1000,1000
+  step bench-2000 60 python3 -m bench.bench_epoch --device gpu --layer-sizes 784,2000,2000,2000,2000
 fi
 
 # first what the CPU needs hours for, each read out by the converged head (the default):
@@ -82,13 +82,13 @@ for s in 0 1 2; do
   train "ref-s$s" 60 --seed "$s"
 done
 # the paper's locally-connected network at 60 epochs with the peer normalisation validation
-# chose on the CPU (experiments/sweep_local_paper_net_seeds.txt), read out by the converged head
+# chose on the CPU (experiments/sweeps/lists/sweep_local_paper_net_seeds.txt), read out by the converged head
 for s in 0 1 2; do
   train "lcp-e60-s$s" 150 --local 10:6:128,2:1:220,2:1:512 --threshold 8 \
     --top-k 3 --val-size 10000 --batch-size 50 --n-blur 2 --peer-norm 0.03 --n-epochs 60 \
     --seed "$s"
 done
-# the supervised recipe at the paper's shape, 60 epochs (experiments/sweep_recipe_2000x4.txt)
+# the supervised recipe at the paper's shape, 60 epochs (experiments/sweeps/lists/sweep_recipe_2000x4.txt)
 for s in 0 1 2; do
   train "recipe2000-s$s" 240 --negatives label --hard-negatives --hard-from head --optimizer sgd \
     --normalize rms --init fan-in --goodness sum --threshold 1 --peer-norm 0.06 \
@@ -96,7 +96,7 @@ for s in 0 1 2; do
     --hard-head-lr 0.1 --hard-head-weight-decay 0.003 --layer-sizes 784,2000,2000,2000,2000 \
     --batch-size 100 --n-epochs 60 --val-size 10000 --softmax-epochs 0 --seed "$s"
 done
-# the supervised recipe as released, 784-1000x3, 100 epochs (experiments/sweep_recipe_1000x3.txt)
+# the supervised recipe as released, 784-1000x3, 100 epochs (experiments/sweeps/lists/sweep_recipe_1000x3.txt)
 for s in 0 1 2; do
   train "recipe-s$s" 150 --negatives label --hard-negatives --hard-from head --optimizer sgd \
     --normalize rms --init fan-in --goodness sum --threshold 1 --peer-norm 0.06 \

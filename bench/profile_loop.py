@@ -5,20 +5,17 @@ down (cache evictions, BLAS threads still spinning after a product). This script
 module's Adam step, layer maths, hybrid generation and L2 normalisation with timers and
 runs the real `train_ff`, so each part is timed where it actually runs.
 
-    python3 bench/profile_loop.py                        # SPEC shapes, 12,000 digits, 2 epochs
+    python3 -m bench.profile_loop                        # SPEC shapes, 12,000 digits, 2 epochs
 """
 
 import argparse
 import functools
-import os
-import sys
 import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-import ff_hybrid_mnist as ff  # noqa: E402
-import ff_runs  # noqa: E402
+import ff_hybrid_mnist as ff
+import ff_runs
 
 
 def timed(owner, name, totals):

@@ -7,10 +7,10 @@ broken implementation could plausibly contain. For each, the repository is copie
 applied, and the given tests are run there; a mutant that passes every test is reported
 as SURVIVED (the tests cannot see that bug). Not collected by pytest (no test_ prefix).
 
-    python3 bench/run_mutants.py                     # all mutants: training, label, local, recipe, CLI tests
-    python3 bench/run_mutants.py --tests tests       # against the whole suite
-    python3 bench/run_mutants.py --tests "tests/test_training.py -k tiny"  # one test
-    python3 bench/run_mutants.py --only recurrent --tests tests/test_recurrent.py
+    python3 -m bench.run_mutants                     # all mutants: training, label, local, recipe, CLI tests
+    python3 -m bench.run_mutants --tests tests       # against the whole suite
+    python3 -m bench.run_mutants --tests "tests/test_training.py -k tiny"  # one test
+    python3 -m bench.run_mutants --only recurrent --tests tests/test_recurrent.py
 """
 import argparse
 import os
@@ -165,8 +165,14 @@ MUTANTS = {  # name -> (text in one of CODE, its replacement, and so on)
     "recurrent: right and wrong labels swapped": (
         "        one_hot(labels[batch], out=x[:B, n_pixels:])\n",
         "        one_hot(labels[batch], out=x[B:, n_pixels:])\n",
-        "        one_hot(wrong_all[batch], out=x[B:, n_pixels:])\n",
-        "        one_hot(wrong_all[batch], out=x[:B, n_pixels:])\n"),
+        "        one_hot(wrong, out=x[B:, n_pixels:])\n",
+        "        one_hot(wrong, out=x[:B, n_pixels:])\n"),
+    "recurrent: hard negatives drawn against the network's preference": (
+        "wrong = sample_wrong_labels(scores, labels[batch]",
+        "wrong = sample_wrong_labels(-scores, labels[batch]"),
+    "recurrent: the first iteration's scores without the damped bottom-up state": (
+        "    h += cfg.damping * xp.maximum(z, 0)[:, None, :]",
+        "    h += 0 * xp.maximum(z, 0)[:, None, :]"),
     "recurrent: wrong labels not from the run's generator": (
         "    steps = np.concatenate([rng.integers(1, N_CLASSES, B) for _ in range(n_batches)])\n"
         "    wrong_all",

@@ -2,11 +2,11 @@
 current one (a LocalCluster) on the same small sweep: the wall-clock of each sitting, and
 a check that both write the same records apart from the timing fields.
 
-    python3 bench/sweep_runners.py > experiments/results/sweep-runner-old-vs-new.txt
+    python3 -m bench.sweep_runners > experiments/results/sweep-runner-old-vs-new.txt
 
-The old runner is copied beside the new one for the measurement, so both train with the
-same ff_hybrid_mnist.py and store the same commit; both write into the same --out-dir
-path, so the run folders named in the metrics agree. Sittings alternate old, new, old, ...
+The old runner is copied into experiments/, where it was then, for the measurement, so
+both train with the same ff_hybrid_mnist.py and store the same commit; both write into the
+same --out-dir path, so the run folders named in the metrics agree. Sittings alternate old, new, old, ...
 """
 import argparse
 import json
@@ -31,14 +31,15 @@ METRIC_TIMING = {"ff_seconds", "softmax_seconds", "feature_seconds", "total_seco
                  "goodness_seconds", "peak_rss_mib"}
 
 
-def sitting(script, work, name):
-    """(seconds, {label: record}) of one sweep of SWEEP_LIST by script."""
+def sitting(command, work, name):
+    """(seconds, {label: record}) of one sweep of SWEEP_LIST by command (run from the
+    repository root)."""
     runs, results = os.path.join(work, "runs"), os.path.join(work, name + ".jsonl")
     shutil.rmtree(runs, ignore_errors=True)
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, script, os.path.join(work, "list.txt"), "--jobs", "2",
+    subprocess.run([*command, os.path.join(work, "list.txt"), "--jobs", "2",
                     "--threads", "1", "--out-dir", runs, "--results", results],
-                   check=True, stdout=subprocess.DEVNULL)
+                   check=True, stdout=subprocess.DEVNULL, cwd=ROOT)
     seconds = time.perf_counter() - t0
     with open(results) as f:
         return seconds, {r["label"]: r for r in map(json.loads, f)}
@@ -64,20 +65,23 @@ def main():
     try:
         with open(os.path.join(work, "list.txt"), "w") as f:
             f.write(SWEEP_LIST)
-        runners = {"old": old_script, "new": os.path.join(ROOT, "experiments", "sweep.py")}
+        # the old runner is a script that finds the repository from its own path; the new
+        # one is a module of the experiments package
+        runners = {"old": [sys.executable, old_script],
+                   "new": [sys.executable, "-m", "experiments.sweeps.sweep"]}
         seconds = {name: [] for name in runners}
         records = {name: [] for name in runners}
         for i in range(ns.sittings):
-            for name, script in runners.items():
-                s, r = sitting(script, work, f"{name}-{i}")
+            for name, command in runners.items():
+                s, r = sitting(command, work, f"{name}-{i}")
                 seconds[name].append(s)
                 records[name].append(r)
     finally:
         os.remove(old_script)
         shutil.rmtree(work, ignore_errors=True)
 
-    print(f"# python3 bench/sweep_runners.py --old {ns.old} --sittings {ns.sittings}")
-    print(f"# old: experiments/sweep.py at {ns.old} (threads); new: experiments/sweep.py at "
+    print(f"# python3 -m bench.sweep_runners --old {ns.old} --sittings {ns.sittings}")
+    print(f"# old: experiments/sweep.py at {ns.old} (threads); new: experiments/sweeps/sweep.py at "
           f"{records['new'][0]['th2']['commit']} (Dask LocalCluster)")
     print(f"# sweep list ({len(records['new'][0])} runs), --jobs 2 --threads 1, "
           f"{os.cpu_count()} CPUs shared with other work (load average {load:.1f} at the start, "

@@ -1,15 +1,13 @@
-"""Reading the records the experiments write (JSON lines from experiments/sweep.py, JSON files
-from data_movement.py), for the scripts that summarise and plot them, and checking their
-output paths: a missing or unreadable file, bytes that are not UTF-8, a line that is not
-JSON or not the right kind of record, a field of the wrong type, or nothing finished to
-show ends the script with one line naming the file (and line) instead of a traceback, and
-before anything is computed or drawn."""
+"""Reading the records the experiments write (JSON lines from experiments/sweeps/sweep.py, JSON
+files from experiments/data_movement/data_movement.py), for the scripts that summarise and
+plot them, and checking their output paths: a missing or unreadable file, bytes that are not
+UTF-8, a line that is not JSON or not the right kind of record, a field of the wrong type,
+or nothing finished to show ends the script with one line naming the file (and line) instead
+of a traceback, and before anything is computed or drawn."""
 import argparse
 import json
 import os
 import sys
-
-HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 class RecordsError(Exception):
@@ -243,9 +241,7 @@ def check_out(path, flag="--out"):
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.exists(folder):
         raise RecordsError(f"{flag} {path}: the folder {folder} does not exist")
-    if os.path.dirname(HERE) not in sys.path:  # imported here: summarize needs no trainer
-        sys.path.insert(0, os.path.dirname(HERE))
-    import ff_runs
+    import ff_runs  # imported here: summarize needs no trainer
     try:
         ff_runs.check_writable(path, flag, folder=False)
         if os.path.isfile(path):  # the probe wrote in the folder; the file may be read-only

@@ -241,13 +241,11 @@ def head_step_counts(ff, n_features=30, batch_size=20):
     """What one step of the softmax head (train_softmax) asks of the GPU."""
     def measure(fake):
         rng = np.random.default_rng(0)
-        F_test = fake.asarray(rng.random((50, n_features)).astype(np.float32))
-        y_test = rng.integers(0, 10, 50)
 
         def epoch_of(n_batches):
             F = fake.asarray(rng.random((n_batches * batch_size, n_features)).astype(np.float32))
-            ff.train_softmax(F, rng.integers(0, 10, len(F)), F_test, y_test,
-                             np.random.default_rng(1), 1, 0.1, 1e-4, batch_size=batch_size,
+            ff.train_softmax(F, rng.integers(0, 10, len(F)), np.random.default_rng(1), 1, 0.1,
+                             1e-4, batch_size=batch_size,
                              log=lambda *a, **k: None)
         return _per_step(fake, epoch_of)
     return _with_fake(measure)

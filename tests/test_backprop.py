@@ -7,7 +7,7 @@ import pytest
 import ff_hybrid_mnist as ff
 from test_layer import numeric_grad, rel_err
 
-import backprop_baseline as bp
+from experiments.baselines import backprop_baseline as bp
 
 
 def test_backprop_gradient_matches_finite_differences():

@@ -8,8 +8,8 @@ import math
 import numpy as np
 import pytest
 
-import bytedmd as bd
-import data_movement as dm
+from experiments.data_movement import bytedmd as bd
+from experiments.data_movement import data_movement as dm
 
 
 def c(d):

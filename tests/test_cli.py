@@ -25,7 +25,8 @@ def test_end_to_end_artefacts_and_reload(tmp_path, capsys):
         assert (tmp_path / "run" / name).is_file()
     assert not [n for n in os.listdir(tmp_path / "run") if n.startswith(".tmp")]
     assert run.cfg.layer_sizes == (784, 40, 30, 20) and len(run.weights) == 3
-    assert len(run.ff_history["loss"]) == 2 and len(run.softmax_history["test_error"]) == 2
+    assert len(run.ff_history["loss"]) == 2 and len(run.softmax_history["train_error"]) == 2
+    assert "test_error" not in run.softmax_history  # the test set is read once, at the end
     assert {"python", "numpy", "cpu"} <= set(run.environment)
     assert len(run.metrics["real_vs_hybrid_accuracy"]) == 3
     # the stored test error is reproduced from the saved weights alone

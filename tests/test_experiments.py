@@ -9,11 +9,9 @@ import sys
 import numpy as np
 import pytest
 
-import backprop_baseline as bp
-import data_movement as dm
-import plot_blur_sweep
-import plot_threshold_sweep
-import summarize
+from experiments.baselines import backprop_baseline as bp
+from experiments.data_movement import data_movement as dm
+from experiments.sweeps import plot_blur_sweep, plot_threshold_sweep, summarize
 from conftest import TINY_LINE, one_line
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "experiments", "results")
@@ -25,7 +23,6 @@ def test_pairs_keeps_flag_values_together():
 
 
 def test_blur_plot_reads_sweep_records(tmp_path, capsys):
-    import plot_blur_sweep
     results = tmp_path / "r.jsonl"
     with open(results, "w") as f:
         for n, val in ((2, 0.05), (6, 0.04), (10, 0.06)):
@@ -46,7 +43,7 @@ def test_goodness_errors_match_the_runs_own_read_out(tmp_path, capsys):
     import ff_hybrid_mnist as ff
     import ff_label_mnist as ff_label
     import ff_runs
-    import goodness_errors
+    from experiments.analyses import goodness_errors
     flags = TINY_LINE.split() + ["--val-size", "200", "--goodness", "sum", "--threshold", "1"]
     assert ff_label.main(flags + ["--out", str(tmp_path / "label")]) == 0
     capsys.readouterr()
@@ -76,7 +73,7 @@ def test_ff_generalisation_measures_each_split_with_the_frozen_weights(tmp_path,
     import ff_label_mnist as ff_label
     import ff_runs
     import visualize_ff_hybrid_mnist as viz
-    import ff_generalisation
+    from experiments.analyses import ff_generalisation
     run_dir = str(tmp_path / "hybrid")
     assert ff.main(TINY_LINE.split() + ["--val-size", "200", "--out", run_dir]) == 0
     capsys.readouterr()
@@ -176,8 +173,9 @@ def test_data_movement_batch_appends_one_record_per_width(tmp_path, monkeypatch)
         bp_ = dm.measure(small["trace_backprop_step"](9, (r["width"],) * 2, 2))
         assert (r["ff"]["cost"], r["backprop"]["cost"]) == (ff["cost"], bp_["cost"])
         assert r["ratio"] == ff["cost"] / bp_["cost"] and r["batch"] == 2
-        assert r["script"] == "experiments/data_movement.py"
-        assert r["command"].startswith("python3 experiments/data_movement.py batch --widths 2 3")
+        assert r["script"] == "experiments/data_movement/data_movement.py"
+        assert r["command"].startswith(
+            "python3 -m experiments.data_movement.data_movement batch --widths 2 3")
 
 
 @pytest.mark.parametrize("args, says", [

@@ -11,6 +11,7 @@ import pytest
 import ff_hybrid_mnist as ff
 import ff_label_mnist as ff_label
 import ff_local_mnist as ff_local
+import ff_recurrent_mnist as ff_recurrent
 import ff_runs
 import make_ff_hybrid_mnist_gif as gif
 import visualize_ff_hybrid_mnist as viz
@@ -101,6 +102,31 @@ def test_label_run_figures_show_the_goodness_read_out(tmp_path):
     run = ff_runs.load_run(run_dir)
     assert isinstance(run.cfg, ff_label.LabelConfig)
     assert numbers["goodness_test_error"] == run.metrics["goodness_test_error"]
+
+
+def test_recurrent_run_is_drawn_with_its_attractor(tmp_path, monkeypatch):
+    """A saved run of ff_recurrent_mnist.py: the goodness of each label over the iterations
+    (whose sum over iterations 3-5 is the read-out's score), the confusion matrix, the
+    bottom-up weights of layer 1 and the curves."""
+    load = ff.load_mnist
+    monkeypatch.setattr(ff, "load_mnist", lambda data_dir=None: load(data_dir)[:2] + tuple(
+        a[:300] for a in load(data_dir)[2:]))
+    run_dir, outdir = str(tmp_path / "run"), str(tmp_path / "viz")
+    assert ff_recurrent.main(["--layer-sizes", "784,30,20", "--n-train", "400", "--batch-size",
+                              "50", "--n-epochs", "1", "--out", run_dir]) == 0
+    assert viz.main(["--run", run_dir, "--outdir", outdir, "--n-eval", "300"]) == 0
+    for name in ("attractor.png", "confusion_matrix.png", "weights_layer1.png",
+                 "classifier_curves.png"):
+        image = iio.imread(os.path.join(outdir, name))
+        assert image[..., :3].std() > 5, f"{name} is blank"
+    run = ff_runs.load_run(run_dir)
+    numbers = read_numbers(outdir)
+    # every test digit drawn: the confusion matrix's error is the run's own read-out
+    assert numbers["goodness_error_on_drawn_digits"] == run.metrics["goodness_test_error"]
+    digits = ff.load_mnist()[2][:4]
+    g = viz.goodness_by_iteration(run, digits)
+    scores = ff_recurrent.goodness_per_label(run.weights, run.biases, digits, run.cfg)
+    np.testing.assert_allclose(g[:, :, 2:5].sum(axis=2), scores, rtol=1e-5)
 
 
 def test_locally_connected_run_is_drawn(tmp_path, mnist):

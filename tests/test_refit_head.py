@@ -1,8 +1,6 @@
-"""experiments/refit_head.py: the converged head fitted on a saved run gives what the trainer's
-own read-out gives, and --into saves it as a run the figure scripts read."""
-import importlib.util
+"""experiments/analyses/refit_head.py: the converged head fitted on a saved run gives what
+the trainer's own read-out gives, and --into saves it as a run the figure scripts read."""
 import json
-import os
 
 import numpy as np
 
@@ -10,12 +8,7 @@ import ff_hybrid_mnist as ff
 import ff_label_mnist as ff_label
 import ff_runs
 from conftest import CONVERGED_FLAGS, TINY
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-spec = importlib.util.spec_from_file_location(
-    "refit_head", os.path.join(ROOT, "experiments", "refit_head.py"))
-refit_head = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(refit_head)
+from experiments.analyses import refit_head
 
 
 def test_refit_into_a_folder_is_the_trainers_own_converged_read_out(converged_run, tmp_path,
@@ -35,7 +28,7 @@ def test_refit_into_a_folder_is_the_trainers_own_converged_read_out(converged_ru
     assert refit.cfg.head == "lbfgs" and refit.softmax_history["kind"] == "lbfgs"
     assert json.loads((tmp_path / "r.jsonl").read_text())["test_error"] == record["test_error"]
     # the record names the script of the run it refits, with that run's configuration
-    assert record["script"] == "experiments/refit_head.py"
+    assert record["script"] == "experiments/analyses/refit_head.py"
     assert record["run_config"]["script"] == "ff_hybrid_mnist.py"
     assert ff_runs.run_config(record["run_config"]) == ff_runs.load_run(str(tmp_path / "sgd")).cfg
 

@@ -451,9 +451,10 @@ def test_the_gif_script_does_not_advise_a_flag_it_lacks(finished, capsys):
 
 # -- the experiment scripts -----------------------------------------------------------------
 
-def run_script(name, *args):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "experiments", name), *map(str, args)],
-                          capture_output=True, text=True, timeout=120)
+def run_script(module, *args, **popen):
+    """python3 -m experiments.MODULE ARGS, run from the repository root as the docs run it."""
+    return subprocess.run([sys.executable, "-m", f"experiments.{module}", *map(str, args)],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT, **popen)
 
 
 @pytest.mark.parametrize("content, words", [
@@ -468,30 +469,30 @@ def test_summaries_and_plots_refuse_unusable_results_in_one_line(tmp_path, conte
         path.write_text(content)
     for script in ("summarize", "plot_threshold_sweep", "plot_blur_sweep"):
         extra = [] if script == "summarize" else ["--out", str(tmp_path / "plot.png")]
-        assert importlib.import_module(script).main([str(path), *extra]) == 1, script
+        module = importlib.import_module(f"experiments.sweeps.{script}")
+        assert module.main([str(path), *extra]) == 1, script
         err = capsys.readouterr().err
         assert words in one_line(err) or "need at least two" in err, script
     assert not (tmp_path / "plot.png").exists()
 
 
 def test_a_plot_into_a_missing_folder_is_refused(tmp_path):
-    done = run_script("plot_blur_sweep.py", os.path.join(ROOT, "experiments", "results",
-                                                         "sweep-val-blur.jsonl"),
+    done = run_script("sweeps.plot_blur_sweep", os.path.join(ROOT, "experiments", "results",
+                                                             "sweep-val-blur.jsonl"),
                       "--out", tmp_path / "no" / "plot.png")
     assert done.returncode == 1 and "does not exist" in one_line(done.stderr)
 
 
 def test_refit_head_of_a_diverging_head_or_damaged_data_is_one_line(tmp_path, finished):
-    done = run_script("refit_head.py", "--run", finished, "--head", "sgd", "--softmax-lr", "1e30",
-                      "--softmax-epochs", "1")
+    done = run_script("analyses.refit_head", "--run", finished, "--head", "sgd",
+                      "--softmax-lr", "1e30", "--softmax-epochs", "1")
     assert done.returncode == 1 and "softmax head's loss" in one_line(done.stderr.splitlines()[-1] + "\n")
     bad = tmp_path / "mnist"
     bad.mkdir()
     for name, _ in ff.MNIST_FILES.values():
         (bad / name).write_bytes(b"\x00\x00\x08\x03 damaged")
-    done = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "refit_head.py"),
-                           "--run", str(finished)], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "MNIST_DIR": str(bad)})
+    done = run_script("analyses.refit_head", "--run", finished,
+                      env={**os.environ, "MNIST_DIR": str(bad)})
     assert done.returncode == 1 and "SHA-256" in one_line(done.stderr)
 
 

@@ -29,13 +29,15 @@ def test_softmax_learns_separable_classes():
     centers = rng.standard_normal((3, 20)) * 3
     y = rng.integers(0, 3, 600)
     F = (centers[y] + rng.standard_normal((600, 20))).astype(np.float32)
-    W, b, hist = ff.train_softmax(F[:500], y[:500], F[500:], y[500:], rng, n_epochs=10,
-                                  lr=0.1, weight_decay=0.0, n_classes=3, log=lambda *a, **k: None)
+    W, b, hist = ff.train_softmax(F[:500], y[:500], rng, n_epochs=10, lr=0.1, weight_decay=0.0,
+                                  n_classes=3, log=lambda *a, **k: None, F_val=F[500:],
+                                  y_val=y[500:])
     # the head starts at W = 0 (every class tied, argmax 0): about 2/3 wrong on 3 classes
     untrained = ff.error_rate(F[500:], y[500:], np.zeros((20, 3), np.float32), np.zeros(3))
-    assert untrained > 0.5 and hist["test_error"][-1] < 0.05
+    assert untrained > 0.5 and hist["val_error"][-1] < 0.05
     assert hist["loss"][-1] < 0.5 * hist["loss"][0]
-    assert ff.error_rate(F[500:], y[500:], W, b) == hist["test_error"][-1]
+    assert ff.error_rate(F[500:], y[500:], W, b) == hist["val_error"][-1]
+    assert len(hist["val_error"]) == len(hist["train_error"]) == 10 and "test_error" not in hist
 
 
 def test_features_are_normalised_top_layers():
@@ -71,7 +73,7 @@ def test_converged_head_reaches_the_optimum_that_sgd_does_not():
     assert hist["converged"] and hist["grad_max"] <= ff.HEAD_GTOL
     # the module's own gradient, read afresh at the returned head, is below the tolerance
     assert max(np.abs(dW).max(), np.abs(db).max()) <= 2 * ff.HEAD_GTOL
-    W_sgd, b_sgd, _ = ff.train_softmax(F, y, F, y, np.random.default_rng(0), n_epochs=20,
+    W_sgd, b_sgd, _ = ff.train_softmax(F, y, np.random.default_rng(0), n_epochs=20,
                                        lr=0.05, weight_decay=wd, n_classes=3,
                                        log=lambda *a, **k: None)
     loss_sgd = ff.softmax_loss_and_grads(F, y, W_sgd, b_sgd, wd)[0]

@@ -18,13 +18,14 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 import ff_runs
-import plot_threshold_sweep
-import sweep
 from conftest import TINY_LINE, one_line
+from experiments.sweeps import plot_threshold_sweep, sweep
 
 # about 1.2 s of training in 12 epochs of 0.1 s: time to kill what runs it
 SLOW = "--layer-sizes 784,200,200 --n-epochs 12 --n-train 2000 --batch-size 50 --softmax-epochs 1 --top-k 1"
-SWEEP = [sys.executable, os.path.join(ROOT, "experiments", "sweep.py")]
+# the sweep as the docs run it: a module, from the repository root (cwd=ROOT)
+SWEEP = [sys.executable, "-m", "experiments.sweeps.sweep"]
+LISTS_DIR = os.path.join(ROOT, "experiments", "sweeps", "lists")
 
 # a stand-in for the training CLI that sleeps --sleep S seconds and writes what a run's
 # record reads, its start and end times as its metrics: runs of known length, no CPU
@@ -179,7 +180,7 @@ def test_sweep_on_a_cluster_given_by_address_records_every_run(cluster, tmp_path
     results, out = tmp_path / "r.jsonl", tmp_path / "runs"
     done = subprocess.run(SWEEP + [str(cfg), "--scheduler", cluster["address"], "--threads", "1",
                                    "--out-dir", str(out), "--results", str(results)],
-                          capture_output=True, text=True, timeout=60)
+                          capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert done.returncode == 0, done.stderr
     records = {r["label"]: r for r in records_of(results)}
     assert len(records_of(results)) == 3
@@ -206,7 +207,7 @@ def test_a_run_whose_worker_is_killed_goes_on_from_its_checkpoint(cluster, tmp_p
     cfg.write_text(f"slow {SLOW}\n")
     client = spawn(SWEEP + [str(cfg), "--scheduler", cluster["address"], "--threads", "1",
                             "--out-dir", str(out), "--results", str(results)],
-                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     wait_for(lambda: os.path.exists(out / "slow" / "checkpoint.npz") and trainings(out / "slow"),
              30, "first checkpoint")
     [training] = trainings(out / "slow")
@@ -234,7 +235,7 @@ def test_a_run_whose_workers_keep_dying_is_recorded_as_failed(tmp_path, spawn):
     env = dict(os.environ, DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES="0")
     client = spawn(SWEEP + [str(cfg), "--jobs", "1", "--threads", "1", "--out-dir", str(out),
                             "--results", str(results)], env=env,
-                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     wait_for(lambda: trainings(out / "slow"), 30, "training")
     [training] = trainings(out / "slow")
     psutil.Process(training.ppid()).kill()
@@ -260,7 +261,7 @@ def test_a_stopped_sweep_stops_its_trainings_and_records_them(tmp_path, spawn, s
     argv = [str(cfg), "--jobs", "1", "--threads", "1", "--out-dir", str(out),
             "--results", str(results)]
     client = spawn(SWEEP + argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                   start_new_session=True)
+                   start_new_session=True, cwd=ROOT)
     running = lambda: [p for label in ("first", "second") for p in trainings(out / label)]  # noqa: E731
     wait_for(lambda: running() and any(os.path.exists(out / label / "checkpoint.npz")
                                        for label in ("first", "second")), 30, "first checkpoint")
@@ -334,15 +335,15 @@ def test_sweep_refuses_lists_it_would_misread(tmp_path, capsys, text, says, dry_
 
 
 def test_a_backprop_list_is_refused_with_how_to_run_it(capsys, tmp_path):
-    """experiments/sweep_backprop.txt holds experiments/backprop_baseline.py's flags, which the
+    """experiments/baselines/sweep_backprop.txt holds the backprop baseline's flags, which the
     training CLI would read too (--lr, --n-epochs, ...): read as FF runs, it would train
     something else than it says."""
-    backprop = os.path.join(ROOT, "experiments", "sweep_backprop.txt")
+    backprop = os.path.join(ROOT, "experiments", "baselines", "sweep_backprop.txt")
     assert sweep.main([backprop, "--out-dir", str(tmp_path / "runs"),
                        "--results", str(tmp_path / "r.jsonl")]) == 2
     err = one_line(capsys.readouterr().err)
     assert f"{backprop} is a backprop list" in err
-    assert f"experiments/run_backprop_list.sh {backprop} RESULTS" in err
+    assert f"experiments/baselines/run_backprop_list.sh {backprop} RESULTS" in err
     assert os.listdir(tmp_path) == []
 
 
@@ -551,8 +552,8 @@ def test_each_line_is_checked_and_run_by_the_script_of_its_experiment(tmp_path, 
 
 @pytest.mark.parametrize("line, says", [
     ("--hard-negatives", "cfg.txt:1 (a): --hard-negatives is not a flag of ff_hybrid_mnist.py: "
-                         "it belongs to ff_label_mnist.py (a list line runs it with --negatives "
-                         "label)"),
+                         "it belongs to ff_label_mnist.py and ff_recurrent_mnist.py (a list "
+                         "line runs it with --negatives label)"),
     ("--negatives label --local 10:6:4", "cfg.txt:1 (a): --negatives label with --local: "
                                          "no script runs both"),
     ("--negatives label --n-blur 2", "cfg.txt:1 (a): --n-blur 2 is unused: label negatives "
@@ -615,7 +616,7 @@ def test_committed_label_and_local_records_count_for_their_lists(name, results, 
                                                                  capsys):
     """The committed records of label and local runs, written by the one trainer, are still
     the finished runs of their lists' lines: --resume would train none of them again."""
-    path = os.path.join(ROOT, "experiments", name)
+    path = os.path.join(LISTS_DIR, name)
     n_runs = len(sweep.read_configs(path))
     assert sweep.main([path, "--resume", "--out-dir", str(tmp_path / "o"), "--dry-run",
                        "--results", os.path.join(ROOT, "experiments", "results", results)]) == 0
@@ -731,7 +732,7 @@ def test_a_scheduler_that_goes_away_ends_the_sweep_in_one_line(tmp_path, spawn):
     with dask_processes(tmp_path, 1) as started:
         client = spawn(SWEEP + [str(cfg), "--scheduler", started["address"], "--threads", "1",
                                 "--out-dir", str(out), "--results", str(results)],
-                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
         wait_for(lambda: trainings(out / "first"), 30, "training")
         started["scheduler"].kill()
         t0 = time.time()
@@ -745,7 +746,7 @@ def test_a_scheduler_that_goes_away_ends_the_sweep_in_one_line(tmp_path, spawn):
         ("first", "interrupted"), ("second", "interrupted")]
 
 
-LISTS = sorted(name for name in os.listdir(os.path.join(ROOT, "experiments"))
+LISTS = sorted(name for name in os.listdir(LISTS_DIR)
                if name.startswith("sweep_") and name.endswith(".txt") and "backprop" not in name)
 
 
@@ -753,7 +754,7 @@ LISTS = sorted(name for name in os.listdir(os.path.join(ROOT, "experiments"))
 def test_every_committed_list_is_accepted_as_it_stands(name, tmp_path, capsys):
     # the lists reproduce the committed records: each line must still pass the trainer's
     # checks (a rule added later, such as refusing an ignored flag, must not break one)
-    path = os.path.join(ROOT, "experiments", name)
+    path = os.path.join(LISTS_DIR, name)
     status = sweep.main([path, "--out-dir", str(tmp_path / "o"),
                          "--results", str(tmp_path / "r.jsonl"), "--dry-run"])
     assert status in (0, None), capsys.readouterr().err

@@ -1,0 +1,1 @@
+"""The experiments beside the trainers; run each as python3 -m experiments.STUDY.SCRIPT."""

@@ -1,0 +1,1 @@
+"""Analyses: heads refitted, generalisation, goodness errors, equal pairs, recurrent validation."""

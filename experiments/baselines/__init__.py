@@ -1,0 +1,1 @@
+"""The backprop baseline, its lists and the script that runs one."""

@@ -1,0 +1,900 @@
+"""Data movement (ByteDMD) of one training step of FF and of backprop on the same network.
+
+Each step is written as the element-level operations the numpy code performs, in its order
+(experiments/data_movement/bytedmd.py prices them): FF as ff_hybrid_mnist.train_ff runs a
+batch (the stacked positives and negatives L2-normalised, then per layer: forward, goodness,
+loss, the hand-derived local gradient, Adam on W and b, the L2 normalisation for the layer
+above); backprop as experiments/baselines/backprop_baseline.py runs one (forward, softmax
+cross-entropy, backward pass, Adam on every parameter). Values are float32 (4 bytes), labels
+int64 and comparison masks 1 byte. Every matrix product is the i-j-k loop (an entry's
+multiply-adds one after another, entries in row-major order).
+
+    python3 -m experiments.data_movement.data_movement grid \\
+        --out experiments/results/data-movement.json
+    python3 -m experiments.data_movement.data_movement batch --widths 64 \\
+        --out experiments/results/data-movement-batch100.jsonl
+    python3 -m experiments.data_movement.data_movement target \\
+        --out experiments/results/data-movement-target.json
+    python3 -m experiments.data_movement.data_movement plot \\
+        --grid experiments/results/data-movement.json --out viz/data_movement.png
+"""
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+
+import ff_hybrid_mnist as ff
+import ff_devices
+import ff_runs
+from experiments.baselines import backprop_baseline as bp
+from experiments.data_movement import bytedmd
+from experiments.records import (OneLineParser, RecordsError, check_figure, check_out, main_of,
+                                 mismatch, read_json, read_text)
+
+# what each record's "command" starts with: this module, run from the repository root
+COMMAND = "python3 -m experiments.data_movement.data_movement"
+
+LABEL_BYTES, MASK_BYTES = 8, 1
+
+# -----------------------------------------------------------------------------
+# Shared pieces: Adam, the L2 normalisation, a layer's forward pass
+
+
+def adam(t, p, g, m, v):
+    """Module's Adam step, as adam_cpu runs it on each chunk of ADAM_CHUNK elements: ten
+    passes (m *= b1, m += g, v *= b2, tmp = g g, v += tmp, tmp = sqrt v, tmp += eps,
+    tmp = m / tmp, tmp *= step, p -= tmp); no weight decay, no flush. Returns the new
+    (p, m, v)."""
+    shape = p.shape
+    p, g, m, v = (a.ravel() for a in (p, g, m, v))
+    new = []
+    for lo in range(0, len(p), ff_devices.ADAM_CHUNK):
+        c = slice(lo, lo + ff_devices.ADAM_CHUNK)
+        m1 = t.op("update", t.op("update", m[c]), g[c])
+        v1 = t.op("update", t.op("update", v[c]), t.op("update", g[c], g[c]))
+        tmp = t.op("update", t.op("update", v1))
+        tmp = t.op("update", t.op("update", m1, tmp))
+        new.append((t.op("update", p[c], tmp), m1, v1))
+    return tuple(np.concatenate(parts).reshape(shape) for parts in zip(*new))
+
+
+def l2_normalize(t, X, phase="l2norm"):
+    """Module's l2_normalize: norm = sqrt(einsum(x, x)), norm += eps, x / norm."""
+    norm = t.op(phase, t.op(phase, t.dot_rows(phase, X, X)))
+    return t.op(phase, X, norm[:, None])
+
+
+def layer_forward(t, X, W, b, phase="forward"):
+    """Module's layer_forward: x @ W, += b, ReLU."""
+    Z = t.op(phase, t.matmul(phase, X, W), b[None, :])
+    return t.op(phase, Z)
+
+
+def network_arguments(t, sizes):
+    """Arguments of a network with these layer sizes, in call order after the batch: each
+    layer's W and b, then the Adam moments (m, v) of each W and b in the same order."""
+    params = [(t.argument((a, b)), t.argument((b,))) for a, b in zip(sizes[:-1], sizes[1:])]
+    moments = [[(t.argument(p.shape), t.argument(p.shape)) for p in layer] for layer in params]
+    return params, moments
+
+
+def softmax_cross_entropy(t, logits, y, phase, grad_phase, decay_of=None):
+    """dL/dlogits as softmax_loss_and_grads computes it, the loss on the way: row max, shift,
+    exp, row sum, log, mean, the label's shifted logit, mean, difference (plus
+    0.5 wd |W|^2 for decay_of=W), then p / sum, p[label] -= 1, p / n. Rows take the labels
+    0, 1, 2, ... in turn (y holds the label values)."""
+    n, n_classes = logits.shape
+    rows, label = np.arange(n), np.arange(n) % n_classes
+    shifted = t.op(phase, logits, t.max_rows(phase, logits)[:, None])
+    p = t.op(phase, shifted)                                          # exp
+    p_sum = t.sum_rows(phase, p)
+    mean_log = t.op(phase, t.sum_rows(phase, t.op(phase, p_sum)[None, :]))  # log, sum, / n
+    picked = t.op(phase, y, shifted[rows, label])                     # shifted[rows, y]
+    loss = t.op(phase, mean_log, t.op(phase, t.sum_rows(phase, picked[None, :])))
+    if decay_of is not None:
+        flat = decay_of.reshape(1, -1)
+        t.op(phase, loss, t.op(phase, t.dot_rows(phase, flat, flat)))  # + 0.5 wd vdot(W, W)
+    p = t.op(grad_phase, p, p_sum[:, None])                           # p / sum
+    p[rows, label] = t.op(grad_phase, y, p[rows, label])              # p[rows, y] -= 1
+    return t.op(grad_phase, p)                                        # / n
+
+
+# -----------------------------------------------------------------------------
+# FF: one batch of train_ff
+
+
+def hybrid_negatives(t, a, b, bits, blur):
+    """Module's make_hybrid_batch for digit rows a and b, from the mask's random bits
+    (n side x side blocks, as floats) and the blur matrix: bits @ B^T, a transposing copy,
+    @ B^T, > 0.5 over the result in memory order, the copy that reshape makes of that
+    transposed mask; then out = b, out[mask] = a."""
+    n, side = len(a), len(blur)
+    rows = t.matmul("negatives", bits, blur.T).reshape(n, side, side)
+    copied = t.op("negatives", rows.transpose(0, 2, 1)).reshape(n * side, side)
+    blurred = t.matmul("negatives", copied, blur.T).reshape(n, side, side)
+    mask = t.op("negatives", blurred, size=MASK_BYTES).transpose(0, 2, 1)
+    mask = t.op("negatives", mask, size=MASK_BYTES).reshape(n, side * side)
+    return t.op("negatives", mask, a, t.op("negatives", b))
+
+
+def ff_step(t, x, params, moments, normalize=True):
+    """train_ff's work on one stacked batch x (positives, then as many negatives): per
+    layer forward, goodness, loss, the hand-derived local gradient, Adam on W then b, and
+    (for the layer above) the L2 normalisation of the layer's output from before its
+    update. Returns the new params and moments."""
+    B = len(x) // 2
+    X = l2_normalize(t, x) if normalize else x
+    new_params, new_moments = [], []
+    for l, ((W, bias), ((mW, vW), (mb, vb))) in enumerate(zip(params, moments)):
+        H = layer_forward(t, X, W, bias)
+        # goodness (mean of h^2) and the FF loss, as layer_loss_and_grads computes them
+        g = t.op("goodness", t.dot_rows("goodness", H, H))            # einsum, / n_units
+        margin = t.op("loss", g)                                      # g - threshold
+        margin = np.concatenate([t.op("loss", margin[:B]), margin[B:]])  # positives: * -1
+        t.op("loss", t.sum_rows("loss", t.op("loss", margin)[None, :]))  # softplus, sum, / n
+        # dL/dg = s sigmoid(s margin) / n_pos, sigmoid(t) = 0.5 (1 + tanh(0.5 t))
+        d = margin
+        for _ in range(4):
+            d = t.op("gradient", d)
+        d = t.op("gradient", d)                                       # / n_pos
+        d = np.concatenate([t.op("gradient", d[:B]), d[B:]])          # positives: * -1
+        dZ = t.op("gradient", H, t.op("gradient", d)[:, None])        # h * (scale dL/dg)
+        dW = t.matmul("gradient", X.T, dZ)
+        db = t.sum_columns("gradient", dZ)
+        W1, mW1, vW1 = adam(t, W, dW, mW, vW)
+        b1, mb1, vb1 = adam(t, bias, db, mb, vb)
+        new_params.append((W1, b1))
+        new_moments.append(((mW1, vW1), (mb1, vb1)))
+        if l + 1 < len(params):
+            X = l2_normalize(t, H) if normalize else H
+    return new_params, new_moments
+
+
+def trace_ff_step(n_in, widths, batch, normalize=True, negatives=False, warmup=1):
+    """The trace of FF steps on `batch` positives and `batch` negatives each: `warmup`
+    steps whose phases are named "warm-up ...", then the step that is measured, which so
+    finds the stack as training leaves it rather than as the arguments were pushed.
+
+    normalize=False leaves out every L2 normalisation (each layer reads the raw activities
+    below it): the counterfactual that prices what the normalisation costs. negatives=True
+    also makes the negatives (hybrids of two other digits, the module's masks), else they
+    are part of each step's batch argument like the positives. Arguments: each step's batch
+    (or its positives, the two digits of each hybrid and the mask bits; then the blur
+    matrix), then the network.
+    """
+    t = bytedmd.Trace(**bytedmd.FUSED_FLOAT32_RULES)
+    B, steps = batch, warmup + 1
+    if negatives:
+        side = math.isqrt(n_in)
+        data = [[t.argument((B, n_in)) for _ in range(3)] + [t.argument((B * side, side))]
+                for _ in range(steps)]
+        blur = t.argument((side, side))
+    else:
+        data = [t.argument((2 * B, n_in)) for _ in range(steps)]  # positives, then negatives
+    params, moments = network_arguments(t, (n_in,) + tuple(widths))
+    for s in range(steps):
+        t.phase_prefix = "warm-up " if s < warmup else ""
+        if negatives:
+            pos, a, b, bits = data[s]
+            x = np.concatenate([pos, hybrid_negatives(t, a, b, bits, blur)])
+        else:
+            x = data[s]
+        params, moments = ff_step(t, x, params, moments, normalize)
+    return t
+
+
+# -----------------------------------------------------------------------------
+# Backprop: one batch of backprop_baseline.train_backprop
+
+
+def backprop_step(t, x, y, params, moments):
+    """train_backprop's work on one batch: forward, softmax cross-entropy, backward (per
+    layer from the top: dW, db, then dL/dh below and its ReLU mask), Adam on every W, then
+    every b. Returns the new params and moments."""
+    hs = [x]
+    for W, b in params[:-1]:
+        hs.append(layer_forward(t, hs[-1], W, b))
+    W_out, b_out = params[-1]
+    logits = t.op("forward", t.matmul("forward", hs[-1], W_out), b_out[None, :])
+    dz = softmax_cross_entropy(t, logits, y, "loss", "backward")
+    grads = [None] * len(params)
+    for l in reversed(range(len(params))):
+        grads[l] = (t.matmul("backward", hs[l].T, dz), t.sum_columns("backward", dz))
+        if l > 0:
+            dh = t.matmul("backward", dz, params[l][0].T)
+            dz = t.op("backward", dh, t.op("backward", hs[l], size=MASK_BYTES))
+    new = [[None, None] for _ in params], [[None, None] for _ in params]
+    for k in (0, 1):  # every W, then every b
+        for l in range(len(params)):
+            p, m, v = adam(t, params[l][k], grads[l][k], *moments[l][k])
+            new[0][l][k], new[1][l][k] = p, (m, v)
+    return new
+
+
+def trace_backprop_step(n_in, widths, batch, n_classes=bp.N_CLASSES, warmup=1):
+    """The trace of backprop steps on `batch` digits each, `warmup` of them named
+    "warm-up ..." before the measured one (as trace_ff_step). Arguments: each step's batch
+    and labels, then the network with its softmax layer."""
+    t = bytedmd.Trace(**bytedmd.FUSED_FLOAT32_RULES)
+    data = [(t.argument((batch, n_in)), t.argument((batch,), size=LABEL_BYTES))
+            for _ in range(warmup + 1)]
+    params, moments = network_arguments(t, (n_in,) + tuple(widths) + (n_classes,))
+    for s, (x, y) in enumerate(data):
+        t.phase_prefix = "warm-up " if s < warmup else ""
+        params, moments = backprop_step(t, x, y, params, moments)
+    return t
+
+
+# -----------------------------------------------------------------------------
+# The FF softmax head: feature extraction and one SGD step (for the cost to a test error)
+
+
+def trace_features(n_in, widths, chunk, top_k):
+    """Module's extract_features on `chunk` digits: each layer L2-normalises its input,
+    then forward; the top_k layers' activities L2-normalised into the features."""
+    t = bytedmd.Trace(**bytedmd.FUSED_FLOAT32_RULES)
+    x = t.argument((chunk, n_in))
+    params, _ = network_arguments(t, (n_in,) + tuple(widths))
+    hs, h = [], x
+    for W, b in params:
+        h = layer_forward(t, l2_normalize(t, h, "features"), W, b, "features")
+        hs.append(h)
+    for h in hs[-top_k:]:
+        l2_normalize(t, h, "features")
+    return t
+
+
+def trace_head_step(n_features, batch, n_classes=bp.N_CLASSES):
+    """One step of the module's train_softmax: softmax_loss_and_grads with its weight
+    decay (0.5 wd |W|^2 in the loss, dW += wd W), then W -= lr dW, b -= lr db."""
+    t = bytedmd.Trace(**bytedmd.FUSED_FLOAT32_RULES)
+    F = t.argument((batch, n_features))
+    y = t.argument((batch,), size=LABEL_BYTES)
+    W, b = t.argument((n_features, n_classes)), t.argument((n_classes,))
+    logits = t.op("head", t.matmul("head", F, W), b[None, :])
+    p = softmax_cross_entropy(t, logits, y, "head", "head", decay_of=W)
+    dW = t.op("head", t.matmul("head", F.T, p), t.op("head", W))
+    db = t.sum_columns("head", p)
+    t.op("head", W, t.op("head", dW))
+    t.op("head", b, t.op("head", db))
+    return t
+
+
+# -----------------------------------------------------------------------------
+# Measurements
+
+
+def measure(trace):
+    """The cost of the trace's measured step (its phases not named "warm-up ..."), by phase,
+    with the size of the whole trace and the seconds that pricing it took."""
+    t0 = time.perf_counter()
+    _, by_phase, _ = bytedmd.price(trace, per_read=False)
+    measured = {ph: c for ph, c in by_phase.items() if not ph.startswith("warm-up ")}
+    return {"cost": sum(measured.values()), "by_phase": measured,
+            "trace_reads": trace.n_reads, "trace_ops": trace.n_ops,
+            "seconds": time.perf_counter() - t0}
+
+
+def fit_power_law(rows, factors, key):
+    """Least-squares fit of log cost = log k + sum_f e_f log f over the rows; returns the
+    exponents, k and the largest relative misfit."""
+    X = np.array([[1.0] + [math.log(r[f]) for f in factors] for r in rows])
+    y = np.array([math.log(r[key]) for r in rows])
+    coef, *_ = np.linalg.lstsq(X, y, rcond=None)
+    misfit = float(np.max(np.abs(np.exp(X @ coef - y) - 1)))
+    return {"exponents": dict(zip(factors, map(float, coef[1:]))), "k": float(math.exp(coef[0])),
+            "max_relative_misfit": misfit}
+
+
+BASE = {"n_in": 196, "width": 64, "depth": 3, "batch": 4}
+GRID = ([dict(BASE, width=w) for w in (16, 32, 64, 128)]
+        + [dict(BASE, depth=d) for d in (2, 4)]
+        + [dict(BASE, batch=b) for b in (1, 2, 8, 16)]
+        + [dict(BASE, n_in=49)])
+FACTORS = ("width", "depth", "batch", "n_in")
+
+
+def measure_config(c, log=print):
+    """FF, FF without its L2 normalisations, and backprop at one size (c: n_in, width,
+    depth = hidden layers, batch)."""
+    widths = (c["width"],) * c["depth"]
+    row = dict(c)
+    row["ff"] = measure(trace_ff_step(c["n_in"], widths, c["batch"]))
+    row["ff_no_l2"] = measure(trace_ff_step(c["n_in"], widths, c["batch"], normalize=False))
+    row["backprop"] = measure(trace_backprop_step(c["n_in"], widths, c["batch"]))
+    ff_cost, bp_cost = row["ff"]["cost"], row["backprop"]["cost"]
+    row["ratio"] = ff_cost / bp_cost
+    row["ratio_without_update"] = ((ff_cost - row["ff"]["by_phase"]["update"])
+                                   / (bp_cost - row["backprop"]["by_phase"]["update"]))
+    row["shares"] = {"ff_l2_reads": row["ff"]["by_phase"]["l2norm"] / ff_cost,
+                     "ff_l2_counterfactual": 1 - row["ff_no_l2"]["cost"] / ff_cost,
+                     "ff_update": row["ff"]["by_phase"]["update"] / ff_cost,
+                     "backprop_backward": row["backprop"]["by_phase"]["backward"] / bp_cost,
+                     "backprop_update": row["backprop"]["by_phase"]["update"] / bp_cost}
+    log(f"{c}: FF {ff_cost:.3e}  FF without L2 {row['ff_no_l2']['cost']:.3e}  backprop "
+        f"{bp_cost:.3e}  FF/backprop {row['ratio']:.2f}  L2 share "
+        f"{100 * row['shares']['ff_l2_reads']:.1f}%  backward share "
+        f"{100 * row['shares']['backprop_backward']:.1f}%  "
+        f"({row['ff']['seconds'] + row['ff_no_l2']['seconds'] + row['backprop']['seconds']:.0f} s)",
+        flush=True)
+    return row
+
+
+def run_grid(args):
+    t0 = time.perf_counter()
+    rows = [measure_config(c) for c in GRID]
+    fits = {}
+    for name in ("ff", "ff_no_l2", "backprop"):
+        fits[name] = fit_power_law([dict(r, cost=r[name]["cost"]) for r in rows], FACTORS, "cost")
+    fits["ratio"] = fit_power_law(rows, FACTORS, "ratio")
+    record = {"what": "ByteDMD cost of one training step (after one warm-up step), FF and "
+                      "backprop on the same network, at small sizes; power-law fits over "
+                      "all rows", "base": BASE, "rows": rows, "fits": fits,
+              "seconds": time.perf_counter() - t0,
+              "command": " ".join([COMMAND] + sys.argv[1:]),
+              "environment": ff_runs.environment()}
+    ff_runs.write_json(args.out, record)
+    for name, fit in fits.items():
+        print(f"{name}: exponents " + ", ".join(f"{k} {v:.2f}" for k, v in
+                                                 fit["exponents"].items())
+              + f"; largest misfit {100 * fit['max_relative_misfit']:.0f}%")
+
+
+# -----------------------------------------------------------------------------
+# Steps at the size of the training comparison (784 inputs), and the cost to an error
+
+STEP_BATCHES = {64: (1, 2, 4, 8, 16, 32), 128: (1, 2, 4, 8, 16)}  # widths of 784-w-w
+HEAD_BATCH, FEATURE_CHUNKS, TRAIN_BATCH = 256, (4, 8, 16), 100
+
+
+def polynomial_fit(xs, ys, degree):
+    """Coefficients (constant first) of the least-squares polynomial in x."""
+    return [float(v) for v in np.polyfit(np.asarray(xs, float), np.asarray(ys, float),
+                                         degree)[::-1]]
+
+
+def evaluate_polynomial(coef, x):
+    return sum(c * x ** k for k, c in enumerate(coef))
+
+
+def run_steps(args):
+    """784-w-w at batches 1 to 16 or 32: FF with its negatives made, backprop; the FF
+    head's SGD step at its batch of 256 and its feature extraction per digit. The cost of
+    a step at the training batch of 100 from a + b B + c B^2 fitted on every traced batch,
+    and, as a check, from a + b B fitted on batches 1-8 alone."""
+    t0 = time.perf_counter()
+    out = {"widths": {}, "train_batch": TRAIN_BATCH}
+    for w, batches in STEP_BATCHES.items():
+        widths, row = (w, w), {"batches": {}}
+        for B in batches:
+            row["batches"][B] = {
+                "ff": measure(trace_ff_step(784, widths, B, negatives=True)),
+                "backprop": measure(trace_backprop_step(784, widths, B))}
+            print(f"784-{w}-{w}, batch {B}: FF {row['batches'][B]['ff']['cost']:.3e}  "
+                  f"backprop {row['batches'][B]['backprop']['cost']:.3e}", flush=True)
+        for name in ("ff", "backprop"):
+            costs = [row["batches"][B][name]["cost"] for B in batches]
+            quadratic = polynomial_fit(batches, costs, 2)
+            small = [B for B in batches if B <= 8]
+            affine = polynomial_fit(small, costs[:len(small)], 1)
+            row[name + "_fit"] = {
+                "quadratic": quadratic, "affine_on_1_to_8": affine,
+                "quadratic_misfit": max(abs(evaluate_polynomial(quadratic, B) / c - 1)
+                                        for B, c in zip(batches, costs)),
+                "affine_error_at_largest": evaluate_polynomial(affine, batches[-1]) / costs[-1] - 1,
+                "at_train_batch": evaluate_polynomial(quadratic, TRAIN_BATCH),
+                "at_train_batch_affine": evaluate_polynomial(affine, TRAIN_BATCH)}
+        row["head_step"] = measure(trace_head_step(2 * w, HEAD_BATCH))
+        row["features"] = {c: measure(trace_features(784, widths, c, top_k=2))
+                           for c in FEATURE_CHUNKS}
+        row["features_fit"] = polynomial_fit(
+            FEATURE_CHUNKS, [row["features"][c]["cost"] for c in FEATURE_CHUNKS], 1)
+        print(f"784-{w}-{w} at batch {TRAIN_BATCH}: FF {row['ff_fit']['at_train_batch']:.3e} "
+              f"(affine {row['ff_fit']['at_train_batch_affine']:.3e}), backprop "
+              f"{row['backprop_fit']['at_train_batch']:.3e} (affine "
+              f"{row['backprop_fit']['at_train_batch_affine']:.3e}); head step "
+              f"{row['head_step']['cost']:.3e}, features {row['features_fit'][1]:.3e} a digit",
+              flush=True)
+        out["widths"][w] = row
+    out.update(seconds=time.perf_counter() - t0,
+               command=" ".join([COMMAND] + sys.argv[1:]),
+               environment=ff_runs.environment())
+    ff_runs.write_json(args.out, out)
+
+
+def run_batch(args):
+    """One step of FF (negatives made) and of backprop on 784-w-w traced directly at the
+    training batch, after its warm-up step as everywhere: one JSON line per width, appended
+    to --out once both are priced."""
+    B = args.batch
+    for w in args.widths:
+        t0, widths = time.perf_counter(), (w, w)
+        row = {"ff": measure(trace_ff_step(784, widths, B, negatives=True))}
+        print(f"784-{w}-{w}, batch {B}: FF {row['ff']['cost']:.4e} ({row['ff']['trace_reads']} "
+              f"reads, {row['ff']['seconds']:.0f} s)", flush=True)
+        row["backprop"] = measure(trace_backprop_step(784, widths, B))
+        ff_c, bp_c = row["ff"]["cost"], row["backprop"]["cost"]
+        ph_ff, ph_bp = row["ff"]["by_phase"], row["backprop"]["by_phase"]
+        record = {
+            "script": "experiments/data_movement/data_movement.py",
+            "what": "ByteDMD cost of one training step (after one warm-up step) traced at "
+                    "the training batch, FF with its negatives made and backprop, 784-w-w, "
+                    "rules bytedmd.FUSED_FLOAT32_RULES",
+            "rules": bytedmd.FUSED_FLOAT32_RULES, "network": [784, w, w], "width": w,
+            "batch": B, **row, "ratio": ff_c / bp_c,
+            "ratio_without_update": (ff_c - ph_ff["update"]) / (bp_c - ph_bp["update"]),
+            "shares": {"ff_negatives": ph_ff["negatives"] / ff_c,
+                       "ff_l2": ph_ff["l2norm"] / ff_c, "ff_update": ph_ff["update"] / ff_c,
+                       "backprop_backward": ph_bp["backward"] / bp_c,
+                       "backprop_update": ph_bp["update"] / bp_c},
+            "seconds": time.perf_counter() - t0, "peak_rss_mib": ff_runs.peak_rss_mib(),
+            "threads": os.environ.get("OPENBLAS_NUM_THREADS"),
+            "command": " ".join([COMMAND] + sys.argv[1:]),
+            "environment": ff_runs.environment()}
+        print(f"784-{w}-{w}, batch {B}: FF {ff_c:.4e}  backprop {bp_c:.4e} "
+              f"({row['backprop']['trace_reads']} reads, {row['backprop']['seconds']:.0f} s)  "
+              f"FF/backprop {record['ratio']:.3f}  peak {record['peak_rss_mib']:.0f} MiB",
+              flush=True)
+        text = json.dumps(ff_runs.finite_or_none(record))
+        if bp.append_record(args.out, text):
+            return 1
+    return 0
+
+
+# The training curves: the real numpy code, FF (train_ff + a fresh softmax head after every
+# epoch) and backprop (backprop_baseline), on the first n_train digits of the training split
+
+CURVE_SETTINGS = {"n_train": 10000, "val_size": 10000, "batch_size": 100, "ff_epochs": 60,
+                  "ff_threshold": 8.0, "ff_softmax_lr": 2.0, "ff_softmax_epochs": 30,
+                  "bp_lr": 1e-3, "bp_epochs": 10, "bp_every": 10}
+
+
+def quiet(*args, **kwargs):
+    pass
+
+
+def ff_curve(width, seed, data, s):
+    """(val, test) error of the FF network of two layers of `width` with a softmax head
+    on both layers, fitted afresh (the module's settings) after each FF epoch; epoch 0 is the
+    untrained network."""
+    x_fit, y_fit, x_val, y_val, x_test, y_test = data
+    cfg = ff.FFConfig(layer_sizes=(784, width, width), n_epochs=s["ff_epochs"],
+                      batch_size=s["batch_size"], threshold=s["ff_threshold"],
+                      head="sgd", softmax_lr=s["ff_softmax_lr"],
+                      softmax_epochs=s["ff_softmax_epochs"], top_k=2, n_train=s["n_train"], val_size=s["val_size"], seed=seed)
+    state = ff.FFState.fresh(cfg, np.random.default_rng(seed))
+    points = []
+
+    def evaluate(epoch, state):
+        F_fit, F_val, F_test = (ff.extract_features(state.weights, state.biases, x, cfg.top_k)
+                                for x in (x_fit, x_val, x_test))
+        W, b, _ = ff.train_softmax(F_fit, y_fit, np.random.default_rng([seed, 1]),
+                                   cfg.softmax_epochs, cfg.softmax_lr, cfg.softmax_weight_decay,
+                                   log=quiet)
+        points.append({"steps": (epoch + 1) * (len(x_fit) // cfg.batch_size),
+                       "val_error": ff.error_rate(F_val, y_val, W, b),
+                       "test_error": ff.error_rate(F_test, y_test, W, b)})
+
+    evaluate(-1, state)
+    ff.train_ff(x_fit, cfg, state, callback=evaluate, log=quiet)
+    return points
+
+
+def backprop_curve(width, seed, data, s):
+    """(val, test) error of backprop on the same network every bp_every steps."""
+    x_fit, y_fit, x_val, y_val, x_test, y_test = data
+    cfg = bp.BPConfig(layer_sizes=(784, width, width), lr=s["bp_lr"], n_epochs=s["bp_epochs"],
+                      batch_size=s["batch_size"], n_train=s["n_train"],
+                      val_size=s["val_size"], seed=seed)
+    points = []
+
+    def evaluate(step, weights, biases):
+        points.append({"steps": step, "val_error": bp.error_rate(weights, biases, x_val, y_val),
+                       "test_error": bp.error_rate(weights, biases, x_test, y_test)})
+
+    bp.train_backprop(cfg, x_fit, y_fit, x_val, y_val, log=quiet, every=s["bp_every"],
+                      callback=evaluate)
+    return points
+
+
+def run_curves(args):
+    s = dict(CURVE_SETTINGS)
+    x_train, y_train, x_test, y_test = ff.load_mnist()
+    x_fit, y_fit, x_val, y_val = ff.split_validation(x_train, y_train, s["val_size"],
+                                                     s["n_train"])
+    data = (x_fit, y_fit, x_val, y_val, x_test, y_test)
+    runs = []
+    for width in args.widths:
+        for seed in args.seeds:
+            for name, curve in (("ff", ff_curve), ("backprop", backprop_curve)):
+                t0 = time.perf_counter()
+                points = curve(width, seed, data, s)
+                runs.append({"algorithm": name, "width": width, "seed": seed,
+                             "points": points, "seconds": time.perf_counter() - t0})
+                best = min(points, key=lambda p: p["val_error"])
+                print(f"{name} 784-{width}-{width} seed {seed}: best val error "
+                      f"{100 * best['val_error']:.2f}% at step {best['steps']}, last "
+                      f"{100 * points[-1]['val_error']:.2f}%  ({runs[-1]['seconds']:.0f} s)",
+                      flush=True)
+    ff_runs.write_json(args.out, {
+        "what": "validation and test error against training steps, FF (a fresh softmax head "
+                "after each epoch) and backprop, 784-w-w, first n_train training digits",
+        "settings": s, "runs": runs,
+        "command": " ".join([COMMAND] + sys.argv[1:]),
+        "environment": ff_runs.environment()})
+
+
+def steps_to(points, target):
+    """The first step at which the validation error is at most target (None: never)."""
+    return next((p["steps"] for p in points if p["val_error"] <= target), None)
+
+
+def run_cost(args):
+    """Cost to a validation error: steps from the curves times the cost of a step at batch
+    100: traced at that batch (--traced, the records of `batch`), else the quadratic fitted
+    to the batches `steps` traced, extrapolated. FF's softmax head added once."""
+    with open(args.steps) as f:
+        steps = json.load(f)
+    traced = batch_costs(read_batch_records(args.traced)) if args.traced else None
+    curves = {"runs": []}
+    for path in args.curves:
+        with open(path) as f:
+            record = json.load(f)
+        curves["runs"] += record["runs"]
+        curves["settings"] = record["settings"]   # the same in every file
+    s = curves["settings"]
+    B, n = s["batch_size"], s["n_train"]
+    rows = []
+    for w_key, st in steps["widths"].items():
+        width = int(w_key)
+        names = ("ff", "backprop")
+        step_cost = ({name: traced[width, B][name] for name in names} if traced
+                     else {name: st[name + "_fit"]["at_train_batch"] for name in names})
+        chunk = 2000  # extract_features' chunk
+        features = -(-n // chunk) * st["features_fit"][0] + n * st["features_fit"][1]
+        head = s["ff_softmax_epochs"] * -(-n // HEAD_BATCH) * st["head_step"]["cost"]
+        runs = {name: [r for r in curves["runs"] if r["algorithm"] == name
+                       and r["width"] == width] for name in ("ff", "backprop")}
+        if not runs["ff"]:
+            continue
+        for target in args.targets:
+            reached = {name: [steps_to(r["points"], target) for r in runs[name]]
+                       for name in runs}
+            row = {"width": width, "target_val_error": target, "seeds": len(runs["ff"]),
+                   "ff_steps": reached["ff"], "backprop_steps": reached["backprop"],
+                   "ff_step_cost": step_cost["ff"], "backprop_step_cost": step_cost["backprop"],
+                   "ff_head_cost": features + head}
+            if all(v is not None for v in reached["ff"] + reached["backprop"]):
+                ff_steps, bp_steps = np.mean(reached["ff"]), np.mean(reached["backprop"])
+                row["ff_cost"] = ff_steps * step_cost["ff"] + features + head
+                row["backprop_cost"] = bp_steps * step_cost["backprop"]
+                row["ratio"] = row["ff_cost"] / row["backprop_cost"]
+                row["steps_ratio"] = ff_steps / bp_steps
+                row["test_error_at_target"] = {
+                    name: float(np.mean([next(p["test_error"] for p in r["points"]
+                                              if p["steps"] == k)
+                                         for r, k in zip(runs[name], reached[name])]))
+                    for name in runs}
+            rows.append(row)
+            print(f"784-{width}-{width}, val error <= {100 * target:.1f}%: FF steps "
+                  f"{reached['ff']}, backprop steps {reached['backprop']}"
+                  + (f", cost FF {row['ff_cost']:.3e} / backprop {row['backprop_cost']:.3e}"
+                     f" = {row['ratio']:.1f}" if "ratio" in row else ""))
+    ff_runs.write_json(args.out, {
+        "what": "ByteDMD cost to reach a validation error: mean steps over the seeds times "
+                "the cost of a step at batch 100 (" + ("traced at that batch, the records of "
+                "`batch`" if traced else "quadratic fit on the traced batches") + "); FF adds "
+                "its softmax head once (features of the training digits and the head's "
+                "SGD epochs)", "batch_size": B, "rows": rows,
+        "step_cost": "traced" if traced else "quadratic fit",
+        "inputs": [args.steps] + args.curves + ([args.traced] if traced else []),
+        "command": " ".join([COMMAND] + sys.argv[1:])})
+
+
+def run_plot(args):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    with open(args.grid) as f:
+        grid = json.load(f)
+    base = grid["base"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, factor in zip(axes, ("width", "batch")):
+        rows = sorted((r for r in grid["rows"]
+                       if all(r[k] == v for k, v in base.items() if k != factor)),
+                      key=lambda r: r[factor])
+        x = [r[factor] for r in rows]
+        for name, label, style in (("ff", "FF", "o-"), ("ff_no_l2", "FF without L2 norm", "o--"),
+                                   ("backprop", "backprop", "s-")):
+            ax.plot(x, [r[name]["cost"] for r in rows], style, label=label)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+        ax.set_xticks(x)
+        ax.set_xticklabels([str(v) for v in x])
+        ax.set_xlabel(f"{factor} ({'units per hidden layer' if factor == 'width' else 'digits per step'})")
+        others = ", ".join(f"{k} {v}" for k, v in base.items() if k != factor)
+        ax.set_title(f"one training step ({others})", fontsize=9)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].set_ylabel("ByteDMD cost of one step")
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(args.out, dpi=120)
+    print(f"wrote {args.out}")
+
+
+def run_tables(args):
+    """The tables of docs/data-movement.md, in markdown, from the records."""
+    def e(v):
+        return f"{v:.2e}".replace("e+0", "e").replace("e+", "e")
+
+    def pct(v):
+        return f"{100 * v:.1f}%"
+
+    with open(args.grid) as f:
+        grid = json.load(f)
+    print("| inputs | width | hidden layers | batch | FF | FF without L2 | backprop | FF / "
+          "backprop | same, Adam left out | L2 share of FF: its reads / cost saved without "
+          "it | backward share of backprop | Adam share: FF / backprop |")
+    print("|" + "---|" * 12)
+    for r in grid["rows"]:
+        sh = r["shares"]
+        print(f"| {r['n_in']} | {r['width']} | {r['depth']} | {r['batch']} | {e(r['ff']['cost'])} "
+              f"| {e(r['ff_no_l2']['cost'])} | {e(r['backprop']['cost'])} | {r['ratio']:.2f} | "
+              f"{r['ratio_without_update']:.2f} | {pct(sh['ff_l2_reads'])} / "
+              f"{pct(sh['ff_l2_counterfactual'])} | {pct(sh['backprop_backward'])} | "
+              f"{pct(sh['ff_update'])} / {pct(sh['backprop_update'])} |")
+    print()
+    print("| cost of a step | width | hidden layers | batch | inputs | largest misfit |")
+    print("|---|---|---|---|---|---|")
+    for name, label in (("ff", "FF"), ("ff_no_l2", "FF without L2"), ("backprop", "backprop"),
+                        ("ratio", "FF / backprop")):
+        fit = grid["fits"][name]
+        print(f"| {label} | " + " | ".join(f"{fit['exponents'][k]:.2f}" for k in FACTORS)
+              + f" | {pct(fit['max_relative_misfit'])} |")
+    traced = batch_costs(read_batch_records(args.traced)) if args.traced else None
+    if args.steps:
+        with open(args.steps) as f:
+            steps = json.load(f)
+        print()
+        print("| network | batch | FF (negatives made) | of which the negatives | backprop | "
+              "FF / backprop |")
+        print("|---|---|---|---|---|---|")
+        for w, st in steps["widths"].items():
+            for B, m in st["batches"].items():
+                ff_c, bp_c = m["ff"]["cost"], m["backprop"]["cost"]
+                print(f"| 784-{w}-{w} | {B} | {e(ff_c)} | "
+                      f"{pct(m['ff']['by_phase']['negatives'] / ff_c)} | {e(bp_c)} | "
+                      f"{ff_c / bp_c:.2f} |")
+            if traced:
+                for (tw, tb), m in sorted(traced.items()):
+                    if str(tw) == w:
+                        print(f"| 784-{w}-{w} | {tb}, traced | {e(m['ff'])} | "
+                              f"{pct(m['ff_negatives'])} | {e(m['backprop'])} | "
+                              f"{m['ff'] / m['backprop']:.2f} |")
+                continue
+            q = {n: st[n + "_fit"]["at_train_batch"] for n in ("ff", "backprop")}
+            lin = {n: st[n + "_fit"]["at_train_batch_affine"] for n in ("ff", "backprop")}
+            print(f"| 784-{w}-{w} | {steps['train_batch']}, quadratic fit | {e(q['ff'])} | - | "
+                  f"{e(q['backprop'])} | {q['ff'] / q['backprop']:.2f} |")
+            print(f"| 784-{w}-{w} | {steps['train_batch']}, line through 1-8 | {e(lin['ff'])} | - "
+                  f"| {e(lin['backprop'])} | {lin['ff'] / lin['backprop']:.2f} |")
+    if args.cost:
+        with open(args.cost) as f:
+            cost = json.load(f)
+        print()
+        print("| network | validation error to reach | FF steps (seeds) | backprop steps | "
+              "steps FF / backprop | FF cost (head included) | backprop cost | FF / backprop "
+              "| test error there: FF / backprop |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for r in cost["rows"]:
+            if "ratio" not in r:
+                print(f"| 784-{r['width']}-{r['width']} | {pct(r['target_val_error'])} | "
+                      f"{r['ff_steps']} | {r['backprop_steps']} | not reached by every run "
+                      "| | | | |")
+                continue
+            t = r["test_error_at_target"]
+            print(f"| 784-{r['width']}-{r['width']} | {pct(r['target_val_error'])} | "
+                  f"{', '.join(map(str, r['ff_steps']))} | "
+                  f"{', '.join(map(str, r['backprop_steps']))} | {r['steps_ratio']:.0f} | "
+                  f"{e(r['ff_cost'])} | {e(r['backprop_cost'])} | **{r['ratio']:.0f}** | "
+                  f"{pct(t['ff'])} / {pct(t['backprop'])} |")
+
+
+# -----------------------------------------------------------------------------
+# The command line: every flag, output path and input record checked before anything is
+# traced or trained (a grid or curves run takes minutes to hours)
+
+FIT = {"at_train_batch": float, "at_train_batch_affine": float}
+RECORDS = {  # the fields of each subcommand's record that the others read
+    "grid": {"base": {k: int for k in FACTORS},
+             "rows": [{**{k: int for k in FACTORS}, "ratio": float, "ratio_without_update": float,
+                       **{name: {"cost": float} for name in ("ff", "ff_no_l2", "backprop")},
+                       "shares": {k: float for k in ("ff_l2_reads", "ff_l2_counterfactual",
+                                                     "ff_update", "backprop_backward",
+                                                     "backprop_update")}}],
+             "fits": {name: {"exponents": {k: float for k in FACTORS},
+                             "max_relative_misfit": float}
+                      for name in ("ff", "ff_no_l2", "backprop", "ratio")}},
+    "steps": {"train_batch": int, "widths": {"*": {
+        "batches": {"*": {"ff": {"cost": float, "by_phase": {"negatives": float}},
+                          "backprop": {"cost": float}}},
+        "ff_fit": FIT, "backprop_fit": FIT, "features_fit": [float],
+        "head_step": {"cost": float}}}},
+    "curves": {"settings": {"batch_size": int, "n_train": int, "ff_softmax_epochs": int},
+               "runs": [{"algorithm": str, "width": int, "seed": int, "points": [
+                   {"steps": int, "val_error": float, "test_error": float}]}]},
+    "cost": {"rows": [{"width": int, "target_val_error": float, "ff_steps": [(int, None)],
+                       "backprop_steps": [(int, None)], "ratio?": float, "steps_ratio?": float,
+                       "ff_cost?": float, "backprop_cost?": float,
+                       "test_error_at_target?": {"ff": float, "backprop": float}}]},
+}
+
+
+def fraction(text):
+    """A validation error to reach: a fraction in (0, 1], not a percentage."""
+    value = ff_runs.number_arg(float, 0, above=True)(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"{text} is above 1: give validation errors as "
+                                         "fractions (0.06 for 6%)")
+    return value
+
+
+def build_parser():
+    p = OneLineParser(description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("grid", help="one step of each at small sizes, priced; power-law fits")
+    g.add_argument("--out", required=True, help="JSON record to write")
+    s = sub.add_parser("steps", help="steps at 784-64-64 and 784-128-128, batches 1-16")
+    s.add_argument("--out", required=True, help="JSON record to write")
+    b = sub.add_parser("batch", help="one step of each at 784-w-w traced at the training "
+                       "batch, appended as JSON lines")
+    b.add_argument("--widths", type=ff_runs.number_arg(int, 1), nargs="+", default=[64, 128])
+    b.add_argument("--batch", type=ff_runs.number_arg(int, 1), default=TRAIN_BATCH)
+    b.add_argument("--out", required=True, help="JSON-lines file to append to")
+    c = sub.add_parser("curves", help="train FF and backprop on 784-w-w, errors per step")
+    c.add_argument("--widths", type=ff_runs.number_arg(int, 1), nargs="+", default=[64])
+    c.add_argument("--seeds", type=ff_runs.number_arg(int, 0), nargs="+", default=[0, 1, 2])
+    c.add_argument("--out", required=True, help="JSON record to write")
+    k = sub.add_parser("cost", help="cost to a validation error, from steps and curves")
+    k.add_argument("--steps", required=True, help="the record of `steps`")
+    k.add_argument("--curves", required=True, nargs="+", help="records of `curves`")
+    k.add_argument("--targets", type=fraction, nargs="+", required=True,
+                   help="validation errors to reach (fractions, e.g. 0.06)")
+    k.add_argument("--traced", help="the records of `batch` (JSON lines): the cost of a step "
+                   "at the training batch as traced, instead of the fitted one")
+    k.add_argument("--out", required=True, help="JSON record to write")
+    g2 = sub.add_parser("plot", help="cost per step against width and batch, log-log")
+    g2.add_argument("--grid", required=True, help="the record of `grid`")
+    g2.add_argument("--out", required=True, help="the figure (PNG)")
+    tb = sub.add_parser("tables", help="the markdown tables of docs/data-movement.md")
+    tb.add_argument("--grid", required=True)
+    tb.add_argument("--steps")
+    tb.add_argument("--cost")
+    tb.add_argument("--traced", help="the records of `batch`: the steps table shows the traced "
+                    "training batch instead of the fits")
+    return p
+
+
+def check_flags(p, args):
+    """Exit 2 (one line) on a flag that cannot work: a value given twice (a seed or width
+    counted twice in the means), an output path that cannot be written."""
+    for name in ("widths", "seeds", "targets"):
+        values = getattr(args, name, [])
+        if len(set(values)) < len(values):
+            p.error(f"--{name} {' '.join(map(str, values))} repeats a value")
+    if hasattr(args, "out"):
+        try:
+            (check_figure if args.command == "plot" else check_out)(args.out)
+        except RecordsError as e:
+            p.error(str(e))
+
+
+def read_inputs(args):
+    """{kind: [record]} of the record files the command reads (--grid, --steps, --curves,
+    --cost: each the record of that subcommand), refused in one line (exit 1) when one cannot
+    be read or is another kind of record."""
+    inputs = {}
+    for kind, spec in RECORDS.items():
+        paths = getattr(args, kind, None) or []
+        inputs[kind] = [read_json(path, spec, f"the record of `data_movement.py {kind}`")
+                        for path in ([paths] if isinstance(paths, str) else paths)]
+    return inputs
+
+
+BATCH_RECORD = {"width": int, "batch": int, "ff": {"cost": float, "by_phase": {"negatives": float}},
+                "backprop": {"cost": float}}
+
+
+def read_batch_records(path):
+    """The records of `batch` (one JSON object a line), refused in one line if a line is not
+    one."""
+    records = []
+    for n, line in enumerate(read_text(path).split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            raise RecordsError(f"{path}:{n}: not a JSON record (cut short?)") from None
+        problem = mismatch(record, BATCH_RECORD)
+        if problem:
+            raise RecordsError(f"{path}:{n}: not a record of `data_movement.py batch` "
+                               f"({problem})")
+        records.append(record)
+    return records
+
+
+def batch_costs(records):
+    """{(width, batch): {"ff": cost, "backprop": cost, "ff_negatives": share}} from the
+    records of `batch` (a later record of the same size replaces an earlier one)."""
+    return {(r["width"], r["batch"]): {
+        "ff": r["ff"]["cost"], "backprop": r["backprop"]["cost"],
+        "ff_negatives": r["ff"]["by_phase"]["negatives"] / r["ff"]["cost"]} for r in records}
+
+
+def check_traced(args, steps, curves, traced):
+    """--traced must hold every width the cost is computed at, at the curves' batch."""
+    B = curves["settings"]["batch_size"]
+    for w in steps["widths"]:
+        if (int(w), B) not in traced:
+            raise RecordsError(f"--traced {args.traced} has no step of 784-{w}-{w} at batch {B}")
+
+
+def check_cost_inputs(args, steps, curves):
+    """The curves records must be one experiment that the steps record priced: the same
+    settings, each run once with its partner, its width traced, its batch the priced one."""
+    settings, seen = curves[0]["settings"], {}
+    for path, record in zip(args.curves, curves):
+        if record["settings"] != settings:
+            raise RecordsError(f"--curves {path} and {args.curves[0]} were trained with "
+                               "different settings; give the records of one experiment")
+        for run in record["runs"]:
+            key = (run["algorithm"], run["width"], run["seed"])
+            if key in seen:
+                raise RecordsError(f"--curves {seen[key]} and {path} both hold the {key[0]} run "
+                                   f"of 784-{key[1]}-{key[1]}, seed {key[2]}: it would count twice")
+            seen[key] = path
+            if str(run["width"]) not in steps["widths"]:
+                raise RecordsError(f"--curves {path} holds 784-{key[1]}-{key[1]}, which --steps "
+                                   f"{args.steps} has not priced (widths "
+                                   f"{', '.join(steps['widths'])})")
+    for alg, width, seed in seen:  # the means of the two must be over the same seeds
+        other = "backprop" if alg == "ff" else "ff"
+        if (other, width, seed) not in seen:
+            raise RecordsError(f"--curves {seen[alg, width, seed]} holds the {alg} run of "
+                               f"784-{width}-{width}, seed {seed}, and no {other} run of it")
+    if settings["batch_size"] != steps["train_batch"]:
+        raise RecordsError(f"--curves trained with batch {settings['batch_size']}, --steps "
+                           f"{args.steps} priced a step at batch {steps['train_batch']}")
+
+
+def main(argv=None):
+    p = build_parser()
+    args = p.parse_args(argv)
+    check_flags(p, args)
+
+    def body():
+        inputs = read_inputs(args)
+        if getattr(args, "traced", None):
+            traced = batch_costs(read_batch_records(args.traced))
+            if args.command == "cost":
+                check_traced(args, inputs["steps"][0], inputs["curves"][0], traced)
+        if args.command == "cost":
+            check_cost_inputs(args, inputs["steps"][0], inputs["curves"])
+        try:
+            return {"tables": run_tables, "grid": run_grid, "steps": run_steps,
+                    "batch": run_batch, "curves": run_curves, "cost": run_cost,
+                    "plot": run_plot}[args.command](args)
+        except ff.DataError as e:  # curves: MNIST missing or damaged
+            raise RecordsError(str(e)) from None
+    return main_of(body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
