@@ -20,16 +20,15 @@ learns from its own FF loss on the goodness of its state at every iteration 1..8
 bottom-up pass, whose state no label reaches), the states of t-1 held constant (no
 backpropagation through time), the gradients summed over the iterations, one optimiser step
 per batch; the goodness read-out sums every hidden layer. The paper draws negatives' wrong
-labels from the network's own predictions; this script draws them uniformly from the other
-nine (docs/recurrent.md says why). (The paper is paraphrased here, not quoted: its text was
-not at hand in this session; the summary at cybertronai.github.io/hinton-problems/
-ff-recurrent-mnist/ states the same dynamics, read-out and 1.31%.)
+labels from the network's own predictions: --hard-negatives draws them in proportion to the
+top layer's FF logits after one iteration with each label; without it they are uniform over
+the other nine. (The paper is paraphrased here, not quoted: docs/recurrent.md says from what.)
 
 Everything else is ff_hybrid_mnist.py's (the loader, the layer maths, the optimisers, the one
 training loop, run files through ff_runs.py): this script hands the loop its batches (the image
 and the label side by side in a row), its step (the recurrent dynamics) and its read-out.
 
-    python3 ff_recurrent_mnist.py --val-size 10000 --n-epochs 10
+    python3 ff_recurrent_mnist.py --hard-negatives --val-size 10000 --n-epochs 10
 """
 
 import sys
