@@ -106,7 +106,7 @@ for s in 0 1 2; do
 done
 # the recurrent network with top-down connections (ff_recurrent_mnist.py, docs/recurrent.md)
 # at the paper's three hidden layers of 2000, a short run with the validation split
-recurrent="--layer-sizes 784,2000,2000,2000 --n-epochs 5 --val-size 10000 --seed 0"
+recurrent="--layer-sizes 784,2000,2000,2000 --hard-negatives --n-epochs 5 --val-size 10000 --seed 0"
 if [ "$dry" = "--dry-run" ]; then
   # shellcheck disable=SC2086
   step recurrent2000-e5 0 python3 ff_recurrent_mnist.py $recurrent --device cpu \

@@ -58,7 +58,6 @@ against.
 """
 
 import itertools
-import math
 
 import numpy as np
 
@@ -224,7 +223,7 @@ class Trace:
     def matmul(self, phase, A, B):
         """C = A @ B as the i-j-k loop: each C[i, j] a dot_rows chain over k (A's element
         read before B's), the entries of C in row-major order."""
-        (m, n), p = A.shape, B.shape[1]
+        m, p = A.shape[0], B.shape[1]
         rows = np.repeat(A, p, axis=0)           # row (i, j) holds A[i, :]
         cols = np.tile(B.T, (m, 1))              # row (i, j) holds B[:, j]
         return self.dot_rows(phase, rows, cols).reshape(m, p)

@@ -33,6 +33,7 @@ import ff_devices
 import ff_runs
 from experiments.baselines import backprop_baseline as bp
 from experiments.data_movement import bytedmd
+from experiments.data_movement.schedules import NUMPY, SCHEDULES, fused_adam
 from experiments.records import (OneLineParser, RecordsError, check_figure, check_out, main_of,
                                  mismatch, read_json, read_text)
 
@@ -45,11 +46,13 @@ LABEL_BYTES, MASK_BYTES = 8, 1
 # Shared pieces: Adam, the L2 normalisation, a layer's forward pass
 
 
-def adam(t, p, g, m, v):
+def adam(t, p, g, m, v, schedule=NUMPY):
     """Module's Adam step, as adam_cpu runs it on each chunk of ADAM_CHUNK elements: ten
     passes (m *= b1, m += g, v *= b2, tmp = g g, v += tmp, tmp = sqrt v, tmp += eps,
     tmp = m / tmp, tmp *= step, p -= tmp); no weight decay, no flush. Returns the new
-    (p, m, v)."""
+    (p, m, v). A schedule with the fused Adam makes one pass (schedules.fused_adam)."""
+    if schedule.adam == "fused":
+        return fused_adam(t, p, g, m, v)
     shape = p.shape
     p, g, m, v = (a.ravel() for a in (p, g, m, v))
     new = []
@@ -69,9 +72,9 @@ def l2_normalize(t, X, phase="l2norm"):
     return t.op(phase, X, norm[:, None])
 
 
-def layer_forward(t, X, W, b, phase="forward"):
+def layer_forward(t, X, W, b, phase="forward", schedule=NUMPY):
     """Module's layer_forward: x @ W, += b, ReLU."""
-    Z = t.op(phase, t.matmul(phase, X, W), b[None, :])
+    Z = t.op(phase, schedule.matmul(t, phase, X, W), b[None, :])
     return t.op(phase, Z)
 
 
@@ -122,16 +125,17 @@ def hybrid_negatives(t, a, b, bits, blur):
     return t.op("negatives", mask, a, t.op("negatives", b))
 
 
-def ff_step(t, x, params, moments, normalize=True):
+def ff_step(t, x, params, moments, normalize=True, schedule=NUMPY):
     """train_ff's work on one stacked batch x (positives, then as many negatives): per
     layer forward, goodness, loss, the hand-derived local gradient, Adam on W then b, and
     (for the layer above) the L2 normalisation of the layer's output from before its
-    update. Returns the new params and moments."""
+    update; products and Adam as the schedule orders them. Returns the new params and
+    moments."""
     B = len(x) // 2
     X = l2_normalize(t, x) if normalize else x
     new_params, new_moments = [], []
     for l, ((W, bias), ((mW, vW), (mb, vb))) in enumerate(zip(params, moments)):
-        H = layer_forward(t, X, W, bias)
+        H = layer_forward(t, X, W, bias, schedule=schedule)
         # goodness (mean of h^2) and the FF loss, as layer_loss_and_grads computes them
         g = t.op("goodness", t.dot_rows("goodness", H, H))            # einsum, / n_units
         margin = t.op("loss", g)                                      # g - threshold
@@ -144,10 +148,10 @@ def ff_step(t, x, params, moments, normalize=True):
         d = t.op("gradient", d)                                       # / n_pos
         d = np.concatenate([t.op("gradient", d[:B]), d[B:]])          # positives: * -1
         dZ = t.op("gradient", H, t.op("gradient", d)[:, None])        # h * (scale dL/dg)
-        dW = t.matmul("gradient", X.T, dZ)
+        dW = schedule.matmul(t, "gradient", X.T, dZ)
         db = t.sum_columns("gradient", dZ)
-        W1, mW1, vW1 = adam(t, W, dW, mW, vW)
-        b1, mb1, vb1 = adam(t, bias, db, mb, vb)
+        W1, mW1, vW1 = adam(t, W, dW, mW, vW, schedule)
+        b1, mb1, vb1 = adam(t, bias, db, mb, vb, schedule)
         new_params.append((W1, b1))
         new_moments.append(((mW1, vW1), (mb1, vb1)))
         if l + 1 < len(params):
@@ -155,7 +159,8 @@ def ff_step(t, x, params, moments, normalize=True):
     return new_params, new_moments
 
 
-def trace_ff_step(n_in, widths, batch, normalize=True, negatives=False, warmup=1):
+def trace_ff_step(n_in, widths, batch, normalize=True, negatives=False, warmup=1,
+                  rules=bytedmd.FUSED_FLOAT32_RULES, schedule=NUMPY):
     """The trace of FF steps on `batch` positives and `batch` negatives each: `warmup`
     steps whose phases are named "warm-up ...", then the step that is measured, which so
     finds the stack as training leaves it rather than as the arguments were pushed.
@@ -165,9 +170,10 @@ def trace_ff_step(n_in, widths, batch, normalize=True, negatives=False, warmup=1
     also makes the negatives (hybrids of two other digits, the module's masks), else they
     are part of each step's batch argument like the positives. Arguments: each step's batch
     (or its positives, the two digits of each hybrid and the mask bits; then the blur
-    matrix), then the network.
+    matrix), then the network. rules: the tracer's (bytedmd.Trace); the new network is what
+    the trace returns (kept on the stack to the end under the original's rules).
     """
-    t = bytedmd.Trace(**bytedmd.FUSED_FLOAT32_RULES)
+    t = bytedmd.Trace(**rules)
     B, steps = batch, warmup + 1
     if negatives:
         side = math.isqrt(n_in)
@@ -184,7 +190,8 @@ def trace_ff_step(n_in, widths, batch, normalize=True, negatives=False, warmup=1
             x = np.concatenate([pos, hybrid_negatives(t, a, b, bits, blur)])
         else:
             x = data[s]
-        params, moments = ff_step(t, x, params, moments, normalize)
+        params, moments = ff_step(t, x, params, moments, normalize, schedule)
+    t.returns(params, moments)
     return t
 
 
@@ -192,41 +199,45 @@ def trace_ff_step(n_in, widths, batch, normalize=True, negatives=False, warmup=1
 # Backprop: one batch of backprop_baseline.train_backprop
 
 
-def backprop_step(t, x, y, params, moments):
+def backprop_step(t, x, y, params, moments, schedule=NUMPY):
     """train_backprop's work on one batch: forward, softmax cross-entropy, backward (per
     layer from the top: dW, db, then dL/dh below and its ReLU mask), Adam on every W, then
-    every b. Returns the new params and moments."""
+    every b; products and Adam as the schedule orders them. Returns the new params and
+    moments."""
     hs = [x]
     for W, b in params[:-1]:
-        hs.append(layer_forward(t, hs[-1], W, b))
+        hs.append(layer_forward(t, hs[-1], W, b, schedule=schedule))
     W_out, b_out = params[-1]
-    logits = t.op("forward", t.matmul("forward", hs[-1], W_out), b_out[None, :])
+    logits = t.op("forward", schedule.matmul(t, "forward", hs[-1], W_out), b_out[None, :])
     dz = softmax_cross_entropy(t, logits, y, "loss", "backward")
     grads = [None] * len(params)
     for l in reversed(range(len(params))):
-        grads[l] = (t.matmul("backward", hs[l].T, dz), t.sum_columns("backward", dz))
+        grads[l] = (schedule.matmul(t, "backward", hs[l].T, dz),
+                    t.sum_columns("backward", dz))
         if l > 0:
-            dh = t.matmul("backward", dz, params[l][0].T)
+            dh = schedule.matmul(t, "backward", dz, params[l][0].T)
             dz = t.op("backward", dh, t.op("backward", hs[l], size=MASK_BYTES))
     new = [[None, None] for _ in params], [[None, None] for _ in params]
     for k in (0, 1):  # every W, then every b
         for l in range(len(params)):
-            p, m, v = adam(t, params[l][k], grads[l][k], *moments[l][k])
+            p, m, v = adam(t, params[l][k], grads[l][k], *moments[l][k], schedule)
             new[0][l][k], new[1][l][k] = p, (m, v)
     return new
 
 
-def trace_backprop_step(n_in, widths, batch, n_classes=bp.N_CLASSES, warmup=1):
+def trace_backprop_step(n_in, widths, batch, n_classes=bp.N_CLASSES, warmup=1,
+                        rules=bytedmd.FUSED_FLOAT32_RULES, schedule=NUMPY):
     """The trace of backprop steps on `batch` digits each, `warmup` of them named
     "warm-up ..." before the measured one (as trace_ff_step). Arguments: each step's batch
-    and labels, then the network with its softmax layer."""
-    t = bytedmd.Trace(**bytedmd.FUSED_FLOAT32_RULES)
+    and labels, then the network with its softmax layer; the new network is returned."""
+    t = bytedmd.Trace(**rules)
     data = [(t.argument((batch, n_in)), t.argument((batch,), size=LABEL_BYTES))
             for _ in range(warmup + 1)]
     params, moments = network_arguments(t, (n_in,) + tuple(widths) + (n_classes,))
     for s, (x, y) in enumerate(data):
         t.phase_prefix = "warm-up " if s < warmup else ""
-        params, moments = backprop_step(t, x, y, params, moments)
+        params, moments = backprop_step(t, x, y, params, moments, schedule)
+    t.returns(params, moments)
     return t
 
 
@@ -443,6 +454,55 @@ def run_batch(args):
         text = json.dumps(ff_runs.finite_or_none(record))
         if bp.append_record(args.out, text):
             return 1
+    return 0
+
+
+RULES = {"original": bytedmd.ORIGINAL_RULES, "fused-float32": bytedmd.FUSED_FLOAT32_RULES}
+
+
+def run_schedules(args):
+    """One step of FF (its negatives made) and of backprop on 784-w-w under each schedule
+    (schedules.py) and the chosen rules, at each batch (batch 1: per-example learning):
+    one JSON line per width and batch, appended to --out once all its schedules are priced."""
+    rules = RULES[args.rules]
+    for w in args.widths:
+        for B in args.batches:
+            t0, rows = time.perf_counter(), {}
+            for name in args.schedules:
+                schedule = SCHEDULES[name]
+                f = measure(trace_ff_step(784, (w, w), B, negatives=True, rules=rules,
+                                          schedule=schedule))
+                b = measure(trace_backprop_step(784, (w, w), B, rules=rules,
+                                                schedule=schedule))
+                rows[name] = {"ff": f, "backprop": b, "ratio": f["cost"] / b["cost"],
+                              "shares": {
+                                  "ff_l2": f["by_phase"]["l2norm"] / f["cost"],
+                                  "ff_negatives": f["by_phase"]["negatives"] / f["cost"],
+                                  "ff_update": f["by_phase"]["update"] / f["cost"],
+                                  "backprop_backward": b["by_phase"]["backward"] / b["cost"],
+                                  "backprop_update": b["by_phase"]["update"] / b["cost"]}}
+                print(f"784-{w}-{w}, batch {B}, {name}: FF {f['cost']:.4e}  backprop "
+                      f"{b['cost']:.4e}  FF/backprop {rows[name]['ratio']:.3f}  "
+                      f"({f['seconds'] + b['seconds']:.0f} s)", flush=True)
+            best = {alg: min(rows, key=lambda n: rows[n][alg]["cost"])
+                    for alg in ("ff", "backprop")}
+            record = {
+                "script": "experiments/data_movement/data_movement.py",
+                "what": "ByteDMD cost of one training step (after one warm-up step), FF with "
+                        "its negatives made and backprop, 784-w-w, under each schedule "
+                        "(experiments/data_movement/schedules.py)",
+                "rules_name": args.rules, "rules": rules, "network": [784, w, w], "width": w,
+                "batch": B, "schedules": rows,
+                "best": {**best, "ratio": (rows[best["ff"]]["ff"]["cost"]
+                                           / rows[best["backprop"]]["backprop"]["cost"])},
+                "seconds": time.perf_counter() - t0, "peak_rss_mib": ff_runs.peak_rss_mib(),
+                "threads": os.environ.get("OPENBLAS_NUM_THREADS"),
+                "command": " ".join([COMMAND] + sys.argv[1:]),
+                "environment": ff_runs.environment()}
+            print(f"784-{w}-{w}, batch {B}: each at its best (FF {best['ff']}, backprop "
+                  f"{best['backprop']}): FF/backprop {record['best']['ratio']:.3f}", flush=True)
+            if bp.append_record(args.out, json.dumps(ff_runs.finite_or_none(record))):
+                return 1
     return 0
 
 
@@ -757,6 +817,16 @@ def build_parser():
     b.add_argument("--widths", type=ff_runs.number_arg(int, 1), nargs="+", default=[64, 128])
     b.add_argument("--batch", type=ff_runs.number_arg(int, 1), default=TRAIN_BATCH)
     b.add_argument("--out", required=True, help="JSON-lines file to append to")
+    sc = sub.add_parser("schedules", help="one step of each at 784-w-w under each schedule, "
+                        "appended as JSON lines")
+    sc.add_argument("--widths", type=ff_runs.number_arg(int, 1), nargs="+", default=[64])
+    sc.add_argument("--batches", type=ff_runs.number_arg(int, 1), nargs="+",
+                    default=[TRAIN_BATCH, 1])
+    sc.add_argument("--schedules", nargs="+", choices=SCHEDULES, default=list(SCHEDULES))
+    sc.add_argument("--rules", choices=RULES, default="original",
+                    help="the tracer's rules: the original ByteDMD's (default) or this "
+                         "suite's earlier fused float32 ones")
+    sc.add_argument("--out", required=True, help="JSON-lines file to append to")
     c = sub.add_parser("curves", help="train FF and backprop on 784-w-w, errors per step")
     c.add_argument("--widths", type=ff_runs.number_arg(int, 1), nargs="+", default=[64])
     c.add_argument("--seeds", type=ff_runs.number_arg(int, 0), nargs="+", default=[0, 1, 2])
@@ -784,7 +854,7 @@ def build_parser():
 def check_flags(p, args):
     """Exit 2 (one line) on a flag that cannot work: a value given twice (a seed or width
     counted twice in the means), an output path that cannot be written."""
-    for name in ("widths", "seeds", "targets"):
+    for name in ("widths", "seeds", "targets", "batches", "schedules"):
         values = getattr(args, name, [])
         if len(set(values)) < len(values):
             p.error(f"--{name} {' '.join(map(str, values))} repeats a value")
@@ -889,7 +959,8 @@ def main(argv=None):
             check_cost_inputs(args, inputs["steps"][0], inputs["curves"])
         try:
             return {"tables": run_tables, "grid": run_grid, "steps": run_steps,
-                    "batch": run_batch, "curves": run_curves, "cost": run_cost,
+                    "batch": run_batch, "schedules": run_schedules, "curves": run_curves,
+                    "cost": run_cost,
                     "plot": run_plot}[args.command](args)
         except ff.DataError as e:  # curves: MNIST missing or damaged
             raise RecordsError(str(e)) from None
