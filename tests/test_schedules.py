@@ -76,4 +76,22 @@ def test_each_schedule_prices_both_steps_and_the_numpy_one_is_the_default():
     for trace in (dm.trace_ff_step, dm.trace_backprop_step):
         costs = {name: bytedmd.price(trace(49, (16, 16), 4, rules=rules, schedule=s))[0]
                  for name, s in schedules.SCHEDULES.items()}
-        assert costs["tiled"] < costs["fused-adam"] < costs["numpy"], (trace.__name__, costs)
+        assert costs["best"] <= costs["tiled"] < costs["fused-adam"] < costs["numpy"], (
+            trace.__name__, costs)
+    ff = dm.trace_ff_step(49, (8, 8), 2, rules=rules, schedule=schedules.SCHEDULES["tiled"])
+    best = dm.trace_ff_step(49, (8, 8), 2, rules=rules, schedule=schedules.SCHEDULES["best"])
+    assert bytedmd.price(ff)[0] == bytedmd.price(best)[0]  # FF updates each layer as made
+
+
+def test_backprop_updates_as_made_read_the_weights_before_their_update():
+    """With updates as made, layer l's dL/dh below still comes from W_l as it was: every
+    new weight depends on the same inputs as in numpy's order."""
+    rules = bytedmd.ORIGINAL_RULES
+    traces = {name: dm.trace_backprop_step(49, (6,), 2, warmup=0, rules=rules,
+                                           schedule=schedules.SCHEDULES[name])
+              for name in ("tiled", "best")}
+    deps = {name: depends_on(t) for name, t in traces.items()}
+    new = {name: [int(i) for i in np.concatenate([np.ravel(a) for a in t.returned_ids])]
+           for name, t in traces.items()}
+    assert [deps["tiled"][i] for i in new["tiled"]] == [deps["best"][i] for i in new["best"]]
+    assert bytedmd.price(traces["best"])[0] < bytedmd.price(traces["tiled"])[0]

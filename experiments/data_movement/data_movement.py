@@ -202,8 +202,9 @@ def trace_ff_step(n_in, widths, batch, normalize=True, negatives=False, warmup=1
 def backprop_step(t, x, y, params, moments, schedule=NUMPY):
     """train_backprop's work on one batch: forward, softmax cross-entropy, backward (per
     layer from the top: dW, db, then dL/dh below and its ReLU mask), Adam on every W, then
-    every b; products and Adam as the schedule orders them. Returns the new params and
-    moments."""
+    every b (or, as the schedule says, each layer's W and b as soon as the backward pass has
+    made their gradients); products and Adam as the schedule orders them. Returns the new
+    params and moments."""
     hs = [x]
     for W, b in params[:-1]:
         hs.append(layer_forward(t, hs[-1], W, b, schedule=schedule))
@@ -211,17 +212,23 @@ def backprop_step(t, x, y, params, moments, schedule=NUMPY):
     logits = t.op("forward", schedule.matmul(t, "forward", hs[-1], W_out), b_out[None, :])
     dz = softmax_cross_entropy(t, logits, y, "loss", "backward")
     grads = [None] * len(params)
+    new = [[None, None] for _ in params], [[None, None] for _ in params]
+
+    def update(l, k):
+        p, m, v = adam(t, params[l][k], grads[l][k], *moments[l][k], schedule)
+        new[0][l][k], new[1][l][k] = p, (m, v)
     for l in reversed(range(len(params))):
         grads[l] = (schedule.matmul(t, "backward", hs[l].T, dz),
                     t.sum_columns("backward", dz))
-        if l > 0:
+        if l > 0:  # from the weights before their update
             dh = schedule.matmul(t, "backward", dz, params[l][0].T)
             dz = t.op("backward", dh, t.op("backward", hs[l], size=MASK_BYTES))
-    new = [[None, None] for _ in params], [[None, None] for _ in params]
-    for k in (0, 1):  # every W, then every b
-        for l in range(len(params)):
-            p, m, v = adam(t, params[l][k], grads[l][k], *moments[l][k], schedule)
-            new[0][l][k], new[1][l][k] = p, (m, v)
+        if schedule.update == "as-made":  # this layer's W and b while their gradients are hot
+            update(l, 0), update(l, 1)
+    if schedule.update == "after":
+        for k in (0, 1):  # every W, then every b
+            for l in range(len(params)):
+                update(l, k)
     return new
 
 

@@ -16,11 +16,16 @@ so each step builder takes a Schedule, which decides two things:
   keeps its three tiles in cache. Every product's multiplies and adds are the same; only
   their order and so the depths of the reads change.
 
+- Backprop's updates: numpy's order, every W and then every b once the backward pass is
+  done ("after"), or each layer's W and b as soon as the backward pass has made their
+  gradients ("as-made"), while the gradients are on top of the stack.
+
 FF's order is already layer-local (each layer's forward pass, loss, gradient and update
 come before the layer above reads its output; nothing of a layer is read after that), and
 backprop's backward pass already reads the activities in the reverse order of the forward
-pass, the most recent first, which is the order an LRU stack keeps them in. So the best
-schedule of each is the fused Adam with tiled products, on its natural order.
+pass, the most recent first, the order an LRU stack keeps them in. So "best" (fused Adam,
+tiled products, updates as made) is each algorithm's best schedule here; for FF it is the
+same op list as "tiled".
 """
 
 from dataclasses import dataclass
@@ -33,6 +38,7 @@ class Schedule:
     name: str
     adam: str = "passes"   # "passes" or "fused"
     tile: int = 0          # 0: whole i-j-k products; T: T x T tiles
+    update: str = "after"  # backprop's: "after" the backward pass, or "as-made"
 
     def matmul(self, t, phase, A, B):
         return t.matmul(phase, A, B) if not self.tile else tiled_matmul(t, phase, A, B,
@@ -41,7 +47,8 @@ class Schedule:
 
 NUMPY = Schedule("numpy")
 SCHEDULES = {s.name: s for s in (NUMPY, Schedule("fused-adam", adam="fused"),
-                                 Schedule("tiled", adam="fused", tile=16))}
+                                 Schedule("tiled", adam="fused", tile=16),
+                                 Schedule("best", adam="fused", tile=16, update="as-made"))}
 
 
 def tiled_matmul(t, phase, A, B, T):
