@@ -838,7 +838,9 @@ def script_for(argv):
     experiment before the scripts were split (the committed sweep lists): --negatives label
     runs ff_label_mnist.py, a --local with layers ff_local_mnist.py, the rest
     ff_hybrid_mnist.py. As argparse did, the last --negatives and --local count; every
-    --negatives and an empty --local (dense layers) are left out. ValueError for a
+    --negatives and an empty --local (dense layers) are left out. A line may instead name
+    its script, `--script ff_recurrent_mnist.py`, and then holds that script's own flags.
+    ValueError for an unknown --script, for a
     --negatives other than hybrid or label, or label negatives with locally-connected layers."""
     def take(name):
         """The last value of flag `name` (None if absent), removed from the rest."""
@@ -853,6 +855,11 @@ def script_for(argv):
             i += 1
         return value, rest
     argv = list(argv)
+    script, rest = take("--script")
+    if script is not None:  # a line that names its script runs it with the other flags
+        if script not in SCRIPTS:
+            raise ValueError(f"--script {script} is not one of {', '.join(SCRIPTS)}")
+        return script, rest
     negatives, argv = take("--negatives")
     if negatives not in (None, "hybrid", "label"):
         raise ValueError(f"--negatives {negatives} is not one of hybrid, label")

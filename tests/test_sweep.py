@@ -758,3 +758,20 @@ def test_every_committed_list_is_accepted_as_it_stands(name, tmp_path, capsys):
     status = sweep.main([path, "--out-dir", str(tmp_path / "o"),
                          "--results", str(tmp_path / "r.jsonl"), "--dry-run"])
     assert status in (0, None), capsys.readouterr().err
+
+
+def test_a_line_may_name_its_script(tmp_path, capsys):
+    """`--script ff_recurrent_mnist.py` runs that script with the line's other flags (its own
+    flags, checked by its parser); a script that does not exist is refused in one line."""
+    cfg = tmp_path / "cfg.txt"
+    flags = "--layer-sizes 784,30,20 --n-epochs 1 --n-train 300 --batch-size 50 --damping 0.5"
+    cfg.write_text(f"r --script ff_recurrent_mnist.py {flags}\n")
+    argv = [str(cfg), "--out-dir", str(tmp_path / "runs"), "--results",
+            str(tmp_path / "r.jsonl"), "--dry-run"]
+    assert sweep.main(argv) == 0
+    assert f"ok: ff_recurrent_mnist.py {flags}\n" in capsys.readouterr().out
+    [run] = sweep.read_configs(str(cfg))
+    assert type(sweep.check_sweep(sweep_ns(tmp_path), [run])["r"]).SCRIPT == "ff_recurrent_mnist.py"
+    cfg.write_text(f"r --script ff_nothing.py {flags}\n")
+    assert sweep.main(argv) == 2
+    assert "--script ff_nothing.py is not one of" in one_line(capsys.readouterr().err)

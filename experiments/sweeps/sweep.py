@@ -676,8 +676,9 @@ def report(record, refit_top_k):
         print(f"{label} {status}: {record['reason']}", flush=True)
         return
     rc, wall = record["rc"], record.get("wall_seconds")
-    err = record.get("metrics", {}).get("test_error")
-    val = record.get("metrics", {}).get("val_error")
+    metrics = record.get("metrics", {})  # a head's errors, else the goodness read-out's
+    err = metrics.get("test_error", metrics.get("goodness_test_error"))
+    val = metrics.get("val_error", metrics.get("goodness_val_error"))
     print(f"{label} rc {rc}  "
           + ("" if wall is None else f"{wall:7.1f} s  ")
           + (f"val error {100 * val:.2f}%  " if val is not None else "")
