@@ -1,6 +1,8 @@
 """The schedules of experiments/data_movement/schedules.py: a tiled product and a fused Adam
 compute what the plain ones compute (every output depends on exactly the inputs it should),
 in the order they claim, and move less data where they should."""
+import json
+
 import numpy as np
 import pytest
 
@@ -95,3 +97,22 @@ def test_backprop_updates_as_made_read_the_weights_before_their_update():
            for name, t in traces.items()}
     assert [deps["tiled"][i] for i in new["tiled"]] == [deps["best"][i] for i in new["best"]]
     assert bytedmd.price(traces["best"])[0] < bytedmd.price(traces["tiled"])[0]
+
+
+def test_schedules_command_records_each_schedule_and_the_table_reads_them(tmp_path, capsys):
+    out = tmp_path / "s.jsonl"
+    assert dm.main(["schedules", "--widths", "4", "--batches", "1", "--schedules", "numpy",
+                    "best", "--out", str(out)]) == 0
+    [record] = [json.loads(line) for line in out.read_text().splitlines()]
+    assert record["rules"] == bytedmd.ORIGINAL_RULES and set(record["schedules"]) == {"numpy",
+                                                                                       "best"}
+    best = record["best"]
+    assert best["ratio"] == (record["schedules"][best["ff"]]["ff"]["cost"]
+                             / record["schedules"][best["backprop"]]["backprop"]["cost"])
+    capsys.readouterr()
+    assert dm.main(["schedules-table", "--records", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "| 784-4-4 | 1 | original | numpy |" in table and "each at its best" in table
+    out.write_text(out.read_text()[:200] + "\n")
+    assert dm.main(["schedules-table", "--records", str(out)]) == 1
+    assert f"{out}:1: not a JSON record" in capsys.readouterr().err

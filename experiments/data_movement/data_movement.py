@@ -513,6 +513,61 @@ def run_schedules(args):
     return 0
 
 
+SCHEDULE_COST = {"cost": float, "by_phase": {"l2norm?": float}}
+SCHEDULE_RECORD = {"width": int, "batch": int, "rules_name": str, "best": {
+    "ff": str, "backprop": str, "ratio": float}, "schedules": {"*": {
+        "ff": SCHEDULE_COST, "backprop": SCHEDULE_COST, "ratio": float,
+        "shares": {k: float for k in ("ff_l2", "ff_update", "backprop_backward",
+                                       "backprop_update")}}}}
+
+
+def read_json_lines(path, spec, kind):
+    """The records of a JSON-lines file, each checked against spec; one line (RecordsError)
+    naming the file and line of the first that is not one."""
+    records = []
+    for n, line in enumerate(read_text(path).split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            raise RecordsError(f"{path}:{n}: not a JSON record (cut short?)") from None
+        problem = mismatch(record, spec)
+        if problem:
+            raise RecordsError(f"{path}:{n}: not a record of {kind} ({problem})")
+        records.append(record)
+    return records
+
+
+def run_schedules_table(args):
+    """The schedules table of docs/data-movement.md, in markdown, from records of
+    `schedules`: per width and batch, each schedule's cost of a step for FF and backprop,
+    their ratio and the shares, then each algorithm at its best."""
+    def e(v):
+        return f"{v:.2e}".replace("e+0", "e").replace("e+", "e")
+
+    def pct(v):
+        return f"{100 * v:.1f}%"
+    print("| network | batch | rules | schedule | FF | backprop | FF / backprop | L2 share of FF "
+          "| Adam share: FF / backprop | backward share of backprop |")
+    print("|" + "---|" * 10)
+    for path in args.records:
+        for r in read_json_lines(path, SCHEDULE_RECORD, "`data_movement.py schedules`"):
+            net = f"784-{r['width']}-{r['width']}"
+            for name, row in r["schedules"].items():
+                sh = row["shares"]
+                print(f"| {net} | {r['batch']} | {r['rules_name']} | {name} | "
+                      f"{e(row['ff']['cost'])} | {e(row['backprop']['cost'])} | "
+                      f"{row['ratio']:.2f} | {pct(sh['ff_l2'])} | {pct(sh['ff_update'])} / "
+                      f"{pct(sh['backprop_update'])} | {pct(sh['backprop_backward'])} |")
+            best = r["best"]
+            print(f"| {net} | {r['batch']} | {r['rules_name']} | **each at its best** (FF "
+                  f"{best['ff']}, backprop {best['backprop']}) | "
+                  f"{e(r['schedules'][best['ff']]['ff']['cost'])} | "
+                  f"{e(r['schedules'][best['backprop']]['backprop']['cost'])} | "
+                  f"**{best['ratio']:.2f}** | | | |")
+
+
 # The training curves: the real numpy code, FF (train_ff + a fresh softmax head after every
 # epoch) and backprop (backprop_baseline), on the first n_train digits of the training split
 
@@ -849,6 +904,8 @@ def build_parser():
     g2 = sub.add_parser("plot", help="cost per step against width and batch, log-log")
     g2.add_argument("--grid", required=True, help="the record of `grid`")
     g2.add_argument("--out", required=True, help="the figure (PNG)")
+    st = sub.add_parser("schedules-table", help="the schedules table of docs/data-movement.md")
+    st.add_argument("--records", nargs="+", required=True, help="records of `schedules`")
     tb = sub.add_parser("tables", help="the markdown tables of docs/data-movement.md")
     tb.add_argument("--grid", required=True)
     tb.add_argument("--steps")
@@ -891,20 +948,7 @@ BATCH_RECORD = {"width": int, "batch": int, "ff": {"cost": float, "by_phase": {"
 def read_batch_records(path):
     """The records of `batch` (one JSON object a line), refused in one line if a line is not
     one."""
-    records = []
-    for n, line in enumerate(read_text(path).split("\n"), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError:
-            raise RecordsError(f"{path}:{n}: not a JSON record (cut short?)") from None
-        problem = mismatch(record, BATCH_RECORD)
-        if problem:
-            raise RecordsError(f"{path}:{n}: not a record of `data_movement.py batch` "
-                               f"({problem})")
-        records.append(record)
-    return records
+    return read_json_lines(path, BATCH_RECORD, "`data_movement.py batch`")
 
 
 def batch_costs(records):
@@ -966,7 +1010,8 @@ def main(argv=None):
             check_cost_inputs(args, inputs["steps"][0], inputs["curves"])
         try:
             return {"tables": run_tables, "grid": run_grid, "steps": run_steps,
-                    "batch": run_batch, "schedules": run_schedules, "curves": run_curves,
+                    "batch": run_batch, "schedules": run_schedules,
+                    "schedules-table": run_schedules_table, "curves": run_curves,
                     "cost": run_cost,
                     "plot": run_plot}[args.command](args)
         except ff.DataError as e:  # curves: MNIST missing or damaged
