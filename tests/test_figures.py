@@ -110,11 +110,11 @@ def test_recurrent_run_is_drawn_with_its_attractor(tmp_path, monkeypatch):
     bottom-up weights of layer 1 and the curves."""
     load = ff.load_mnist
     monkeypatch.setattr(ff, "load_mnist", lambda data_dir=None: load(data_dir)[:2] + tuple(
-        a[:300] for a in load(data_dir)[2:]))
+        a[:100] for a in load(data_dir)[2:]))
     run_dir, outdir = str(tmp_path / "run"), str(tmp_path / "viz")
     assert ff_recurrent.main(["--layer-sizes", "784,30,20", "--n-train", "400", "--batch-size",
                               "50", "--n-epochs", "1", "--out", run_dir]) == 0
-    assert viz.main(["--run", run_dir, "--outdir", outdir, "--n-eval", "300"]) == 0
+    assert viz.main(["--run", run_dir, "--outdir", outdir, "--n-eval", "100"]) == 0
     for name in ("attractor.png", "confusion_matrix.png", "weights_layer1.png",
                  "classifier_curves.png"):
         image = iio.imread(os.path.join(outdir, name))

@@ -43,7 +43,7 @@ def test_tiled_product_moves_less_than_the_ijk_loop():
     costs = {}
     for tile in (0, 8):
         t = bytedmd.Trace()
-        A, B = t.argument((48, 48)), t.argument((48, 48))
+        A, B = t.argument((32, 32)), t.argument((32, 32))
         t.returns(schedules.Schedule("s", tile=tile).matmul(t, "mm", A, B))
         costs[tile] = bytedmd.price(t)[0]
     assert costs[8] < 0.7 * costs[0]
@@ -76,7 +76,7 @@ def test_each_schedule_prices_both_steps_and_the_numpy_one_is_the_default():
     numpy = dm.trace_ff_step(49, (8, 8), 2, rules=rules, schedule=schedules.NUMPY)
     assert bytedmd.price(default)[0] == bytedmd.price(numpy)[0]
     for trace in (dm.trace_ff_step, dm.trace_backprop_step):
-        costs = {name: bytedmd.price(trace(49, (16, 16), 4, rules=rules, schedule=s))[0]
+        costs = {name: bytedmd.price(trace(49, (16, 16), 2, rules=rules, schedule=s))[0]
                  for name, s in schedules.SCHEDULES.items()}
         assert costs["best"] <= costs["tiled"] < costs["fused-adam"] < costs["numpy"], (
             trace.__name__, costs)
@@ -101,7 +101,7 @@ def test_backprop_updates_as_made_read_the_weights_before_their_update():
 
 def test_schedules_command_records_each_schedule_and_the_table_reads_them(tmp_path, capsys):
     out = tmp_path / "s.jsonl"
-    assert dm.main(["schedules", "--widths", "4", "--batches", "1", "--schedules", "numpy",
+    assert dm.main(["schedules", "--widths", "2", "--batches", "1", "--schedules", "numpy",
                     "best", "--out", str(out)]) == 0
     [record] = [json.loads(line) for line in out.read_text().splitlines()]
     assert record["rules"] == bytedmd.ORIGINAL_RULES and set(record["schedules"]) == {"numpy",
@@ -112,7 +112,7 @@ def test_schedules_command_records_each_schedule_and_the_table_reads_them(tmp_pa
     capsys.readouterr()
     assert dm.main(["schedules-table", "--records", str(out)]) == 0
     table = capsys.readouterr().out
-    assert "| 784-4-4 | 1 | original | numpy |" in table and "each at its best" in table
+    assert "| 784-2-2 | 1 | original | numpy |" in table and "each at its best" in table
     out.write_text(out.read_text()[:200] + "\n")
     assert dm.main(["schedules-table", "--records", str(out)]) == 1
     assert f"{out}:1: not a JSON record" in capsys.readouterr().err
