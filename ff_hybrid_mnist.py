@@ -555,7 +555,7 @@ def train_softmax(F_train, y_train, rng, n_epochs, lr, weight_decay, batch_size=
     return W, b, hist
 
 
-HEAD_C = (1.0, 10.0, 100.0)  # the penalty |W|^2 / 2C on the summed cross-entropy, C among
+HEAD_C = (0.1, 1.0, 10.0, 100.0, 1000.0)  # the penalty |W|^2 / 2C on the summed cross-entropy, C among
 HEAD_GTOL = 1e-6       # converged: no gradient component of the penalised mean loss above this
 HEAD_MAX_ITER = 3000   # L-BFGS iterations a fit may take (a fit that stops here says so)
 HEAD_CHOICE_SIZE = 10000  # no validation split: C is chosen on the last this many fit digits
