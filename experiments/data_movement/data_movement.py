@@ -568,49 +568,60 @@ def run_schedules_table(args):
                   f"**{best['ratio']:.2f}** | | | |")
 
 
-# The training curves: the real numpy code, FF (train_ff + a fresh softmax head after every
-# epoch) and backprop (backprop_baseline), on the first n_train digits of the training split
+# The training curves: the real numpy code, FF (train_ff + a fresh softmax head at every
+# evaluation) and backprop (backprop_baseline), on the first n_train training digits, both
+# evaluated every `every` steps, at each learning rate given
 
-CURVE_SETTINGS = {"n_train": 10000, "val_size": 10000, "batch_size": 100, "ff_epochs": 60,
+CURVE_SETTINGS = {"n_train": 10000, "val_size": 10000, "batch_size": 100, "ff_epochs": 50,
                   "ff_threshold": 8.0, "ff_softmax_lr": 2.0, "ff_softmax_epochs": 30,
-                  "bp_lr": 1e-3, "bp_epochs": 10, "bp_every": 10}
+                  "bp_epochs": 10, "every": 10}
 
 
 def quiet(*args, **kwargs):
     pass
 
 
-def ff_curve(width, seed, data, s):
-    """(val, test) error of the FF network of two layers of `width` with a softmax head
-    on both layers, fitted afresh (the module's settings) after each FF epoch; epoch 0 is the
-    untrained network."""
+def ff_curve(width, seed, lr, data, s):
+    """(val, test) error of the FF network of two layers of `width` (Adam at lr) with a
+    softmax head on both layers, fitted afresh (the module's SGD head) every s["every"]
+    steps; step 0 is the untrained network."""
     x_fit, y_fit, x_val, y_val, x_test, y_test = data
     cfg = ff.FFConfig(layer_sizes=(784, width, width), n_epochs=s["ff_epochs"],
-                      batch_size=s["batch_size"], threshold=s["ff_threshold"],
+                      batch_size=s["batch_size"], lr=lr, threshold=s["ff_threshold"],
                       head="sgd", softmax_lr=s["ff_softmax_lr"],
-                      softmax_epochs=s["ff_softmax_epochs"], top_k=2, n_train=s["n_train"], val_size=s["val_size"], seed=seed)
+                      softmax_epochs=s["ff_softmax_epochs"], top_k=2, n_train=s["n_train"],
+                      val_size=s["val_size"], seed=seed)
     state = ff.FFState.fresh(cfg, np.random.default_rng(seed))
     points = []
 
-    def evaluate(epoch, state):
+    def evaluate(step):
         F_fit, F_val, F_test = (ff.extract_features(state.weights, state.biases, x, cfg.top_k)
                                 for x in (x_fit, x_val, x_test))
         W, b, _ = ff.train_softmax(F_fit, y_fit, np.random.default_rng([seed, 1]),
                                    cfg.softmax_epochs, cfg.softmax_lr, cfg.softmax_weight_decay,
                                    log=quiet)
-        points.append({"steps": (epoch + 1) * (len(x_fit) // cfg.batch_size),
-                       "val_error": ff.error_rate(F_val, y_val, W, b),
+        points.append({"steps": step, "val_error": ff.error_rate(F_val, y_val, W, b),
                        "test_error": ff.error_rate(F_test, y_test, W, b)})
 
-    evaluate(-1, state)
-    ff.train_ff(x_fit, cfg, state, callback=evaluate, log=quiet)
+    batches, done = cfg.batches, [0]
+
+    def evaluated_batches(*args):  # the loop asks for the next batch once a step is made
+        for batch in batches(*args):
+            yield batch
+            done[0] += 1
+            if done[0] % s["every"] == 0:
+                evaluate(done[0])
+    cfg.batches = evaluated_batches
+    evaluate(0)
+    ff.train_ff(x_fit, cfg, state, log=quiet)
     return points
 
 
-def backprop_curve(width, seed, data, s):
-    """(val, test) error of backprop on the same network every bp_every steps."""
+def backprop_curve(width, seed, lr, data, s):
+    """(val, test) error of backprop on the same network (Adam at lr) every s["every"]
+    steps."""
     x_fit, y_fit, x_val, y_val, x_test, y_test = data
-    cfg = bp.BPConfig(layer_sizes=(784, width, width), lr=s["bp_lr"], n_epochs=s["bp_epochs"],
+    cfg = bp.BPConfig(layer_sizes=(784, width, width), lr=lr, n_epochs=s["bp_epochs"],
                       batch_size=s["batch_size"], n_train=s["n_train"],
                       val_size=s["val_size"], seed=seed)
     points = []
@@ -619,36 +630,46 @@ def backprop_curve(width, seed, data, s):
         points.append({"steps": step, "val_error": bp.error_rate(weights, biases, x_val, y_val),
                        "test_error": bp.error_rate(weights, biases, x_test, y_test)})
 
-    bp.train_backprop(cfg, x_fit, y_fit, x_val, y_val, log=quiet, every=s["bp_every"],
+    bp.train_backprop(cfg, x_fit, y_fit, x_val, y_val, log=quiet, every=s["every"],
                       callback=evaluate)
     return points
 
 
 def run_curves(args):
+    """Both algorithms at every width, learning rate and seed; the record is rewritten after
+    each run (a run that diverges is kept, marked, with the points it made)."""
     s = dict(CURVE_SETTINGS)
     x_train, y_train, x_test, y_test = ff.load_mnist()
     x_fit, y_fit, x_val, y_val = ff.split_validation(x_train, y_train, s["val_size"],
                                                      s["n_train"])
     data = (x_fit, y_fit, x_val, y_val, x_test, y_test)
+    jobs = [(width, name, curve, lr, seed) for width in args.widths
+            for name, curve, lrs in (("ff", ff_curve, args.ff_lrs),
+                                     ("backprop", backprop_curve, args.bp_lrs))
+            for lr in lrs for seed in args.seeds]
     runs = []
-    for width in args.widths:
-        for seed in args.seeds:
-            for name, curve in (("ff", ff_curve), ("backprop", backprop_curve)):
-                t0 = time.perf_counter()
-                points = curve(width, seed, data, s)
-                runs.append({"algorithm": name, "width": width, "seed": seed,
-                             "points": points, "seconds": time.perf_counter() - t0})
-                best = min(points, key=lambda p: p["val_error"])
-                print(f"{name} 784-{width}-{width} seed {seed}: best val error "
-                      f"{100 * best['val_error']:.2f}% at step {best['steps']}, last "
-                      f"{100 * points[-1]['val_error']:.2f}%  ({runs[-1]['seconds']:.0f} s)",
-                      flush=True)
-    ff_runs.write_json(args.out, {
-        "what": "validation and test error against training steps, FF (a fresh softmax head "
-                "after each epoch) and backprop, 784-w-w, first n_train training digits",
-        "settings": s, "runs": runs,
-        "command": " ".join([COMMAND] + sys.argv[1:]),
-        "environment": ff_runs.environment()})
+    for n, (width, name, curve, lr, seed) in enumerate(jobs, 1):
+        t0, diverged = time.perf_counter(), None
+        try:
+            points = curve(width, seed, lr, data, s)
+        except ff_runs.TrainingDiverged as e:
+            points, diverged = [], str(e)
+        runs.append({"algorithm": name, "width": width, "lr": lr, "seed": seed,
+                     "points": points, "seconds": time.perf_counter() - t0}
+                    | ({"diverged": diverged} if diverged else {}))
+        best = min(points, key=lambda p: p["val_error"]) if points else None
+        print(f"[{n}/{len(jobs)}] {name} 784-{width}-{width} lr {lr:g} seed {seed}: "
+              + (f"diverged ({diverged})" if diverged else
+                 f"best val error {100 * best['val_error']:.2f}% at step {best['steps']}, "
+                 f"last {100 * points[-1]['val_error']:.2f}%")
+              + f"  ({runs[-1]['seconds']:.0f} s)", flush=True)
+        ff_runs.write_json(args.out, {
+            "what": "validation and test error against training steps, FF (a fresh softmax "
+                    "head at each evaluation) and backprop, 784-w-w, first n_train training "
+                    "digits, both evaluated every `every` steps, at each learning rate",
+            "settings": s, "runs": runs, "complete": n == len(jobs),
+            "command": " ".join([COMMAND] + sys.argv[1:]),
+            "environment": ff_runs.environment()})
 
 
 def steps_to(points, target):
@@ -892,6 +913,10 @@ def build_parser():
     c = sub.add_parser("curves", help="train FF and backprop on 784-w-w, errors per step")
     c.add_argument("--widths", type=ff_runs.number_arg(int, 1), nargs="+", default=[64])
     c.add_argument("--seeds", type=ff_runs.number_arg(int, 0), nargs="+", default=[0, 1, 2])
+    c.add_argument("--ff-lrs", type=ff_runs.number_arg(float, 0, above=True), nargs="+",
+                   default=[0.03], help="FF's Adam learning rates")
+    c.add_argument("--bp-lrs", type=ff_runs.number_arg(float, 0, above=True), nargs="+",
+                   default=[1e-3], help="backprop's Adam learning rates")
     c.add_argument("--out", required=True, help="JSON record to write")
     k = sub.add_parser("cost", help="cost to a validation error, from steps and curves")
     k.add_argument("--steps", required=True, help="the record of `steps`")
@@ -918,10 +943,10 @@ def build_parser():
 def check_flags(p, args):
     """Exit 2 (one line) on a flag that cannot work: a value given twice (a seed or width
     counted twice in the means), an output path that cannot be written."""
-    for name in ("widths", "seeds", "targets", "batches", "schedules"):
+    for name in ("widths", "seeds", "targets", "batches", "schedules", "ff_lrs", "bp_lrs"):
         values = getattr(args, name, [])
         if len(set(values)) < len(values):
-            p.error(f"--{name} {' '.join(map(str, values))} repeats a value")
+            p.error(f"--{name.replace('_', '-')} {' '.join(map(str, values))} repeats a value")
     if hasattr(args, "out"):
         try:
             (check_figure if args.command == "plot" else check_out)(args.out)
