@@ -129,8 +129,8 @@ def test_backprop_baseline_prints_a_record_it_cannot_append(tmp_path, capsys):
 @pytest.fixture
 def no_computing(monkeypatch):
     """data_movement with every subcommand's work replaced by a failure."""
-    for name in ("run_grid", "run_steps", "run_batch", "run_curves", "run_cost", "run_plot",
-                 "run_tables"):
+    for name in ("run_grid", "run_steps", "run_batch", "run_curves", "run_to_error",
+                 "run_plot", "run_tables"):
         monkeypatch.setattr(dm, name, never)
 
 
@@ -140,8 +140,10 @@ def no_computing(monkeypatch):
     (["curves", "--widths", "0", "--out", "c.json"], "--widths: 0 must be >= 1"),
     (["curves", "--seeds", "-1", "--out", "c.json"], "--seeds: -1 must be >= 0"),
     (["curves", "--seeds", "1", "1", "--out", "c.json"], "--seeds 1 1 repeats a value"),
-    (["cost", "--steps", "s", "--curves", "c", "--targets", "6", "--out", "c.json"],
+    (["to-error", "--schedules", "s", "--curves", "c", "--targets", "6", "--out", "c.json"],
      "6 is above 1"),
+    (["curves", "--ff-lrs", "0.1", "0.1", "--out", "c.json"], "--ff-lrs 0.1 0.1 repeats"),
+    (["curves", "--bp-lrs", "0", "--out", "c.json"], "--bp-lrs: 0 must be > 0"),
     (["plot", "--grid", "g", "--out", "p.pgn"], "give a file name ending in"),
     (["batch", "--widths", "64", "64", "--out", "b.jsonl"], "--widths 64 64 repeats a value"),
     (["batch", "--batch", "0", "--out", "b.jsonl"], "--batch: 0 must be >= 1"),
@@ -182,70 +184,16 @@ def test_data_movement_batch_appends_one_record_per_width(tmp_path, monkeypatch)
     (["plot", "--grid", "missing.json", "--out", "p.png"], "missing.json: cannot be read"),
     (["plot", "--grid", os.path.join(RESULTS, "data-movement-steps.json"), "--out", "p.png"],
      "not the record of `data_movement.py grid` (no base)"),
-    (["tables", "--grid", os.path.join(RESULTS, "data-movement.json"),
-      "--cost", os.path.join(RESULTS, "data-movement-curves.json")],
-     "not the record of `data_movement.py cost` (no rows)"),
     (["tables", "--grid", "latin1.json"], "latin1.json:2: not UTF-8 text"),
-    (["cost", "--steps", os.path.join(RESULTS, "data-movement.json"), "--curves",
-      os.path.join(RESULTS, "data-movement-curves.json"), "--targets", "0.1", "--out", "c.json"],
-     "not the record of `data_movement.py steps` (no train_batch)"),
+    (["to-error", "--curves", os.path.join(RESULTS, "data-movement.json"), "--schedules",
+      "s.jsonl", "--targets", "0.1", "--out", "c.json"],
+     "not the record of `data_movement.py curves` (no settings)"),
 ])
 def test_data_movement_refuses_unusable_records_before_computing(tmp_path, monkeypatch, capsys,
                                                                  no_computing, args, says):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "latin1.json").write_bytes(b'{\n"what": "caf\xe9"}')
     assert dm.main(args) == 1
-    assert says in one_line(capsys.readouterr().err)
-
-
-def traced_record(width, ff, backprop, batch=100):
-    return json.dumps({"width": width, "batch": batch, "ff": {"cost": ff, "by_phase": {
-        "negatives": ff / 10}}, "backprop": {"cost": backprop}})
-
-
-def test_data_movement_cost_takes_the_traced_step(tmp_path):
-    """cost --traced: the step costs at batch 100 are the traced ones, not the fits; a
-    width the records lack is refused before anything is computed."""
-    steps = os.path.join(RESULTS, "data-movement-steps.json")
-    curves = os.path.join(RESULTS, "data-movement-curves.json")
-    traced = tmp_path / "b.jsonl"
-    traced.write_text(traced_record(64, 4e10, 2e10) + "\n")
-    args = ["cost", "--steps", steps, "--curves", curves, "--targets", "0.12",
-            "--traced", str(traced), "--out", str(tmp_path / "c.json")]
-    assert dm.main(args) == 1                      # no step of 784-128-128
-    traced.write_text("\n".join([traced_record(64, 1, 1), traced_record(64, 4e10, 2e10),
-                                 traced_record(128, 1e11, 5e10), traced_record(64, 1, 1, 4)]))
-    assert dm.main(args) == 0
-    record = json.load(open(tmp_path / "c.json"))
-    row = record["rows"][0]
-    assert (row["ff_step_cost"], row["backprop_step_cost"]) == (4e10, 2e10)
-    assert record["step_cost"] == "traced" and record["inputs"][-1] == str(traced)
-    traced.write_text('{"width": 64}\n')
-    assert dm.main(args) == 1
-
-
-def shift_seeds(curves, by):
-    for run in curves["runs"]:
-        run["seed"] += by
-
-
-@pytest.mark.parametrize("change, says", [
-    (lambda c: shift_seeds(c, -10), "both hold the ff run of 784-64-64, seed 0"),
-    (lambda c: c["settings"].update(bp_lr=0.01), "different settings"),
-    (lambda c: [r.update(width=256) for r in c["runs"]], "784-256-256, which --steps"),
-    (lambda c: c["runs"].pop(), "the ff run of 784-64-64, seed 12, and no backprop run"),
-])
-def test_data_movement_cost_refuses_curves_of_two_experiments(tmp_path, capsys, no_computing,
-                                                              change, says):
-    """The committed 784-64-64 curves and a copy with seeds 10-12, changed."""
-    curves = os.path.join(RESULTS, "data-movement-curves.json")
-    copy = json.load(open(curves))
-    shift_seeds(copy, 10)
-    change(copy)
-    (tmp_path / "c.json").write_text(json.dumps(copy))
-    assert dm.main(["cost", "--steps", os.path.join(RESULTS, "data-movement-steps.json"),
-                    "--curves", curves, str(tmp_path / "c.json"), "--targets", "0.1",
-                    "--out", str(tmp_path / "cost.json")]) == 1
     assert says in one_line(capsys.readouterr().err)
 
 

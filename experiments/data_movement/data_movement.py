@@ -1,22 +1,25 @@
-"""Data movement (ByteDMD) of one training step of FF and of backprop on the same network.
+"""Data movement (ByteDMD) of FF and of backprop on the same network: per step, and to a
+validation error.
 
-Each step is written as the element-level operations the numpy code performs, in its order
+Each step is written as the element-level operations of the numpy code
 (experiments/data_movement/bytedmd.py prices them): FF as ff_hybrid_mnist.train_ff runs a
 batch (the stacked positives and negatives L2-normalised, then per layer: forward, goodness,
 loss, the hand-derived local gradient, Adam on W and b, the L2 normalisation for the layer
 above); backprop as experiments/baselines/backprop_baseline.py runs one (forward, softmax
-cross-entropy, backward pass, Adam on every parameter). Values are float32 (4 bytes), labels
-int64 and comparison masks 1 byte. Every matrix product is the i-j-k loop (an entry's
-multiply-adds one after another, entries in row-major order).
+cross-entropy, backward pass, Adam on every parameter). The order of the operations is a
+schedule (schedules.py): numpy's, or the ones that suit each algorithm. The answer
+(docs/data-movement.md) comes from two subcommands and the records they read:
 
-    python3 -m experiments.data_movement.data_movement grid \\
-        --out experiments/results/data-movement.json
-    python3 -m experiments.data_movement.data_movement batch --widths 64 \\
-        --out experiments/results/data-movement-batch100.jsonl
-    python3 -m experiments.data_movement.data_movement target \\
-        --out experiments/results/data-movement-target.json
-    python3 -m experiments.data_movement.data_movement plot \\
-        --grid experiments/results/data-movement.json --out viz/data_movement.png
+    python3 -m experiments.data_movement.data_movement schedules --widths 64 128 \
+        --batches 1 10 100 --out experiments/results/data-movement-schedules.jsonl
+    python3 -m experiments.data_movement.data_movement curves --widths 64 \
+        --ff-lrs 0.01 0.03 0.1 --bp-lrs 0.0003 0.001 0.003 --out curves-64.json
+    python3 -m experiments.data_movement.data_movement to-error --curves curves-64.json \
+        --schedules experiments/results/data-movement-schedules.jsonl --targets 0.12 0.1 \
+        --out to-error.json --figure to-error.png
+
+grid, steps, batch, plot and tables are the first round's measurements (numpy's order,
+the tracer's earlier rules).
 """
 
 import argparse
@@ -252,34 +255,34 @@ def trace_backprop_step(n_in, widths, batch, n_classes=bp.N_CLASSES, warmup=1,
 # The FF softmax head: feature extraction and one SGD step (for the cost to a test error)
 
 
-def trace_features(n_in, widths, chunk, top_k):
+def trace_features(n_in, widths, chunk, top_k, rules=bytedmd.FUSED_FLOAT32_RULES,
+                   schedule=NUMPY):
     """Module's extract_features on `chunk` digits: each layer L2-normalises its input,
     then forward; the top_k layers' activities L2-normalised into the features."""
-    t = bytedmd.Trace(**bytedmd.FUSED_FLOAT32_RULES)
+    t = bytedmd.Trace(**rules)
     x = t.argument((chunk, n_in))
     params, _ = network_arguments(t, (n_in,) + tuple(widths))
     hs, h = [], x
     for W, b in params:
-        h = layer_forward(t, l2_normalize(t, h, "features"), W, b, "features")
+        h = layer_forward(t, l2_normalize(t, h, "features"), W, b, "features", schedule)
         hs.append(h)
-    for h in hs[-top_k:]:
-        l2_normalize(t, h, "features")
+    t.returns([l2_normalize(t, h, "features") for h in hs[-top_k:]])  # the head reads them
     return t
 
 
-def trace_head_step(n_features, batch, n_classes=bp.N_CLASSES):
+def trace_head_step(n_features, batch, n_classes=bp.N_CLASSES,
+                    rules=bytedmd.FUSED_FLOAT32_RULES, schedule=NUMPY):
     """One step of the module's train_softmax: softmax_loss_and_grads with its weight
     decay (0.5 wd |W|^2 in the loss, dW += wd W), then W -= lr dW, b -= lr db."""
-    t = bytedmd.Trace(**bytedmd.FUSED_FLOAT32_RULES)
+    t = bytedmd.Trace(**rules)
     F = t.argument((batch, n_features))
     y = t.argument((batch,), size=LABEL_BYTES)
     W, b = t.argument((n_features, n_classes)), t.argument((n_classes,))
-    logits = t.op("head", t.matmul("head", F, W), b[None, :])
+    logits = t.op("head", schedule.matmul(t, "head", F, W), b[None, :])
     p = softmax_cross_entropy(t, logits, y, "head", "head", decay_of=W)
-    dW = t.op("head", t.matmul("head", F.T, p), t.op("head", W))
+    dW = t.op("head", schedule.matmul(t, "head", F.T, p), t.op("head", W))
     db = t.sum_columns("head", p)
-    t.op("head", W, t.op("head", dW))
-    t.op("head", b, t.op("head", db))
+    t.returns(t.op("head", W, t.op("head", dW)), t.op("head", b, t.op("head", db)))
     return t
 
 
@@ -677,66 +680,164 @@ def steps_to(points, target):
     return next((p["steps"] for p in points if p["val_error"] <= target), None)
 
 
-def run_cost(args):
-    """Cost to a validation error: steps from the curves times the cost of a step at batch
-    100: traced at that batch (--traced, the records of `batch`), else the quadratic fitted
-    to the batches `steps` traced, extrapolated. FF's softmax head added once."""
-    with open(args.steps) as f:
-        steps = json.load(f)
-    traced = batch_costs(read_batch_records(args.traced)) if args.traced else None
-    curves = {"runs": []}
-    for path in args.curves:
-        with open(path) as f:
-            record = json.load(f)
-        curves["runs"] += record["runs"]
-        curves["settings"] = record["settings"]   # the same in every file
-    s = curves["settings"]
-    B, n = s["batch_size"], s["n_train"]
-    rows = []
-    for w_key, st in steps["widths"].items():
-        width = int(w_key)
-        names = ("ff", "backprop")
-        step_cost = ({name: traced[width, B][name] for name in names} if traced
-                     else {name: st[name + "_fit"]["at_train_batch"] for name in names})
-        chunk = 2000  # extract_features' chunk
-        features = -(-n // chunk) * st["features_fit"][0] + n * st["features_fit"][1]
-        head = s["ff_softmax_epochs"] * -(-n // HEAD_BATCH) * st["head_step"]["cost"]
-        runs = {name: [r for r in curves["runs"] if r["algorithm"] == name
-                       and r["width"] == width] for name in ("ff", "backprop")}
-        if not runs["ff"]:
-            continue
+def read_schedule_records(paths):
+    """{(width, batch): record} of the records of `schedules` (a later one replaces)."""
+    return {(r["width"], r["batch"]): r for path in paths
+            for r in read_json_lines(path, SCHEDULE_RECORD, "`data_movement.py schedules`")}
+
+
+def head_cost(width, s, rules, schedule):
+    """FF's softmax head, priced once per run: the features of the n_train digits in chunks
+    of the training batch (one chunk traced, times the number of chunks) and the head's
+    SGD steps (one traced, times ff_softmax_epochs x the batches of HEAD_BATCH)."""
+    chunk, n = s["batch_size"], s["n_train"]
+    features = measure(trace_features(784, (width, width), chunk, 2, rules, schedule))["cost"]
+    step = measure(trace_head_step(2 * width, HEAD_BATCH, rules=rules,
+                                   schedule=schedule))["cost"]
+    n_chunks, n_steps = -(-n // chunk), s["ff_softmax_epochs"] * -(-n // HEAD_BATCH)
+    return {"schedule": schedule.name, "features_chunk": features, "chunks": n_chunks,
+            "head_step": step, "head_steps": n_steps,
+            "cost": n_chunks * features + n_steps * step}
+
+
+def reached(runs, target):
+    """Per learning rate, each seed's first step at or below target (None: never), and
+    the test error there."""
+    out = {}
+    for r in sorted(runs, key=lambda r: (r["lr"], r["seed"])):
+        k = steps_to(r["points"], target)
+        test = next((p["test_error"] for p in r["points"] if p["steps"] == k), None)
+        out.setdefault(r["lr"], []).append((k, test))
+    return out
+
+
+def tuned(runs, target):
+    """The learning rate whose seeds all reach target in the fewest median steps (None
+    when no rate's seeds all do): (lr, steps per seed, median steps, median test error),
+    and every rate's steps."""
+    per_lr = reached(runs, target)
+    done = {lr: v for lr, v in per_lr.items() if all(k is not None for k, _ in v)}
+    table = {f"{lr:g}": [k for k, _ in v] for lr, v in per_lr.items()}
+    if not done:
+        return None, table
+    lr = min(done, key=lambda lr: (float(np.median([k for k, _ in done[lr]])), lr))
+    steps = [k for k, _ in done[lr]]
+    return {"lr": lr, "steps": steps, "median_steps": float(np.median(steps)),
+            "median_test_error": float(np.median([e for _, e in done[lr]]))}, table
+
+
+def run_to_error(args):
+    """Cost to a validation error: for each width and target, each algorithm at its
+    learning rate that gets there in the fewest median steps (over the seeds, on
+    validation), times the cost of one step at the training batch traced under each
+    algorithm's best schedule (records of `schedules`), FF adding its head once (traced
+    here under FF's best schedule); also under numpy's order of operations."""
+    curves = [read_json(path, RECORDS["curves"], "the record of `data_movement.py curves`")
+              for path in args.curves]
+    s = curves[0]["settings"]
+    runs = [r for c in curves for r in c["runs"]]
+    schedules = read_schedule_records(args.schedules)
+    rows, heads = [], {}
+    for width in sorted({r["width"] for r in runs}):
+        rec = schedules[width, s["batch_size"]]
+        rules = RULES[rec["rules_name"]]
+        best = rec["best"]
+        orders = {"best": (best["ff"], best["backprop"]), "numpy": ("numpy", "numpy")}
+        heads[width] = {k: head_cost(width, s, rules, SCHEDULES[ff_name])
+                        for k, (ff_name, _) in orders.items()}
+        by_alg = {alg: [r for r in runs if r["algorithm"] == alg and r["width"] == width]
+                  for alg in ("ff", "backprop")}
         for target in args.targets:
-            reached = {name: [steps_to(r["points"], target) for r in runs[name]]
-                       for name in runs}
-            row = {"width": width, "target_val_error": target, "seeds": len(runs["ff"]),
-                   "ff_steps": reached["ff"], "backprop_steps": reached["backprop"],
-                   "ff_step_cost": step_cost["ff"], "backprop_step_cost": step_cost["backprop"],
-                   "ff_head_cost": features + head}
-            if all(v is not None for v in reached["ff"] + reached["backprop"]):
-                ff_steps, bp_steps = np.mean(reached["ff"]), np.mean(reached["backprop"])
-                row["ff_cost"] = ff_steps * step_cost["ff"] + features + head
-                row["backprop_cost"] = bp_steps * step_cost["backprop"]
-                row["ratio"] = row["ff_cost"] / row["backprop_cost"]
-                row["steps_ratio"] = ff_steps / bp_steps
-                row["test_error_at_target"] = {
-                    name: float(np.mean([next(p["test_error"] for p in r["points"]
-                                              if p["steps"] == k)
-                                         for r, k in zip(runs[name], reached[name])]))
-                    for name in runs}
+            row = {"width": width, "target_val_error": target}
+            for alg in by_alg:
+                row[alg], row[alg + "_steps_by_lr"] = tuned(by_alg[alg], target)
+            if row["ff"] and row["backprop"]:
+                row["steps_ratio"] = row["ff"]["median_steps"] / row["backprop"]["median_steps"]
+                for k, (ff_name, bp_name) in orders.items():
+                    ff_step = rec["schedules"][ff_name]["ff"]["cost"]
+                    bp_step = rec["schedules"][bp_name]["backprop"]["cost"]
+                    ff_cost = row["ff"]["median_steps"] * ff_step + heads[width][k]["cost"]
+                    bp_cost = row["backprop"]["median_steps"] * bp_step
+                    row[k] = {"ff_schedule": ff_name, "backprop_schedule": bp_name,
+                              "ff_step": ff_step, "backprop_step": bp_step,
+                              "ff_cost": ff_cost, "backprop_cost": bp_cost,
+                              "ff_head_share": heads[width][k]["cost"] / ff_cost,
+                              "ratio": ff_cost / bp_cost}
             rows.append(row)
-            print(f"784-{width}-{width}, val error <= {100 * target:.1f}%: FF steps "
-                  f"{reached['ff']}, backprop steps {reached['backprop']}"
-                  + (f", cost FF {row['ff_cost']:.3e} / backprop {row['backprop_cost']:.3e}"
-                     f" = {row['ratio']:.1f}" if "ratio" in row else ""))
-    ff_runs.write_json(args.out, {
-        "what": "ByteDMD cost to reach a validation error: mean steps over the seeds times "
-                "the cost of a step at batch 100 (" + ("traced at that batch, the records of "
-                "`batch`" if traced else "quadratic fit on the traced batches") + "); FF adds "
-                "its softmax head once (features of the training digits and the head's "
-                "SGD epochs)", "batch_size": B, "rows": rows,
-        "step_cost": "traced" if traced else "quadratic fit",
-        "inputs": [args.steps] + args.curves + ([args.traced] if traced else []),
-        "command": " ".join([COMMAND] + sys.argv[1:])})
+            print(f"784-{width}-{width}, val error <= {100 * target:.1f}%: "
+                  + (f"FF lr {row['ff']['lr']:g} steps {row['ff']['steps']}, backprop lr "
+                     f"{row['backprop']['lr']:g} steps {row['backprop']['steps']}; FF/backprop "
+                     f"{row['best']['ratio']:.1f} at the best schedules, "
+                     f"{row['numpy']['ratio']:.1f} in numpy's order"
+                     if "best" in row else "not reached by every seed of any rate: FF "
+                     f"{row['ff_steps_by_lr']}, backprop {row['backprop_steps_by_lr']}"),
+                  flush=True)
+    record = {
+        "script": "experiments/data_movement/data_movement.py",
+        "what": "ByteDMD cost to reach a validation error: the median steps over the seeds "
+                "at each algorithm's fastest learning rate, times the cost of a step at the "
+                "training batch (traced, records of `schedules`) under each algorithm's best "
+                "schedule and under numpy's order; FF adds its head once",
+        "settings": s, "rules_name": rec["rules_name"], "heads": heads, "rows": rows,
+        "inputs": args.curves + args.schedules,
+        "command": " ".join([COMMAND] + sys.argv[1:]), "environment": ff_runs.environment()}
+    ff_runs.write_json(args.out, ff_runs.finite_or_none(record))
+    if args.figure:
+        plot_to_error(record, args.figure)
+    return 0
+
+
+def plot_to_error(record, path):
+    """Cost to each validation error against the error, FF and backprop at each width,
+    each at its best schedule (solid) and in numpy's order (dotted), log scale."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for (width, color) in zip(sorted({r["width"] for r in record["rows"]}), ("C0", "C1", "C2")):
+        rows = [r for r in record["rows"] if r["width"] == width and "best" in r]
+        x = [100 * r["target_val_error"] for r in rows]
+        for alg, marker in (("ff", "o"), ("backprop", "s")):
+            label = "FF" if alg == "ff" else "backprop"
+            ax.plot(x, [r["best"][alg + "_cost"] for r in rows], marker + "-", color=color,
+                    label=f"{label}, 784-{width}-{width}", mfc="white" if alg == "ff" else color)
+            ax.plot(x, [r["numpy"][alg + "_cost"] for r in rows], ":", color=color)
+    ax.set_yscale("log")
+    ax.invert_xaxis()
+    ax.set_xlabel("validation error to reach (%)")
+    ax.set_ylabel("ByteDMD cost to reach it")
+    ax.set_title("data movement to a validation error (solid: each at its best schedule; "
+                 "dotted: numpy's order)", fontsize=8)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
+def run_to_error_table(args):
+    """The cost-to-error table of docs/data-movement.md, in markdown, from `to-error`."""
+    record = read_json(args.record, RECORDS["to-error"], "the record of `to-error`")
+
+    def e(v):
+        return f"{v:.2e}".replace("e+0", "e").replace("e+", "e")
+    print("| network | validation error to reach | FF: lr, steps (seeds) | backprop: lr, steps "
+          "(seeds) | steps FF / backprop | FF cost, best schedule (head's share) | backprop "
+          "cost, best schedule | FF / backprop, best | FF / backprop, numpy's order | test "
+          "error there: FF / backprop |")
+    print("|" + "---|" * 10)
+    for r in record["rows"]:
+        net, tgt = f"784-{r['width']}-{r['width']}", f"{100 * r['target_val_error']:.1f}%"
+        if "best" not in r:
+            print(f"| {net} | {tgt} | not reached by every seed at any rate | | | | | | | |")
+            continue
+        f, b, best = r["ff"], r["backprop"], r["best"]
+        print(f"| {net} | {tgt} | {f['lr']:g}: {', '.join(map(str, f['steps']))} | "
+              f"{b['lr']:g}: {', '.join(map(str, b['steps']))} | {r['steps_ratio']:.1f} | "
+              f"{e(best['ff_cost'])} ({100 * best['ff_head_share']:.1f}%) | "
+              f"{e(best['backprop_cost'])} | **{best['ratio']:.1f}** | "
+              f"{r['numpy']['ratio']:.1f} | {100 * f['median_test_error']:.1f}% / "
+              f"{100 * b['median_test_error']:.1f}% |")
 
 
 def run_plot(args):
@@ -827,26 +928,6 @@ def run_tables(args):
                   f"{e(q['backprop'])} | {q['ff'] / q['backprop']:.2f} |")
             print(f"| 784-{w}-{w} | {steps['train_batch']}, line through 1-8 | {e(lin['ff'])} | - "
                   f"| {e(lin['backprop'])} | {lin['ff'] / lin['backprop']:.2f} |")
-    if args.cost:
-        with open(args.cost) as f:
-            cost = json.load(f)
-        print()
-        print("| network | validation error to reach | FF steps (seeds) | backprop steps | "
-              "steps FF / backprop | FF cost (head included) | backprop cost | FF / backprop "
-              "| test error there: FF / backprop |")
-        print("|---|---|---|---|---|---|---|---|---|")
-        for r in cost["rows"]:
-            if "ratio" not in r:
-                print(f"| 784-{r['width']}-{r['width']} | {pct(r['target_val_error'])} | "
-                      f"{r['ff_steps']} | {r['backprop_steps']} | not reached by every run "
-                      "| | | | |")
-                continue
-            t = r["test_error_at_target"]
-            print(f"| 784-{r['width']}-{r['width']} | {pct(r['target_val_error'])} | "
-                  f"{', '.join(map(str, r['ff_steps']))} | "
-                  f"{', '.join(map(str, r['backprop_steps']))} | {r['steps_ratio']:.0f} | "
-                  f"{e(r['ff_cost'])} | {e(r['backprop_cost'])} | **{r['ratio']:.0f}** | "
-                  f"{pct(t['ff'])} / {pct(t['backprop'])} |")
 
 
 # -----------------------------------------------------------------------------
@@ -872,10 +953,13 @@ RECORDS = {  # the fields of each subcommand's record that the others read
     "curves": {"settings": {"batch_size": int, "n_train": int, "ff_softmax_epochs": int},
                "runs": [{"algorithm": str, "width": int, "seed": int, "points": [
                    {"steps": int, "val_error": float, "test_error": float}]}]},
-    "cost": {"rows": [{"width": int, "target_val_error": float, "ff_steps": [(int, None)],
-                       "backprop_steps": [(int, None)], "ratio?": float, "steps_ratio?": float,
-                       "ff_cost?": float, "backprop_cost?": float,
-                       "test_error_at_target?": {"ff": float, "backprop": float}}]},
+    "to-error": {"settings": {"batch_size": int}, "rows": [{
+        "width": int, "target_val_error": float,
+        "ff": ({"lr": float, "steps": [int], "median_test_error": float}, None),
+        "backprop": ({"lr": float, "steps": [int], "median_test_error": float}, None),
+        "steps_ratio?": float,
+        **{k + "?": {"ratio": float, "ff_cost": float, "backprop_cost": float,
+                     "ff_head_share": float} for k in ("best", "numpy")}}]},
 }
 
 
@@ -918,14 +1002,17 @@ def build_parser():
     c.add_argument("--bp-lrs", type=ff_runs.number_arg(float, 0, above=True), nargs="+",
                    default=[1e-3], help="backprop's Adam learning rates")
     c.add_argument("--out", required=True, help="JSON record to write")
-    k = sub.add_parser("cost", help="cost to a validation error, from steps and curves")
-    k.add_argument("--steps", required=True, help="the record of `steps`")
-    k.add_argument("--curves", required=True, nargs="+", help="records of `curves`")
-    k.add_argument("--targets", type=fraction, nargs="+", required=True,
-                   help="validation errors to reach (fractions, e.g. 0.06)")
-    k.add_argument("--traced", help="the records of `batch` (JSON lines): the cost of a step "
-                   "at the training batch as traced, instead of the fitted one")
-    k.add_argument("--out", required=True, help="JSON record to write")
+    te = sub.add_parser("to-error", help="cost to a validation error at tuned rates, each "
+                        "algorithm at its best schedule")
+    te.add_argument("--curves", required=True, nargs="+", help="records of `curves`")
+    te.add_argument("--schedules", required=True, nargs="+",
+                    help="records of `schedules` holding each width at the curves' batch")
+    te.add_argument("--targets", type=fraction, nargs="+", required=True,
+                    help="validation errors to reach (fractions, e.g. 0.06)")
+    te.add_argument("--out", required=True, help="JSON record to write")
+    te.add_argument("--figure", help="also draw the costs (PNG)")
+    tt = sub.add_parser("to-error-table", help="the cost-to-error table of the doc")
+    tt.add_argument("--record", required=True, help="the record of `to-error`")
     g2 = sub.add_parser("plot", help="cost per step against width and batch, log-log")
     g2.add_argument("--grid", required=True, help="the record of `grid`")
     g2.add_argument("--out", required=True, help="the figure (PNG)")
@@ -934,7 +1021,6 @@ def build_parser():
     tb = sub.add_parser("tables", help="the markdown tables of docs/data-movement.md")
     tb.add_argument("--grid", required=True)
     tb.add_argument("--steps")
-    tb.add_argument("--cost")
     tb.add_argument("--traced", help="the records of `batch`: the steps table shows the traced "
                     "training batch instead of the fits")
     return p
@@ -984,40 +1070,38 @@ def batch_costs(records):
         "ff_negatives": r["ff"]["by_phase"]["negatives"] / r["ff"]["cost"]} for r in records}
 
 
-def check_traced(args, steps, curves, traced):
-    """--traced must hold every width the cost is computed at, at the curves' batch."""
-    B = curves["settings"]["batch_size"]
-    for w in steps["widths"]:
-        if (int(w), B) not in traced:
-            raise RecordsError(f"--traced {args.traced} has no step of 784-{w}-{w} at batch {B}")
-
-
-def check_cost_inputs(args, steps, curves):
-    """The curves records must be one experiment that the steps record priced: the same
-    settings, each run once with its partner, its width traced, its batch the priced one."""
+def check_to_error_inputs(args):
+    """The curves must be one experiment (the same settings, every rate of an algorithm
+    run at the same seeds, no run twice) and --schedules must hold each of its widths at
+    its batch."""
+    curves = [read_json(path, RECORDS["curves"], "the record of `data_movement.py curves`")
+              for path in args.curves]
     settings, seen = curves[0]["settings"], {}
+    if "every" not in settings:
+        raise RecordsError(f"--curves {args.curves[0]} evaluates FF once an epoch (an earlier "
+                           "record); `to-error` needs both evaluated every `every` steps")
     for path, record in zip(args.curves, curves):
         if record["settings"] != settings:
             raise RecordsError(f"--curves {path} and {args.curves[0]} were trained with "
                                "different settings; give the records of one experiment")
         for run in record["runs"]:
-            key = (run["algorithm"], run["width"], run["seed"])
+            key = (run["algorithm"], run["width"], run.get("lr"), run["seed"])
             if key in seen:
-                raise RecordsError(f"--curves {seen[key]} and {path} both hold the {key[0]} run "
-                                   f"of 784-{key[1]}-{key[1]}, seed {key[2]}: it would count twice")
+                raise RecordsError(f"--curves {seen[key]} and {path} both hold the {key[0]} "
+                                   f"run of 784-{key[1]}-{key[1]}, lr {key[2]}, seed {key[3]}")
             seen[key] = path
-            if str(run["width"]) not in steps["widths"]:
-                raise RecordsError(f"--curves {path} holds 784-{key[1]}-{key[1]}, which --steps "
-                                   f"{args.steps} has not priced (widths "
-                                   f"{', '.join(steps['widths'])})")
-    for alg, width, seed in seen:  # the means of the two must be over the same seeds
-        other = "backprop" if alg == "ff" else "ff"
-        if (other, width, seed) not in seen:
-            raise RecordsError(f"--curves {seen[alg, width, seed]} holds the {alg} run of "
-                               f"784-{width}-{width}, seed {seed}, and no {other} run of it")
-    if settings["batch_size"] != steps["train_batch"]:
-        raise RecordsError(f"--curves trained with batch {settings['batch_size']}, --steps "
-                           f"{args.steps} priced a step at batch {steps['train_batch']}")
+    seeds = {}
+    for alg, width, lr, seed in seen:
+        seeds.setdefault((alg, width, lr), set()).add(seed)
+    if len({frozenset(v) for v in seeds.values()}) > 1:
+        raise RecordsError("--curves: not every algorithm, width and rate was run at the same "
+                           "seeds: " + "; ".join(f"{a} 784-{w}-{w} lr {lr:g}: {sorted(v)}"
+                                                 for (a, w, lr), v in sorted(seeds.items())))
+    have = read_schedule_records(args.schedules)
+    for width in sorted({w for _, w, _ in seeds}):
+        if (width, settings["batch_size"]) not in have:
+            raise RecordsError(f"--schedules {' '.join(args.schedules)} has no step of "
+                               f"784-{width}-{width} at batch {settings['batch_size']}")
 
 
 def main(argv=None):
@@ -1026,18 +1110,16 @@ def main(argv=None):
     check_flags(p, args)
 
     def body():
-        inputs = read_inputs(args)
+        read_inputs(args)  # each record it reads, checked before anything is computed
         if getattr(args, "traced", None):
-            traced = batch_costs(read_batch_records(args.traced))
-            if args.command == "cost":
-                check_traced(args, inputs["steps"][0], inputs["curves"][0], traced)
-        if args.command == "cost":
-            check_cost_inputs(args, inputs["steps"][0], inputs["curves"])
+            batch_costs(read_batch_records(args.traced))
+        if args.command == "to-error":
+            check_to_error_inputs(args)
         try:
             return {"tables": run_tables, "grid": run_grid, "steps": run_steps,
                     "batch": run_batch, "schedules": run_schedules,
                     "schedules-table": run_schedules_table, "curves": run_curves,
-                    "cost": run_cost,
+                    "to-error": run_to_error, "to-error-table": run_to_error_table,
                     "plot": run_plot}[args.command](args)
         except ff.DataError as e:  # curves: MNIST missing or damaged
             raise RecordsError(str(e)) from None
