@@ -92,8 +92,10 @@ def to_error(tmp_path, *extra):
                     str(tmp_path / "e.json")])
 
 
-def test_to_error_prices_the_median_steps_at_each_algorithms_best_schedule(inputs, capsys):
+def test_to_error_prices_the_median_steps_at_each_algorithms_best_schedule(inputs, capsys,
+                                                                          monkeypatch):
     tmp_path, _ = inputs
+    monkeypatch.setattr(dm, "HEAD_BATCH", 8)  # a smaller trace of the head's step
     assert to_error(tmp_path) == 0
     record = json.load(open(tmp_path / "e.json"))
     (row,) = record["rows"]
@@ -103,7 +105,7 @@ def test_to_error_prices_the_median_steps_at_each_algorithms_best_schedule(input
     rules = dm.RULES["original"]
     tiled = dm.head_cost(2, SETTINGS, rules, dm.SCHEDULES["tiled"])
     assert heads["best"] == tiled and heads["best"]["chunks"] == 2
-    assert heads["best"]["head_steps"] == 1  # one epoch of 40 digits at batch 256
+    assert heads["best"]["head_steps"] == 5  # one epoch of 40 digits at batch 8
     best, numpy_order = row["best"], row["numpy"]
     assert best["ff_cost"] == 30 * 150.0 + tiled["cost"]
     assert best["backprop_cost"] == 10 * 60.0
