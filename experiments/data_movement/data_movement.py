@@ -997,10 +997,10 @@ def build_parser():
     c = sub.add_parser("curves", help="train FF and backprop on 784-w-w, errors per step")
     c.add_argument("--widths", type=ff_runs.number_arg(int, 1), nargs="+", default=[64])
     c.add_argument("--seeds", type=ff_runs.number_arg(int, 0), nargs="+", default=[0, 1, 2])
-    c.add_argument("--ff-lrs", type=ff_runs.number_arg(float, 0, above=True), nargs="+",
-                   default=[0.03], help="FF's Adam learning rates")
-    c.add_argument("--bp-lrs", type=ff_runs.number_arg(float, 0, above=True), nargs="+",
-                   default=[1e-3], help="backprop's Adam learning rates")
+    c.add_argument("--ff-lrs", type=ff_runs.number_arg(float, 0, above=True), nargs="*",
+                   default=[0.03], help="FF's Adam learning rates (none: no FF runs)")
+    c.add_argument("--bp-lrs", type=ff_runs.number_arg(float, 0, above=True), nargs="*",
+                   default=[1e-3], help="backprop's Adam learning rates (none: no backprop runs)")
     c.add_argument("--out", required=True, help="JSON record to write")
     te = sub.add_parser("to-error", help="cost to a validation error at tuned rates, each "
                         "algorithm at its best schedule")
