@@ -1,8 +1,8 @@
 """Break the module on purpose, on a scratch copy, and check that the tests notice.
 
 Each mutant is one textual change to the code (ff_hybrid_mnist.py, ff_label_mnist.py,
-ff_local_mnist.py, ff_recurrent_mnist.py, ff_runs.py, ff_devices.py: each text is found once
-among them) that a
+ff_local_mnist.py, ff_recurrent_mnist.py, ff_runs.py, ff_devices.py and
+experiments/data_movement/data_movement.py: each text is found once among them) that a
 broken implementation could plausibly contain. For each, the repository is copied to a temporary folder, the change is
 applied, and the given tests are run there; a mutant that passes every test is reported
 as SURVIVED (the tests cannot see that bug). Not collected by pytest (no test_ prefix).
@@ -24,9 +24,19 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 CODE = ("ff_hybrid_mnist.py", "ff_label_mnist.py", "ff_local_mnist.py", "ff_recurrent_mnist.py",
         "ff_runs.py",
-        "ff_devices.py")
+        "ff_devices.py", "experiments/data_movement/data_movement.py")
 
 MUTANTS = {  # name -> (text in one of CODE, its replacement, and so on)
+    "data movement: FF evaluated before its step": (
+        "            yield batch\n            done[0] += 1\n",
+        "            done[0] += 1\n",
+        "                evaluate(done[0])\n    cfg.batches",
+        "                evaluate(done[0])\n            yield batch\n    cfg.batches"),
+    "data movement: a rate not every seed finishes can win": (
+        "if all(k is not None for k, _ in v)}", "if any(k is not None for k, _ in v)}"),
+    "data movement: FF's head left out of its cost": (
+        'ff_cost = row["ff"]["median_steps"] * ff_step + heads[width][k]["cost"]',
+        'ff_cost = row["ff"]["median_steps"] * ff_step'),
     "no FF weight update": (
         "    state.opt_w[l].step(W, dW, lr)\n    state.opt_b[l].step(b, db, lr)\n",
         "    pass\n"),
@@ -193,7 +203,8 @@ def main(argv=None):
     p.add_argument("--tests", default="tests/test_training.py tests/test_labels.py "
                                       "tests/test_softmax.py tests/test_refit_head.py "
                                       "tests/test_local.py tests/test_recipe.py "
-                                      "tests/test_cli.py tests/test_gpu.py tests/test_recurrent.py")
+                                      "tests/test_cli.py tests/test_gpu.py tests/test_recurrent.py "
+                                      "tests/test_to_error.py")
     p.add_argument("--only", help="run the mutants whose name contains this text")
     p.add_argument("--check", action="store_true",
                    help="only check that every mutant's text is found once, and exit")
