@@ -676,6 +676,22 @@ def load_run(run_dir):
     return run
 
 
+def load_network(run_dir):
+    """load_run's namespace for a finished run; for a run in progress (a folder holding only
+    its checkpoint), the network after its finished epochs: .cfg, .weights, .biases,
+    .ff_history from the checkpoint, no head, empty .metrics, .in_progress True."""
+    from types import SimpleNamespace
+    if (os.path.isfile(os.path.join(run_dir, RUN_FILES[0]))
+            or not os.path.isfile(os.path.join(run_dir, "checkpoint.npz"))):
+        run = load_run(run_dir)
+        run.in_progress = False
+        return run
+    cfg, state = load_checkpoint(run_dir)
+    return SimpleNamespace(cfg=cfg, weights=state.weights, biases=state.biases, head=None,
+                           ff_history=state.history, softmax_history=None, environment=None,
+                           metrics={}, run_dir=run_dir, in_progress=True)
+
+
 def check_history(history, n_layers):
     """ValueError unless history.json's curves are what the figures read: per epoch one
     number (or null) per layer for the FF loss and accuracy, and equally long lists of

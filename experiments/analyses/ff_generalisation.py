@@ -37,7 +37,8 @@ def split_objective(run, x, n, rng):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--run", required=True, help="saved run trained with hybrid negatives")
+    p.add_argument("--run", required=True, help="saved run trained with hybrid negatives, or a run in progress "
+                   "(its checkpoint's network)")
     p.add_argument("--n", type=ff_runs.number_arg(int, 1), default=10000,
                    help="real digits (and as many hybrids) per split (default: %(default)s)")
     p.add_argument("--seed", type=ff_runs.number_arg(int, 0), default=0,
@@ -47,7 +48,7 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     def measure():
-        run = ff_runs.load_run(args.run)
+        run = ff_runs.load_network(args.run)
         cfg = run.cfg
         if cfg.negatives != "hybrid":
             raise ff_runs.SettingsError(f"{args.run} was made by {cfg.SCRIPT}, whose negatives "

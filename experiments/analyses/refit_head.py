@@ -38,7 +38,8 @@ def head_defaults(config_class):
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     d = head_defaults(ff.FFConfig)  # the run, and so its script, is not known yet
-    p.add_argument("--run", required=True, help="saved run whose head is refitted")
+    p.add_argument("--run", required=True, help="saved run whose head is refitted, or a run in progress (its "
+                   "checkpoint's network)")
     p.add_argument("--head", choices=ff.HEADS, default=d["head"],
                    help="lbfgs: the converged head; sgd: minibatch SGD (default: %(default)s)")
     p.add_argument("--head-c", type=strengths_arg, default=ff.HEAD_C, metavar="C,C,...",
@@ -74,7 +75,7 @@ def main(argv=None):
     p = build_parser()
     args = p.parse_args(argv)
     try:
-        run = ff_runs.load_run(args.run)  # its configuration is of its script's class
+        run = ff_runs.load_network(args.run)  # its configuration is of its script's class
         d = head_defaults(type(run.cfg))
         # the run's configuration with this refit's head settings, checked as a whole
         sgd = args.head == "sgd"
