@@ -62,19 +62,16 @@ def test_refit_into_a_folder_that_holds_something_is_refused_before_fitting(tmp_
     assert "is not empty" in capsys.readouterr().err
 
 
-def test_a_run_in_progress_is_read_out_from_its_checkpoint(tmp_path, capsys):
+def test_a_run_in_progress_is_read_out_from_its_checkpoint(converged_run, tmp_path, capsys):
     """--run may name a folder holding only a checkpoint (a run still training): its
     network after the epochs done, the same read-out as the finished run's network gives."""
     import shutil
-    assert ff.main(TINY + ["--n-epochs", "1", "--val-size", "300", "--out",
-                           str(tmp_path / "done")]) == 0
     (tmp_path / "going").mkdir()
-    shutil.copy(tmp_path / "done" / "checkpoint.npz", tmp_path / "going")
+    shutil.copy(f"{converged_run[0]}/checkpoint.npz", tmp_path / "going")
     capsys.readouterr()
     records = []
-    for run in ("done", "going"):
-        assert refit_head.main(["--run", str(tmp_path / run), "--head", "sgd",
-                                "--softmax-epochs", "1"]) == 0
+    for run in (converged_run[0], str(tmp_path / "going")):
+        assert refit_head.main(["--run", run, "--head", "sgd", "--softmax-epochs", "1"]) == 0
         records.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1]))
     for key in ("val_error", "test_error", "train_error", "ff_epochs"):
         assert records[0][key] == records[1][key]
