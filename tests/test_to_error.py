@@ -82,7 +82,8 @@ def inputs(tmp_path):
         run("backprop", lr, s, k) for lr, ks in ((0.001, (10, 10, 20)), (0.003, (20, 20, 20)))
         for s, k in enumerate(ks)]}
     (tmp_path / "c.json").write_text(json.dumps(curves))
-    (tmp_path / "s.jsonl").write_text(json.dumps(schedule_record()) + "\n")
+    (tmp_path / "s.jsonl").write_text(json.dumps(schedule_record()) + "\n"
+                                      + json.dumps(schedule_record(3, rules="fused-float32")))
     return tmp_path, curves
 
 
@@ -124,6 +125,8 @@ def test_to_error_prices_the_median_steps_at_each_algorithms_best_schedule(input
     (lambda c: c["runs"].pop(), "not every algorithm, width and rate was run at the same seeds"),
     (lambda c: [r.update(width=4) for r in c["runs"]], "has no step of 784-4-4 at batch 20"),
     (lambda c: c["runs"].append(dict(c["runs"][0])), "both hold the ff run of 784-2-2, lr 0.1"),
+    (lambda c: c["runs"].extend(dict(r, width=3) for r in list(c["runs"])),
+     "priced the widths under different rules"),
 ])
 def test_to_error_refuses_curves_it_cannot_price(inputs, capsys, monkeypatch, change, says):
     tmp_path, curves = inputs

@@ -1098,10 +1098,15 @@ def check_to_error_inputs(args):
                            "seeds: " + "; ".join(f"{a} 784-{w}-{w} lr {lr:g}: {sorted(v)}"
                                                  for (a, w, lr), v in sorted(seeds.items())))
     have = read_schedule_records(args.schedules)
+    rules = set()
     for width in sorted({w for _, w, _ in seeds}):
         if (width, settings["batch_size"]) not in have:
             raise RecordsError(f"--schedules {' '.join(args.schedules)} has no step of "
                                f"784-{width}-{width} at batch {settings['batch_size']}")
+        rules.add(have[width, settings["batch_size"]]["rules_name"])
+    if len(rules) > 1:
+        raise RecordsError(f"--schedules priced the widths under different rules ("
+                           f"{', '.join(sorted(rules))}); give steps priced under one")
 
 
 def main(argv=None):
